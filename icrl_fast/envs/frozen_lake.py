@@ -1,0 +1,313 @@
+"""Batched Frozen Lake: Numba step/reset over structure-of-arrays state, one random stream per env.
+
+The dynamics are gymnasium's ``FrozenLake-v1`` (``gymnasium/envs/toy_text/frozen_lake.py``), proven equal by
+``tests/envs``. They live in three small ``@njit`` functions that every caller shares — the batched kernels
+here, the single :class:`~icrl_fast.envs.gym_env.FrozenLakeEnv`, and the ``P`` table it exposes:
+
+* :func:`slip_branch` — gymnasium's categorical draw over ``[(a - 1) % 4, a, (a + 1) % 4]`` with probabilities
+  ``[fail, success_rate, fail]`` (``fail = (1 - success_rate) / 2``); non-slippery always takes ``a``;
+* :func:`transition` — one move (walls clamp), the landing tile, and gymnasium's rule that stepping *from* a
+  goal or hole stays put with reward 0 and ``terminated=True``;
+* :func:`start_from_uniform` — gymnasium's reset draw, uniform over the S tiles.
+
+Rewards follow ``reward_schedule = (goal, hole, other)``; ``terminated`` means the agent landed on G or H and
+``truncated`` means the step count reached ``max_episode_steps`` (like gymnasium's ``TimeLimit``, both can be
+true together). Autoreset modes are gymnasium's: SAME_STEP (default: a finished env is reset inside the same
+``step`` call, the observation it ended on goes to ``final_obs``), NEXT_STEP, and DISABLED.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gymnasium.vector import AutoresetMode
+from numba import njit, prange
+
+from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
+from icrl_fast.envs.rng import as_seed, next_uniform, stream_state
+
+NEXT_STEP, SAME_STEP, DISABLED = 0, 1, 2
+_DR = np.array([0, 1, 0, -1], dtype=np.int32)  # row change of left, down, right, up (gymnasium's order)
+_DC = np.array([-1, 0, 1, 0], dtype=np.int32)
+_MODE_CODE = {AutoresetMode.NEXT_STEP: NEXT_STEP, AutoresetMode.SAME_STEP: SAME_STEP, AutoresetMode.DISABLED: DISABLED}
+
+
+@njit(inline="always", cache=True)
+def slip_branch(u, slippery, success_rate):
+    """Which of gymnasium's outcomes ``[(a-1)%4, a, (a+1)%4]`` a uniform ``u`` selects: returns 0, 1 or 2.
+
+    Mirrors ``categorical_sample``: the first index whose cumulative probability exceeds ``u``, else 0.
+    """
+    if not slippery:
+        return 1
+    fail = (1.0 - success_rate) / 2.0
+    c1 = fail + success_rate
+    if fail > u:
+        return 0
+    if c1 > u:
+        return 1
+    if c1 + fail > u:
+        return 2
+    return 0
+
+
+@njit(inline="always", cache=True)
+def transition(tiles, b, nrow, ncol, r, c, a, branch):
+    """Apply action ``a`` (0 left, 1 down, 2 right, 3 up) bent by slip ``branch`` at cell ``(r, c)`` of map ``b``
+    of ``tiles [B, rows, cols]`` (indexed, not sliced: a slice per env costs two atomic refcount updates).
+
+    Returns ``(r', c', tile, from_terminal)``: the new cell, its tile code, and whether ``(r, c)`` was already a
+    goal or hole (then gymnasium keeps the agent there with reward 0 and ``terminated=True``).
+    """
+    here = tiles[b, r, c]
+    if here == GOAL or here == HOLE:
+        return r, c, here, True
+    d = (a + branch + 3) & 3  # branch 0, 1, 2 -> a - 1, a, a + 1 (mod 4); a is in 0..3
+    # Branch-free move: random actions make a 4-way `if` mispredict most of the time (measured ~1.5x slower).
+    r = min(max(r + _DR[d], 0), nrow - 1)
+    c = min(max(c + _DC[d], 0), ncol - 1)
+    return r, c, tiles[b, r, c], False
+
+
+@njit(inline="always", cache=True)
+def start_from_uniform(starts, b, n_starts, u):
+    """The start observation gymnasium's reset picks for uniform ``u``: its initial-state distribution puts
+    ``1 / n_starts`` on each S tile in row-major order, and the first cumulative sum above ``u`` wins."""
+    p = 1.0 / n_starts
+    acc = 0.0
+    for k in range(n_starts):
+        acc += p
+        if acc > u:
+            return starts[b, k]
+    return starts[b, n_starts - 1]  # u within rounding of 1 (gymnasium would pick cell 0 here, S or not)
+
+
+@njit(cache=True)
+def _first_bad_action(actions):
+    for i in range(actions.shape[0]):
+        if actions[i] < 0 or actions[i] > 3:
+            return i
+    return -1
+
+
+@njit(inline="always", cache=True)
+def _reset_one(i, tiles, ncol, starts, n_starts, pos, rng):
+    # Uniform over the S tiles by one multiply (k = floor(u * n)); the single env keeps gymnasium's exact
+    # cumulative-sum draw (start_from_uniform) so that it matches gymnasium bit for bit under one seed.
+    st, u = next_uniform(rng[i])
+    rng[i] = st
+    n = n_starts[i]
+    s = starts[i, min(np.int64(u * n), n - 1)]
+    w = np.int32(ncol[i])
+    r = np.int32(s) // w  # int32 division: several times cheaper than int64 on x86
+    pos[0, i] = r
+    pos[1, i] = np.int32(s) - r * w
+    pos[2, i] = 0
+    pos[3, i] = 0
+    return s
+
+
+# One kernel for every batch size. Measured on 2 cores: the prange kernel beats a plain-range one even at
+# 1,024 envs (14 vs 19 us per step), because in a plain loop Numba keeps ~20 atomic refcount updates per env
+# for the inlined _step_one's array arguments, which its parfor lowering prunes.
+@njit(inline="always", cache=True)
+def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
+              max_steps, mode, obs, rew, term, trunc, final_obs):
+    """Step env ``i``. ``pos`` rows: 0 row, 1 col, 2 elapsed steps, 3 reset pending (NEXT_STEP)."""
+    if mode == NEXT_STEP and pos[3, i] != 0:
+        obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
+        rew[i] = 0.0
+        term[i] = False
+        trunc[i] = False
+        final_obs[i] = -1
+        return
+    branch = 1
+    if slippery:
+        st, u = next_uniform(rng[i])
+        rng[i] = st
+        branch = slip_branch(u, slippery, success_rate)
+    r, c, tile, from_terminal = transition(tiles, i, nrow[i], ncol[i], pos[0, i], pos[1, i], a, branch)
+    elapsed = pos[2, i] + 1
+    done = from_terminal or tile == GOAL or tile == HOLE
+    cut = max_steps > 0 and elapsed >= max_steps
+    rew[i] = 0.0 if from_terminal else reward_of_tile[tile]
+    term[i] = done
+    trunc[i] = cut
+    s = r * ncol[i] + c
+    final_obs[i] = -1
+    if done or cut:
+        if mode == SAME_STEP:
+            final_obs[i] = s
+            obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
+            return
+        if mode == NEXT_STEP:
+            pos[3, i] = 1
+    pos[0, i] = r
+    pos[1, i] = c
+    pos[2, i] = elapsed
+    obs[i] = s
+
+
+@njit(parallel=True, cache=True)
+def _step_kernel(actions, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
+                   max_steps, mode, obs, rew, term, trunc, final_obs):
+    bad = _first_bad_action(actions)
+    if bad >= 0:
+        return bad
+    for i in prange(actions.shape[0]):
+        _step_one(i, actions[i], tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
+                  reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs)
+    return -1
+
+
+@njit(cache=True)
+def _reset_masked(mask, tiles, ncol, starts, n_starts, pos, rng, obs, rew, term, trunc, final_obs):
+    for i in range(mask.shape[0]):
+        if mask[i]:
+            obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
+            rew[i] = 0.0
+            term[i] = False
+            trunc[i] = False
+            final_obs[i] = -1
+
+
+@njit(cache=True)
+def _seed_streams(seed, rng, mask):
+    for i in range(rng.shape[0]):
+        if mask[i]:
+            rng[i] = stream_state(seed, np.uint64(i))
+
+
+@njit(cache=True)
+def step_single(tiles, nrow, ncol, s, a, branch):
+    """One env (``tiles [1, rows, cols]``), one step along slip ``branch``: returns ``(s', tile, from_terminal)``."""
+    r = s // ncol
+    r2, c2, tile, from_terminal = transition(tiles, 0, nrow, ncol, r, s - r * ncol, a, branch)
+    return r2 * ncol + c2, tile, from_terminal
+
+
+@njit(cache=True)
+def start_single(starts, n_starts, u):
+    """Start observation of a single env (``starts [1, cells]``) for uniform ``u`` (gymnasium's reset draw)."""
+    return start_from_uniform(starts, 0, n_starts, u)
+
+
+def parse_autoreset_mode(mode) -> AutoresetMode:
+    """Accept an ``AutoresetMode`` or its value (``"SameStep"``, ``"NextStep"``, ``"Disabled"``)."""
+    try:
+        return mode if isinstance(mode, AutoresetMode) else AutoresetMode(mode)
+    except ValueError:
+        raise ValueError(f"autoreset_mode must be one of {[m.value for m in AutoresetMode]}, got {mode!r}") from None
+
+
+def validate_dynamics(success_rate: float, reward_schedule, max_episode_steps) -> tuple[float, np.ndarray, int]:
+    """Check the env parameters shared by the single and batched envs; return them in kernel form:
+    ``(success_rate, reward of each tile code [4], max steps or 0 for no limit)``."""
+    if not 0.0 <= float(success_rate) <= 1.0:
+        raise ValueError(f"success_rate must be a probability in [0, 1], got {success_rate}")
+    try:
+        rewards = np.array([float(x) for x in reward_schedule], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward_schedule must be 3 numbers (goal, hole, other), got {reward_schedule!r}") from None
+    if rewards.shape != (3,):
+        raise ValueError(f"reward_schedule must be 3 numbers (goal, hole, other), got {reward_schedule!r}")
+    goal, hole, other = rewards
+    reward_of_tile = np.array([other, other, hole, goal], dtype=np.float64)  # indexed by FROZEN, START, HOLE, GOAL
+    if max_episode_steps is None:
+        return float(success_rate), reward_of_tile, 0
+    if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer)) \
+            or max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be a positive int or None, got {max_episode_steps!r}")
+    return float(success_rate), reward_of_tile, int(max_episode_steps)
+
+
+class FrozenLakeBatch:
+    """``B`` Frozen Lake envs, one map each (sizes may differ), stepped in lockstep by one Numba kernel.
+
+    State and outputs are structure-of-arrays buffers owned by the object and **written in place**: the
+    arrays returned by :meth:`reset` and :meth:`step` are overwritten by the next call (copy what you keep).
+
+    Args:
+        maps: one map per env (:class:`~icrl_fast.envs.maps.MapBatch` of length ``B``).
+        is_slippery, success_rate, reward_schedule: gymnasium's ``FrozenLake-v1`` arguments (same defaults).
+        max_episode_steps: truncation length (gymnasium registers 100 for ``FrozenLake-v1``); ``None`` = never.
+        autoreset_mode: ``AutoresetMode`` or its value; SAME_STEP by default.
+        seed: default seed of the per-env streams (env ``i`` draws from stream ``(seed, i)``); a seed given to
+            :meth:`reset` replaces it. ``None``: fresh OS entropy, as gymnasium does when unseeded.
+
+    Buffers: ``obs`` int64 [B], ``rewards`` float64 [B], ``terminated`` bool [B], ``truncated`` bool [B],
+    ``final_obs`` int64 [B] (the observation a finished episode ended on under SAME_STEP, else -1).
+    """
+
+    def __init__(self, maps: MapBatch, *, is_slippery: bool = True, success_rate: float = 1.0 / 3.0,
+                 reward_schedule=(1, 0, 0), max_episode_steps: int | None = 100,
+                 autoreset_mode=AutoresetMode.SAME_STEP, seed: int | None = None):
+        if not isinstance(maps, MapBatch):
+            raise TypeError(f"maps must be a MapBatch (see icrl_fast.envs.maps), got {type(maps).__name__}")
+        self.maps = maps
+        self.num_envs = n = len(maps)
+        self.is_slippery = bool(is_slippery)
+        self.success_rate, self._reward_of_tile, self._max_steps = validate_dynamics(
+            success_rate, reward_schedule, max_episode_steps)
+        self.max_episode_steps = max_episode_steps
+        self.autoreset_mode = parse_autoreset_mode(autoreset_mode)
+        self._mode = _MODE_CODE[self.autoreset_mode]
+        self._seed = as_seed(seed) if seed is not None else None
+        self._pos = np.zeros((4, n), dtype=np.int32)
+        self._rng = np.zeros(n, dtype=np.uint64)
+        self.obs = np.zeros(n, dtype=np.int64)
+        self.rewards = np.zeros(n, dtype=np.float64)
+        self.terminated = np.zeros(n, dtype=np.bool_)
+        self.truncated = np.zeros(n, dtype=np.bool_)
+        self.final_obs = np.full(n, -1, dtype=np.int64)
+        self._ready = False
+
+    @property
+    def elapsed_steps(self) -> np.ndarray:
+        """``int32 [B]`` steps taken in each env's current episode (a view)."""
+        return self._pos[2]
+
+    def reset(self, seed: int | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+        """Reset all envs, or those where ``mask`` (bool [B]) is true; return the ``obs`` buffer.
+
+        ``seed`` reseeds the streams of the envs being reset (env ``i`` gets stream ``(seed, i)``).
+        """
+        n = self.num_envs
+        if mask is None:
+            mask = np.ones(n, dtype=np.bool_)
+        else:
+            mask = np.asarray(mask)
+            if mask.shape != (n,) or mask.dtype != np.bool_:
+                raise ValueError(f"mask must be a bool array of shape ({n},), got {mask.dtype} {mask.shape}")
+            if not self._ready and not mask.all():
+                raise ValueError("the first reset must reset every env (mask=None)")
+        if seed is not None:
+            self._seed = as_seed(seed)
+        elif self._seed is None:
+            self._seed = np.uint64(np.random.SeedSequence().entropy & ((1 << 64) - 1))
+        if seed is not None or not self._ready:
+            _seed_streams(self._seed, self._rng, mask)
+        _reset_masked(mask, self.maps.tiles, self.maps.ncol, self.maps.starts, self.maps.n_starts, self._pos,
+                      self._rng, self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
+        self._ready = True
+        return self.obs
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Step every env with ``actions`` (integers in 0..3, shape [B]).
+
+        Returns the ``(obs, rewards, terminated, truncated)`` buffers, overwritten in place.
+        """
+        if not self._ready:
+            raise RuntimeError("call reset() before step()")
+        if type(actions) is not np.ndarray or actions.dtype.kind not in "iu":
+            actions = np.asarray(actions)
+            if actions.dtype.kind not in "iu":
+                raise TypeError(f"actions must be integers in 0..3, got dtype {actions.dtype}")
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
+        m = self.maps
+        bad = _step_kernel(actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng,
+                           self.is_slippery, self.success_rate, self._reward_of_tile, self._max_steps, self._mode,
+                           self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
+        if bad >= 0:
+            raise ValueError(f"actions must be in 0..3 (left, down, right, up); env {bad} got {actions[bad]}")
+        return self.obs, self.rewards, self.terminated, self.truncated
