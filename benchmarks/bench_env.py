@@ -1,0 +1,87 @@
+"""Frozen Lake env-steps/s: icrl_fast vs gymnasium's SyncVectorEnv of FrozenLake-v1, same maps, same run.
+
+Every round steps the batch a fixed number of times with pre-drawn random actions (non-slippery unless named,
+SAME_STEP autoreset included). Groups pair ours with the reference; the session summary prints the ratio.
+Targets (issue #2, 2-core CPU): >= 1,000x gymnasium at 1,024 envs; >= 100 M env-steps/s at 65,536 envs.
+"""
+
+import gc
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from icrl_fast.envs.frozen_lake import FrozenLakeBatch
+from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
+from icrl_fast.envs.vector import FrozenLakeVectorEnv
+
+SUITE = "env"
+
+
+def _actions(steps, n, seed=0):
+    return np.random.default_rng(seed).integers(0, 4, size=(steps, n), dtype=np.int64)
+
+
+def _bench_steps(benchmark, step, actions, rounds):
+    def run():
+        for a in actions:
+            step(a)
+
+    run()  # warm-up: kernel compiled or loaded from the cache outside the timing
+    gc.collect()  # earlier tests' objects (thousands of gymnasium envs) must not be traversed inside our timing
+    benchmark.pedantic(run, rounds=rounds, iterations=1)
+
+
+def _gym_sync(maps: MapBatch):
+    mixed = len(set(maps.num_cells.tolist())) > 1
+    env = gym.vector.SyncVectorEnv(
+        [lambda d=maps.to_desc(b): gym.make("FrozenLake-v1", desc=d, is_slippery=False) for b in range(len(maps))],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, observation_mode="different" if mixed else "same")
+    env.reset(seed=0)
+    return env
+
+
+FOUR = MapBatch.repeat(MAPS["4x4"], 1024)
+PAPER_1024 = generate_maps(1024, seed=0)
+
+
+@pytest.mark.parametrize("group, maps", [("1024 x 4x4", FOUR), ("1024 paper maps", PAPER_1024)])
+def test_gymnasium_sync_vector_env(benchmark, record, group, maps):
+    env, acts = _gym_sync(maps), _actions(10, len(maps))
+    _bench_steps(benchmark, env.step, acts, rounds=5)
+    env.close()
+    record(SUITE, "gymnasium SyncVectorEnv", 10 * len(maps), "env-steps/s", group, "reference")
+
+
+@pytest.mark.parametrize("group, maps", [("1024 x 4x4", FOUR), ("1024 paper maps", PAPER_1024)])
+def test_ours_frozen_lake_batch(benchmark, record, group, maps):
+    env, acts = FrozenLakeBatch(maps, is_slippery=False, seed=0), _actions(1000, len(maps))
+    env.reset()
+    _bench_steps(benchmark, env.step, acts, rounds=20)
+    record(SUITE, "FrozenLakeBatch.step", 1000 * len(maps), "env-steps/s", group, "ours")
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_ours_gymnasium_vector_surface(benchmark, record, copy):
+    """The gymnasium VectorEnv surface: copy=True is gymnasium's semantics (fresh arrays every step)."""
+    env, acts = FrozenLakeVectorEnv(maps=FOUR, is_slippery=False, copy=copy), _actions(1000, len(FOUR))
+    env.reset(seed=0)
+    _bench_steps(benchmark, env.step, acts, rounds=20)
+    record(SUITE, f"FrozenLakeVectorEnv.step (copy={copy})", 1000 * len(FOUR), "env-steps/s", "1024 x 4x4", "ours")
+
+
+@pytest.mark.parametrize("slippery", [False, True])
+def test_ours_65536_paper_maps(benchmark, record, slippery):
+    n = 65536
+    env, acts = FrozenLakeBatch(generate_maps(n, seed=1), is_slippery=slippery, seed=0), _actions(50, n)
+    env.reset()
+    _bench_steps(benchmark, env.step, acts, rounds=10)
+    name = "FrozenLakeBatch.step" + (" (slippery)" if slippery else "")
+    record(SUITE, name, 50 * n, "env-steps/s", "65536 paper maps", "ours")
+
+
+@pytest.mark.parametrize("n", [250, 100_000])
+def test_generate_paper_maps(benchmark, record, n):
+    generate_maps(10, seed=0)
+    benchmark.pedantic(lambda: generate_maps(n, seed=2), rounds=5 if n > 1000 else 20, iterations=1)
+    record(SUITE, f"generate_maps({n:,})", n, "maps/s", f"map generation {n:,}", "ours")

@@ -1,0 +1,108 @@
+"""Benchmark output contract: every suite records rows here; the session prints ours vs the reference with the
+ratio and writes ``benchmarks/results/<suite>-<device>.{md,json}`` with device, versions, commit, date, command."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+_ROWS: dict[str, list[dict]] = {}
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0).replace(" ", "-")
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "numba", "gymnasium", "torch", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=RESULTS.parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "icrl_fast", "kernels", "benchmarks"],
+                               capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@pytest.fixture
+def record(benchmark, request):
+    """``record(suite, name, work, unit, group=..., role="ours"|"reference")`` after ``benchmark.pedantic``:
+    stores median and p20/p80 of the round times and the derived throughput ``work / time``."""
+
+    def _record(suite: str, name: str, work: float, unit: str, group: str, role: str) -> dict:
+        data = np.asarray(benchmark.stats.stats.data, dtype=np.float64)
+        row = {"name": name, "group": group, "role": role, "unit": unit, "rounds": int(data.size),
+               "median_s": float(np.median(data)), "p20_s": float(np.percentile(data, 20)),
+               "p80_s": float(np.percentile(data, 80))}
+        row["throughput"] = work / row["median_s"]
+        benchmark.extra_info.update(row)
+        _ROWS.setdefault(suite, []).append(row)
+        return row
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"device": device_name(), "cpu": _cpu_model(), "cores": os.cpu_count(), "versions": _versions(),
+            "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m pytest " + " ".join(sys.argv[1:])}
+    for suite, rows in _ROWS.items():
+        lines = [f"# {suite} benchmark ({meta['device']})", "",
+                 f"- cpu: {meta['cpu']} ({meta['cores']} cores)", f"- versions: {meta['versions']}",
+                 f"- commit: {meta['commit']}", f"- date: {meta['date']}", f"- command: `{meta['command']}`", "",
+                 "| group | role | name | median | p20 | p80 | throughput | vs reference |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in rows:
+            ref = next((r for r in rows if r["group"] == row["group"] and r["role"] == "reference"), None)
+            ratio = f"{row['throughput'] / ref['throughput']:,.0f}x" if ref and row["role"] == "ours" else ""
+            row["ratio_vs_reference"] = row["throughput"] / ref["throughput"] if ratio else None
+            lines.append(f"| {row['group']} | {row['role']} | {row['name']} | {row['median_s'] * 1e3:.3f} ms | "
+                         f"{row['p20_s'] * 1e3:.3f} ms | {row['p80_s'] * 1e3:.3f} ms | "
+                         f"{row['throughput']:,.0f} {row['unit']} | {ratio} |")
+        text = "\n".join(lines) + "\n"
+        stem = RESULTS / f"{suite}-{meta['device']}"
+        stem.with_suffix(".md").write_text(text)
+        stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        terminalreporter.write_line("")
+        for line in lines[8:]:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"written: {stem}.md / .json")
