@@ -225,8 +225,7 @@ def _goal_bfs(tiles, nrow, ncol, dist, queue):
             nc = c + _MOVES_C[a]
             if nr < 0 or nr >= nrow or nc < 0 or nc >= ncol:
                 continue
-            t = tiles[nr, nc]
-            if t == HOLE or t == GOAL:
+            if tiles[nr, nc] == HOLE:  # goals are sources at distance 0 already, so never re-entered
                 continue
             ns = nr * ncol + nc
             if dist[ns] == -1:
