@@ -149,7 +149,8 @@ def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, suc
 
 @njit(parallel=True, cache=True)
 def _step_kernel(actions, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
-                   max_steps, mode, obs, rew, term, trunc, final_obs):
+                 max_steps, mode, obs, rew, term, trunc, final_obs):
+    """Step every env; returns the index of the first action outside 0..3 (nothing stepped), else -1."""
     bad = _first_bad_action(actions)
     if bad >= 0:
         return bad
@@ -235,7 +236,8 @@ class FrozenLakeBatch:
             :meth:`reset` replaces it. ``None``: fresh OS entropy, as gymnasium does when unseeded.
 
     Buffers: ``obs`` int64 [B], ``rewards`` float64 [B], ``terminated`` bool [B], ``truncated`` bool [B],
-    ``final_obs`` int64 [B] (the observation a finished episode ended on under SAME_STEP, else -1).
+    ``final_obs`` int64 [B] (the observation a finished episode
+    ended on under SAME_STEP, else -1).
     """
 
     def __init__(self, maps: MapBatch, *, is_slippery: bool = True, success_rate: float = 1.0 / 3.0,
@@ -291,10 +293,12 @@ class FrozenLakeBatch:
         self._ready = True
         return self.obs
 
-    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def step(self, actions, *, fresh: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Step every env with ``actions`` (integers in 0..3, shape [B]).
 
-        Returns the ``(obs, rewards, terminated, truncated)`` buffers, overwritten in place.
+        Returns the ``(obs, rewards, terminated, truncated)`` buffers, overwritten in place by the next call;
+        with ``fresh=True`` the step writes into newly allocated buffers instead (safe to keep, and cheaper than
+        copying the results afterwards). ``final_obs`` follows the same rule.
         """
         if not self._ready:
             raise RuntimeError("call reset() before step()")
@@ -304,10 +308,15 @@ class FrozenLakeBatch:
                 raise TypeError(f"actions must be integers in 0..3, got dtype {actions.dtype}")
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
+        if fresh:
+            self.obs, self.rewards, self.final_obs = (np.empty_like(x) for x in (self.obs, self.rewards,
+                                                                                  self.final_obs))
+            self.terminated, self.truncated = np.empty_like(self.terminated), np.empty_like(self.truncated)
         m = self.maps
-        bad = _step_kernel(actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng,
-                           self.is_slippery, self.success_rate, self._reward_of_tile, self._max_steps, self._mode,
-                           self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
+        bad = _step_kernel(
+            actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng, self.is_slippery,
+            self.success_rate, self._reward_of_tile, self._max_steps, self._mode, self.obs, self.rewards,
+            self.terminated, self.truncated, self.final_obs)
         if bad >= 0:
             raise ValueError(f"actions must be in 0..3 (left, down, right, up); env {bad} got {actions[bad]}")
         return self.obs, self.rewards, self.terminated, self.truncated

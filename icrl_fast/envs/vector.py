@@ -87,14 +87,14 @@ class FrozenLakeVectorEnv(VectorEnv):
         return (obs.copy() if self.copy else obs), {}
 
     def step(self, actions):
-        obs, rewards, terminated, truncated = self.sim.step(actions)
+        # copy=True: the kernel writes into fresh arrays (gymnasium's semantics without a copy pass).
+        obs, rewards, terminated, truncated = self.sim.step(actions, fresh=self.copy)
         info = {}
         if self.sim.autoreset_mode is AutoresetMode.SAME_STEP:
             done = terminated | truncated
             if done.any():
-                info = {"final_obs": self.sim.final_obs.copy(), "_final_obs": done}
-        if self.copy:
-            return obs.copy(), rewards.copy(), terminated.copy(), truncated.copy(), info
+                info = {"final_obs": self.sim.final_obs if self.copy else self.sim.final_obs.copy(),
+                        "_final_obs": done}
         return obs, rewards, terminated, truncated, info
 
     def render(self):

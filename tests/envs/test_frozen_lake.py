@@ -211,3 +211,16 @@ def test_bad_input_is_a_clear_error():
         FrozenLakeBatch(MapBatch.repeat(MAPS["4x4"], 1), autoreset_mode="sometimes")
     with pytest.raises(TypeError, match="MapBatch"):
         FrozenLakeBatch(MAPS["4x4"])
+
+
+def test_fresh_step_buffers_are_not_overwritten():
+    env = FrozenLakeBatch(generate_maps(32, seed=0), is_slippery=True, seed=0)
+    env.reset()
+    kept = [env.step(np.full(32, t % 4), fresh=True) for t in range(20)]
+    assert all(kept[0][0] is not k[0] for k in kept[1:])
+    replay = FrozenLakeBatch(generate_maps(32, seed=0), is_slippery=True, seed=0)
+    replay.reset()
+    for t in range(20):
+        for got, want in zip(kept[t], replay.step(np.full(32, t % 4))):
+            np.testing.assert_array_equal(got, want)
+
