@@ -1,0 +1,86 @@
+"""Tabular learners: logs replay exactly in gymnasium, tables solve the maps, seeds fix everything."""
+
+import gymnasium as gym
+import numba
+import numpy as np
+import pytest
+
+from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, greedy_solves, q_learning, random_policy
+from icrl_fast.envs.maps import MapBatch, generate_maps
+
+
+def replay_in_gymnasium(maps: MapBatch, log: EpisodeLog, episodes) -> int:
+    """Replay episodes in gymnasium's FrozenLake-v1 from their logged start; assert every transition."""
+    envs = {}
+    for e in episodes:
+        b = int(log.map_id[e])
+        env = envs.setdefault(b, gym.make("FrozenLake-v1", desc=maps.to_desc(b), is_slippery=False))
+        obs, acts, rews = log.episode(e)
+        env.reset(seed=0)
+        env.unwrapped.s = int(obs[0])
+        for t in range(len(acts)):
+            assert int(obs[t]) == int(env.unwrapped.s)
+            s2, r, term, trunc, _ = env.step(int(acts[t]))
+            assert float(r) == float(rews[t])
+            last = t == len(acts) - 1
+            assert (term or trunc) == last, (e, t)
+        assert s2 == int(log.final_obs[e]) and term == bool(log.terminated[e]) and trunc == bool(log.truncated[e])
+        assert float(log.returns[e]) == float(rews.sum())
+    return len(episodes)
+
+
+def test_logs_replay_exactly_in_gymnasium():
+    maps = generate_maps(40, seed=1, height=(2, 6), width=(2, 6), p_start=0.2, min_hops=2)
+    log, _ = q_learning(maps, QLearningConfig(episodes=150, max_episode_steps=100), seed=3)
+    assert log.num_episodes == 40 * 150 and log.obs.size == int(log.length.sum())
+    assert log.truncated.any() and log.success.any() and (log.terminated & ~log.success).any()
+    rng = np.random.default_rng(0)
+    replay_in_gymnasium(maps, log, rng.choice(log.num_episodes, 1500, replace=False))
+    rand = random_policy(maps, 50, seed=4)
+    replay_in_gymnasium(maps, rand, range(0, rand.num_episodes, 3))
+
+
+def test_q_learning_solves_the_paper_maps():
+    maps = generate_maps(250, seed=0)
+    log, q = q_learning(maps, seed=0)
+    solved = greedy_solves(maps, q)
+    assert solved.mean() >= 0.95, solved.mean()
+    per_episode = log.success.reshape(250, -1).mean(0)
+    assert per_episode[-100:].mean() > per_episode[:100].mean() + 0.5  # it learns
+
+
+def test_random_policy_is_uniform_and_does_not_learn():
+    maps = generate_maps(50, seed=2)
+    log = random_policy(maps, 400, seed=0)
+    counts = np.bincount(log.actions, minlength=4) / log.actions.size
+    assert np.all(np.abs(counts - 0.25) < 4 * np.sqrt(0.25 * 0.75 / log.actions.size))
+    half = log.success.reshape(50, -1)
+    assert abs(half[:, :200].mean() - half[:, 200:].mean()) < 0.05
+
+
+def test_seed_fixes_logs_on_any_thread_count():
+    maps = generate_maps(30, seed=5)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one, q1 = q_learning(maps, QLearningConfig(episodes=200), seed=9)
+    finally:
+        numba.set_num_threads(old)
+    two, q2 = q_learning(maps, QLearningConfig(episodes=200), seed=9)
+    np.testing.assert_array_equal(one.obs, two.obs)
+    np.testing.assert_array_equal(one.actions, two.actions)
+    np.testing.assert_array_equal(q1, q2)
+    other, _ = q_learning(maps, QLearningConfig(episodes=200), seed=10)
+    assert other.obs.size != one.obs.size or not np.array_equal(other.obs, one.obs)
+
+
+def test_bad_input_is_a_clear_error():
+    maps = generate_maps(2, seed=0)
+    with pytest.raises(ValueError, match="episodes"):
+        q_learning(maps, QLearningConfig(episodes=0), seed=0)
+    with pytest.raises(ValueError, match="alpha"):
+        q_learning(maps, QLearningConfig(alpha=1.5), seed=0)
+    with pytest.raises(TypeError, match="MapBatch"):
+        q_learning(["SFG"], seed=0)
+    with pytest.raises(ValueError, match="q must be"):
+        greedy_solves(maps, np.zeros((2, 3, 4)))
