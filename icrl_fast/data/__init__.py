@@ -1,0 +1,1 @@
+"""Offline data: context formats (episodes <-> tokens) and the multi-episode slice dataset."""

@@ -1,0 +1,348 @@
+"""Context formats: episodes -> token ids (and back), in the paper's Llama-3 layout or a compact one.
+
+Both formats are one :class:`ContextFormat`: fixed token runs around each step, a token run per observation,
+one token per action. One episode is::
+
+    episode_start  ( pre_obs  obs_tokens[o]  post_obs  ACTION[a]  post_action  [reward_block] )*  [trunc_block]
+    episode_end
+
+The **decision position** of a step (where Q is read) is the token right before its action token: the
+``<|end_header_id|>`` closing the ``action`` header in the paper format, the observation token in the compact one.
+
+``paper`` (arXiv 2501.14176, DESIGN.md §1)::
+
+    <|begin_of_text|>
+      <|start_header_id|>observation<|end_header_id|>5<|eot_id|>
+      <|start_header_id|>action<|end_header_id|>right<|eot_id|>
+      ...                                   (reward block only when the reward is nonzero:)
+      <|start_header_id|>reward<|end_header_id|>1.0<|eot_id|>
+      (truncation marker when the time limit cut a running episode:)
+      <|start_header_id|>truncated<|end_header_id|><|eot_id|>
+    <|end_of_text|>
+
+``compact`` (from-scratch models, ~2 tokens per step): ``EPISODE (OBS_o ACT_a [REWARD])* [TRUNCATED]``.
+
+Rewards: the formats encode the paper's rewards, 0 and 1.0 (reaching a goal); anything else is an error.
+Termination: an episode without the truncation marker was terminated (on G if it carries a reward block, else
+on H). An episode that lands on G or H exactly at the time limit is encoded as terminated (gymnasium would flag
+it truncated too): the marker means "cut while still running", which is what a learner needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+SPECIAL_TOKENS = (BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT)
+ACTION_WORDS = ("left", "down", "right", "up")
+REWARD_TEXT = "1.0"
+FORMATS = ("paper", "compact")
+
+
+class OfflineVocab:
+    """A small word-level vocabulary with the paper format's token structure; needs no download.
+
+    Tokens: the five Llama-3 special tokens, the header words, the action words, ``1.0`` and the observation
+    numbers ``0 .. max_obs - 1``, each one token (as a real Llama-3 tokenizer also keeps them).
+    """
+
+    name = "offline"
+
+    def __init__(self, max_obs: int = 64):
+        words = ["observation", "action", "reward", "truncated", *ACTION_WORDS, REWARD_TEXT]
+        self.tokens = [*SPECIAL_TOKENS, *words, *(str(i) for i in range(max_obs))]
+        self._ids = {t: i for i, t in enumerate(self.tokens)}
+        self.vocab_size = len(self.tokens)
+
+    def special_id(self, token: str) -> int:
+        return self._ids[token]
+
+    def encode(self, text: str) -> list[int]:
+        if text not in self._ids:
+            raise ValueError(f"{text!r} is not in the offline vocabulary (observations must be < "
+                             f"{self.vocab_size - len(SPECIAL_TOKENS) - 9})")
+        return [self._ids[text]]
+
+    def decode(self, ids) -> str:
+        return "".join(self.tokens[int(i)] for i in ids)
+
+
+class HFVocab:
+    """Adapter for a Hugging Face tokenizer (e.g. Llama-3's, loaded from a local path): pieces are encoded with
+    ``add_special_tokens=False``; the special tokens' ids are read from the tokenizer, never hard-coded."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        self._special = {}
+        for tok in SPECIAL_TOKENS:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or (unk is not None and tid == unk) or tokenizer.encode(tok, add_special_tokens=False) != [tid]:
+                raise ValueError(f"tokenizer has no special token {tok!r}: the paper format needs Llama-3's "
+                                 f"special tokens {list(SPECIAL_TOKENS)}")
+            self._special[tok] = int(tid)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> HFVocab:
+        """Load a tokenizer from a local directory (nothing is downloaded)."""
+        from transformers import AutoTokenizer
+
+        try:
+            return cls(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        except OSError as e:
+            raise ValueError(f"cannot load a tokenizer from {path!r} (a local directory with tokenizer files): {e}") \
+                from None
+
+    def special_id(self, token: str) -> int:
+        return self._special[token]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
+def _arr(ids) -> np.ndarray:
+    return np.asarray(list(ids), dtype=np.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class ContextFormat:
+    """Token runs of one context format (see the module docstring). Arrays are int32 token ids."""
+
+    name: str
+    vocab_size: int
+    episode_start: np.ndarray
+    pre_obs: np.ndarray
+    obs_table: np.ndarray  # [max_obs, max_len] ids, -1 padded
+    obs_len: np.ndarray  # [max_obs]
+    post_obs: np.ndarray
+    action_ids: np.ndarray  # [4]
+    post_action: np.ndarray
+    reward_block: np.ndarray
+    trunc_block: np.ndarray
+    episode_end: np.ndarray
+    vocab: object = None
+
+    @property
+    def max_obs(self) -> int:
+        return int(self.obs_table.shape[0])
+
+    @property
+    def decision_ids(self) -> np.ndarray:
+        """Token ids that can stand at a decision position (right before an action token)."""
+        if self.post_obs.size:
+            return self.post_obs[-1:]
+        return np.unique(self.obs_table[np.arange(self.max_obs), self.obs_len - 1])
+
+    def describe(self) -> dict:
+        """JSON-able identity of the format (stored in dataset manifests)."""
+        return {"name": self.name, "vocab": getattr(self.vocab, "name", "compact"), "vocab_size": self.vocab_size,
+                "max_obs": self.max_obs, "action_ids": self.action_ids.tolist()}
+
+
+def paper_format(vocab=None, max_obs: int = 64) -> ContextFormat:
+    """The paper's Llama-3 layout over ``vocab`` (an :class:`HFVocab` or, by default, an :class:`OfflineVocab`)."""
+    vocab = OfflineVocab(max_obs) if vocab is None else vocab
+    sid = vocab.special_id
+
+    def header(word: str) -> list[int]:
+        return [sid(START_HEADER), *vocab.encode(word), sid(END_HEADER)]
+
+    actions = []
+    for word in ACTION_WORDS:
+        ids = vocab.encode(word)
+        if len(ids) != 1:
+            raise ValueError(f"action word {word!r} must be one token for the Q readout, tokenizer gives {ids}")
+        actions.append(ids[0])
+    obs = [vocab.encode(str(i)) for i in range(max_obs)]
+    width = max(len(o) for o in obs)
+    table = np.full((max_obs, width), -1, dtype=np.int32)
+    for i, o in enumerate(obs):
+        table[i, : len(o)] = o
+    return ContextFormat(
+        name="paper", vocab_size=int(vocab.vocab_size), episode_start=_arr([sid(BOT)]), pre_obs=_arr(header("observation")),
+        obs_table=table, obs_len=_arr(len(o) for o in obs), post_obs=_arr([sid(EOT), *header("action")]),
+        action_ids=_arr(actions), post_action=_arr([sid(EOT)]),
+        reward_block=_arr([*header("reward"), *vocab.encode(REWARD_TEXT), sid(EOT)]),
+        trunc_block=_arr([*header("truncated"), sid(EOT)]), episode_end=_arr([sid(EOT_TEXT)]), vocab=vocab)
+
+
+#: Compact vocabulary: EPISODE, REWARD, TRUNCATED, the 4 actions, then one token per observation.
+COMPACT_EPISODE, COMPACT_REWARD, COMPACT_TRUNCATED, COMPACT_ACTION0, COMPACT_OBS0 = 0, 1, 2, 3, 7
+
+
+def compact_format(max_obs: int = 64) -> ContextFormat:
+    """About two tokens per step, for from-scratch models."""
+    empty = _arr([])
+    return ContextFormat(
+        name="compact", vocab_size=COMPACT_OBS0 + max_obs, episode_start=_arr([COMPACT_EPISODE]), pre_obs=empty,
+        obs_table=(COMPACT_OBS0 + np.arange(max_obs, dtype=np.int32))[:, None], obs_len=np.ones(max_obs, np.int32),
+        post_obs=empty, action_ids=_arr(range(COMPACT_ACTION0, COMPACT_ACTION0 + 4)), post_action=empty,
+        reward_block=_arr([COMPACT_REWARD]), trunc_block=_arr([COMPACT_TRUNCATED]), episode_end=empty)
+
+
+def make_format(name: str, tokenizer_path: str | None = None, max_obs: int = 64) -> ContextFormat:
+    """``paper`` (offline vocabulary, or the tokenizer in ``tokenizer_path``) or ``compact``."""
+    if name == "paper":
+        return paper_format(HFVocab.from_pretrained(tokenizer_path) if tokenizer_path else None, max_obs)
+    if name == "compact":
+        if tokenizer_path:
+            raise ValueError("the compact format has its own vocabulary; --tokenizer applies to the paper format")
+        return compact_format(max_obs)
+    raise ValueError(f"unknown context format {name!r}; choose one of {FORMATS}")
+
+
+def episode_token_lengths(fmt: ContextFormat, obs, length, start, rewards, trunc_only) -> np.ndarray:
+    """int64 [E]: tokens each episode takes in ``fmt``."""
+    per_step = fmt.pre_obs.size + fmt.post_obs.size + 1 + fmt.post_action.size
+    obs_tokens = np.add.reduceat(fmt.obs_len[obs].astype(np.int64), start) if start.size else np.zeros(0, np.int64)
+    n_reward = np.add.reduceat((rewards != 0).astype(np.int64), start) if start.size else np.zeros(0, np.int64)
+    return (fmt.episode_start.size + fmt.episode_end.size + length.astype(np.int64) * per_step + obs_tokens
+            + n_reward * fmt.reward_block.size + trunc_only.astype(np.int64) * fmt.trunc_block.size)
+
+
+@njit(inline="always", cache=True)
+def _put(run, out, p):
+    for j in range(run.shape[0]):
+        out[p + j] = run[j]
+    return p + run.shape[0]
+
+
+@njit(parallel=True, cache=True)
+def _encode_kernel(order, ep_start, ep_len, obs, actions, rewards, trunc_only, offsets, episode_start, pre_obs,
+                   obs_table, obs_len, post_obs, action_ids, post_action, reward_block, trunc_block, episode_end,
+                   out_ids, out_episode):
+    for k in prange(order.shape[0]):
+        e = order[k]
+        p = offsets[k]
+        p0 = p
+        p = _put(episode_start, out_ids, p)
+        for t in range(ep_start[e], ep_start[e] + ep_len[e]):
+            p = _put(pre_obs, out_ids, p)
+            o = obs[t]
+            for j in range(obs_len[o]):
+                out_ids[p] = obs_table[o, j]
+                p += 1
+            p = _put(post_obs, out_ids, p)
+            out_ids[p] = action_ids[actions[t]]
+            p = _put(post_action, out_ids, p + 1)
+            if rewards[t] != 0:
+                p = _put(reward_block, out_ids, p)
+        if trunc_only[e]:
+            p = _put(trunc_block, out_ids, p)
+        p = _put(episode_end, out_ids, p)
+        for j in range(p0, p):
+            out_episode[j] = k
+
+
+def check_encodable(fmt: ContextFormat, obs: np.ndarray, rewards: np.ndarray) -> None:
+    """Raise ``ValueError`` for observations outside the format's table or rewards other than 0 and 1.0."""
+    if obs.size and (obs.min() < 0 or obs.max() >= fmt.max_obs):
+        raise ValueError(f"observations must be in 0..{fmt.max_obs - 1} for this format (max_obs={fmt.max_obs}), "
+                         f"got {obs.min()}..{obs.max()}")
+    bad = np.unique(rewards[(rewards != 0) & (rewards != 1.0)])
+    if bad.size:
+        raise ValueError(f"the context formats encode the paper's rewards 0 and 1.0 only, got {bad[:5].tolist()}")
+
+
+def encode_episodes(fmt: ContextFormat, log, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Encode episodes ``order`` (indices into an :class:`~icrl_fast.envs.learners.EpisodeLog`) back to back.
+
+    Returns ``(input_ids int32 [T], episode_index int32 [T])`` where ``episode_index`` is the position in
+    ``order`` of the episode each token belongs to.
+    """
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    check_encodable(fmt, log.obs, log.rewards)
+    trunc_only = log.truncated & ~log.terminated
+    lengths = episode_token_lengths(fmt, log.obs, log.length, log.start, log.rewards, trunc_only)[order]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out_ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    out_episode = np.empty(int(offsets[-1]), dtype=np.int32)
+    _encode_kernel(order, log.start, log.length, log.obs.astype(np.int64), log.actions.astype(np.int64), log.rewards,
+                   trunc_only, offsets, fmt.episode_start, fmt.pre_obs, fmt.obs_table, fmt.obs_len, fmt.post_obs,
+                   fmt.action_ids, fmt.post_action, fmt.reward_block, fmt.trunc_block, fmt.episode_end, out_ids,
+                   out_episode)
+    return out_ids, out_episode
+
+
+def token_contract(fmt: ContextFormat, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decision positions and actions of token ids ``[..., L]`` (one slice per row).
+
+    Returns ``(decision_mask bool [..., L], action int8 [..., L])``: position ``p`` is a decision iff it holds a
+    decision token and ``p + 1`` *in the same row* holds an action token; ``action`` is that action (0..3), -1
+    elsewhere. A decision whose action token falls into the next slice is therefore not a decision of this one.
+    """
+    ids = np.asarray(input_ids)
+    lut = np.full(max(fmt.vocab_size, int(ids.max(initial=0)) + 1), -1, dtype=np.int8)
+    lut[fmt.action_ids] = np.arange(4, dtype=np.int8)
+    nxt = np.full(ids.shape, -1, dtype=np.int8)
+    nxt[..., :-1] = lut[ids[..., 1:]]
+    mask = np.isin(ids, fmt.decision_ids) & (nxt >= 0)
+    return mask, np.where(mask, nxt, np.int8(-1)).astype(np.int8)
+
+
+def _match(ids, p: int, run) -> bool:
+    return len(run) == 0 or (p + len(run) <= len(ids) and list(ids[p: p + len(run)]) == list(run))
+
+
+def decode(fmt: ContextFormat, input_ids) -> list[dict]:
+    """Turn a token stream of whole episodes back into episodes.
+
+    Returns a list of ``{"obs": [int], "actions": [int], "rewards": [float], "terminated": bool,
+    "truncated": bool}``; raises ``ValueError`` at the first token that does not fit the format.
+    """
+    ids = [int(i) for i in np.asarray(input_ids).ravel()]
+    obs_of = {tuple(fmt.obs_table[o, : fmt.obs_len[o]].tolist()): o for o in range(fmt.max_obs)}
+    widths = sorted({int(x) for x in fmt.obs_len}, reverse=True)
+    action_of = {int(a): i for i, a in enumerate(fmt.action_ids)}
+    runs = {k: getattr(fmt, k).tolist() for k in ("episode_start", "pre_obs", "post_obs", "post_action",
+                                                 "reward_block", "trunc_block", "episode_end")}
+    episodes, p = [], 0
+
+    def expect(run_name: str) -> None:
+        nonlocal p
+        if not _match(ids, p, runs[run_name]):
+            raise ValueError(f"token {p}: expected {run_name} {runs[run_name]}, got {ids[p: p + len(runs[run_name])]}")
+        p += len(runs[run_name])
+
+    while p < len(ids):
+        expect("episode_start")
+        ep = {"obs": [], "actions": [], "rewards": [], "terminated": True, "truncated": False}
+        while True:
+            if not _match(ids, p, runs["pre_obs"]) or (not runs["pre_obs"] and tuple(ids[p: p + 1]) not in obs_of):
+                break
+            expect("pre_obs")
+            for w in widths:
+                if tuple(ids[p: p + w]) in obs_of:
+                    ep["obs"].append(obs_of[tuple(ids[p: p + w])])
+                    p += w
+                    break
+            else:
+                raise ValueError(f"token {p}: expected an observation, got {ids[p: p + widths[0]]}")
+            expect("post_obs")
+            if p >= len(ids) or ids[p] not in action_of:
+                raise ValueError(f"token {p}: expected an action token, got {ids[p: p + 1]}")
+            ep["actions"].append(action_of[ids[p]])
+            p += 1
+            expect("post_action")
+            rewarded = _match(ids, p, runs["reward_block"])
+            ep["rewards"].append(1.0 if rewarded else 0.0)
+            if rewarded:
+                p += len(runs["reward_block"])
+        if not ep["actions"]:
+            raise ValueError(f"token {p}: an episode needs at least one step")
+        if _match(ids, p, runs["trunc_block"]) and (runs["trunc_block"] != runs["episode_end"]):
+            p += len(runs["trunc_block"])
+            ep["terminated"], ep["truncated"] = False, True
+        expect("episode_end")
+        episodes.append(ep)
+    return episodes
