@@ -1,9 +1,14 @@
-"""icrl_kernels: standalone fused Triton kernels for in-context RL (Q-head + TD loss), torch + triton only.
+"""icrl_kernels: fused Triton kernels for in-context RL, importable by any project (torch + triton only).
 
-This package never imports ``icrl_fast`` (a test enforces it), so other projects can depend on it alone.
-Each op will ship as ``reference.py`` (pure torch: the CPU fallback and the test oracle) plus ``<op>.py``
-(Triton kernels, launchers, autograd Function, functional API, nn.Module) behind one dispatch point; see
-README.md in this folder for what is here and what is planned.
+``q_td_loss`` / ``QTDLoss``: Q readout at decision points + Double-DQN TD loss from final hidden states, forward
+and backward, without materialising ``[N, V]`` logits (see ``q_td_loss.py`` and README.md in this folder).
+``q_td_loss_reference``: the pure-torch oracle and CPU fallback. ``use_backend`` / ``select_backend``: the one
+dispatch point. This package never imports ``icrl_fast``.
 """
 
+from .dispatch import HAS_TRITON, select_backend, use_backend
+from .q_td_loss import QTDLoss, q_td_loss
+from .reference import q_td_loss_reference
+
 __version__ = "0.1.0"
+__all__ = ["HAS_TRITON", "QTDLoss", "q_td_loss", "q_td_loss_reference", "select_backend", "use_backend"]

@@ -1,0 +1,52 @@
+"""The one dispatch point: Triton (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``) or the reference.
+
+``HAS_TRITON`` is cheap feature detection at import. ``use_backend("reference" | "triton" | "auto")`` is the
+explicit override (a context manager, also usable by tests); ``backend=`` on each call overrides both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+BACKENDS = ("auto", "triton", "reference")
+_override = "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block (``auto`` restores the automatic choice)."""
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    old, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_backend(*tensors: torch.Tensor, backend: str | None = None) -> str:
+    """``triton`` or ``reference`` for these tensors. ``auto`` picks Triton when it is installed and the tensors
+    are on CUDA, or when ``TRITON_INTERPRET=1`` (the CPU interpreter); plain CPU tensors get the reference."""
+    choice = backend or _override
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "reference":
+        return "reference"
+    on_cuda = all(t.is_cuda for t in tensors)
+    runnable = HAS_TRITON and (on_cuda or interpreting())
+    if choice == "triton":
+        if not runnable:
+            raise ValueError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 set before "
+                             "triton is imported); use backend='auto' to fall back to the reference")
+        return "triton"
+    return "triton" if runnable else "reference"

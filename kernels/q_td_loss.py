@@ -1,0 +1,365 @@
+"""Fused Q-head + Double-DQN TD loss from final hidden states, forward and backward, never holding [N, V] logits.
+
+Layers (Liger-Kernel style): ``@triton.jit`` kernels -> launchers (``q_td_forward``, ``q_td_dhidden``) ->
+``QTDLossFunction`` (autograd) -> functional :func:`q_td_loss` and the :class:`QTDLoss` module.
+
+Contract (N transitions, d hidden size, V vocabulary, A actions):
+
+* ``hidden [N, d]`` online hidden states at the decision points (the only input that gets a gradient, with
+  ``weight`` when it requires grad); ``next_hidden [N, d]`` online and ``next_target_hidden [N, d]`` target
+  hidden states at each transition's next decision point (no gradient: the target is detached);
+* ``weight``: the LM head ``[V, d]`` with ``action_ids [A]`` (Q is the logit of an action's token), or a dedicated
+  Q-head ``[A, d]`` with ``action_ids=None``; ``target_weight`` (default ``weight``) is the target network's head;
+* ``actions [N]`` int in ``0..A-1``, ``rewards [N]`` float, ``dones [N]`` (1: the next decision belongs to another
+  episode: no bootstrap), ``seq_ids [N]`` int >= 0 (sequence of each transition, for the paper's normalisation).
+
+Computes ``q = <hidden, W[tok(action)]>`` and ``y = reward_scale * r + gamma * (1 - done) * <next_target_hidden,
+W_tgt[a*]>`` with ``a* = argmax <next_hidden, W[.]>`` over the A action tokens (``argmax="actions"``) or over the
+whole vocabulary (``"vocab"``, the paper's code: the head is streamed in vocabulary tiles with an online max);
+then the loss ``paper`` (``((q - y) / mean_seq(y))^2``, ``mean_seq(y)`` detached and kept >= ``norm_eps`` in
+magnitude), ``mse`` or ``huber``, reduced by ``mean`` / ``sum`` / ``none`` (see ``reference.reduce_loss``).
+
+Fused: in ``vocab`` mode one kernel does the ``[N, V]`` GEMM tile by tile with a running max/argmax (split over
+V for parallelism, then a tiny reduction); one forward kernel makes a single pass over ``d`` for q, the online
+next-action logits, the target logits and the target; ``dL/dhidden`` is written in the forward pass (Liger's
+trick: ``q`` is linear in ``hidden``), so backward only scales it. Accumulation is fp32 whatever the input dtype.
+Tolerances: fp32 within 1e-5 (relative, max-norm) of a float64 reference; bf16 within 2x the error eager bf16
+makes against float64 (GPU only: the Triton interpreter computes bf16 ``tl.dot`` wrongly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dispatch import HAS_TRITON, select_backend
+from .reference import (ARGMAX, LOSSES, REDUCTIONS, elementwise_loss, q_td_loss_reference, reduce_loss,
+                        safe_denominator, sequence_mean)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _q_td_vocab_argmax_kernel(
+        h_ptr, w_ptr, part_max_ptr, part_idx_ptr,
+        stride_h, stride_w, n_splits,
+        N, V, D, V_PER_SPLIT,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Running max/argmax of ``h @ w.T`` over one V split, tile by tile; ties keep the lowest index."""
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)  # N * d can pass 2**31 at the paper's shape
+        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_N,), tl.int32)
+        v_start = split * V_PER_SPLIT
+        v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < v_end
+            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < D
+                h = tl.load(h_ptr + rows64[:, None] * stride_h + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dd[None, :],
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                acc += tl.dot(h, tl.trans(w), input_precision="ieee" if IEEE else "tf32")
+            acc = tl.where(col_ok[None, :], acc, float("-inf"))
+            tile_max, tile_idx = tl.max(acc, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            better = tile_max > best  # strict: an earlier tile wins a tie
+            best_idx = tl.where(better, v0 + tile_idx, best_idx)
+            best = tl.where(better, tile_max, best)
+        out = rows64 * n_splits + split
+        tl.store(part_max_ptr + out, best, mask=row_ok)
+        tl.store(part_idx_ptr + out, best_idx, mask=row_ok)
+
+    @triton.jit
+    def _q_td_fwd_kernel(
+        h_ptr, hn_ptr, ht_ptr, w_ptr, wt_ptr, tok_ptr, next_tok_ptr, action_ids_ptr, r_ptr, done_ptr,
+        q_ptr, y_ptr, next_ptr,
+        stride_h, stride_hn, stride_ht, stride_w, stride_wt,
+        N, D, A, gamma, reward_scale,
+        VOCAB_ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+    ):
+        """One pass over d: q of the taken action, online next-action logits (actions mode), target logits, y."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        a_cols = tl.arange(0, BLOCK_A)
+        a_ok = a_cols < A
+        a_tok = tl.load(action_ids_ptr + a_cols, mask=a_ok, other=0).to(tl.int64)
+        if VOCAB_ARGMAX:
+            next_tok = tl.load(next_tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        q = tl.zeros((BLOCK_N,), tl.float32)
+        q_tgt = tl.zeros((BLOCK_N,), tl.float32)
+        logits = tl.zeros((BLOCK_N, BLOCK_A), tl.float32)
+        tgt_logits = tl.zeros((BLOCK_N, BLOCK_A), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            m2 = row_ok[:, None] & d_ok[None, :]
+            h = tl.load(h_ptr + rows64[:, None] * stride_h + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+            w_tok = tl.load(w_ptr + tok[:, None] * stride_w + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+            q += tl.sum(h * w_tok, axis=1)
+            ht = tl.load(ht_ptr + rows64[:, None] * stride_ht + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+            if VOCAB_ARGMAX:
+                wt_next = tl.load(wt_ptr + next_tok[:, None] * stride_wt + dd[None, :], mask=m2, other=0.0)
+                q_tgt += tl.sum(ht * wt_next.to(tl.float32), axis=1)
+            else:
+                hn = tl.load(hn_ptr + rows64[:, None] * stride_hn + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+                ma = a_ok[:, None] & d_ok[None, :]
+                w_a = tl.load(w_ptr + a_tok[:, None] * stride_w + dd[None, :], mask=ma, other=0.0).to(tl.float32)
+                wt_a = tl.load(wt_ptr + a_tok[:, None] * stride_wt + dd[None, :], mask=ma, other=0.0).to(tl.float32)
+                logits += tl.dot(hn, tl.trans(w_a), input_precision="ieee")  # operands are fp32 here; A is tiny
+                tgt_logits += tl.dot(ht, tl.trans(wt_a), input_precision="ieee")
+        if VOCAB_ARGMAX:
+            nxt = next_tok
+        else:
+            logits = tl.where(a_ok[None, :], logits, float("-inf"))
+            _, nxt32 = tl.max(logits, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            nxt = nxt32.to(tl.int64)
+            q_tgt = tl.sum(tl.where(a_cols[None, :] == nxt[:, None], tgt_logits, 0.0), axis=1)
+        r = tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        done = tl.load(done_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+        y = r * reward_scale + gamma * (1.0 - done) * q_tgt
+        tl.store(q_ptr + rows, q, mask=row_ok)
+        tl.store(y_ptr + rows, y, mask=row_ok)
+        tl.store(next_ptr + rows, nxt, mask=row_ok)
+
+    @triton.jit
+    def _q_td_dhidden_kernel(
+        g_ptr, w_ptr, tok_ptr, dh_ptr,
+        stride_w, stride_dh, N, D,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """``dh[i] = g[i] * w[tok[i]]``: the gradient of a loss of ``q_i = <h_i, w[tok_i]>``."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = rows < N
+        m2 = row_ok[:, None] & (dd[None, :] < D)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        w = tl.load(w_ptr + tok[:, None] * stride_w + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+        tl.store(dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + dd[None, :],
+                 (g[:, None] * w).to(dh_ptr.dtype.element_ty), mask=m2)
+
+
+# Tile sizes: the Triton matmul tutorial's defaults for fp32/bf16 GEMM tiles. NOT tuned on a GPU (none was
+# available when this was written; see benchmarks/bench_q_td_loss.py, which is ready to measure them).
+BLOCK_N, BLOCK_V, BLOCK_D = 64, 128, 64
+TARGET_PROGRAMS = 1024  # argmax split over V until (row blocks x splits) reaches this many programs
+
+
+def vocab_argmax(next_hidden: torch.Tensor, weight: torch.Tensor, max_programs: int = TARGET_PROGRAMS) -> torch.Tensor:
+    """``argmax_v <next_hidden[i], weight[v]>`` for every row (int64 [N]), streaming ``weight`` in V tiles.
+
+    V is split into as many parts as keep (row blocks x splits) <= ``max_programs``; each program streams its
+    part tile by tile (ties: lowest index), and the parts are reduced in V order (ties: lowest index again).
+    """
+    n, d = next_hidden.shape
+    v = weight.shape[0]
+    row_blocks = triton.cdiv(n, BLOCK_N)
+    tiles = triton.cdiv(v, BLOCK_V)
+    n_splits = max(1, min(tiles, max_programs // row_blocks))
+    v_per_split = triton.cdiv(tiles, n_splits) * BLOCK_V
+    n_splits = triton.cdiv(v, v_per_split)
+    part_max = torch.empty((n, n_splits), dtype=torch.float32, device=next_hidden.device)
+    part_idx = torch.empty((n, n_splits), dtype=torch.int32, device=next_hidden.device)
+    _q_td_vocab_argmax_kernel[(row_blocks, n_splits)](
+        next_hidden, weight, part_max, part_idx, next_hidden.stride(0), weight.stride(0), n_splits, n, v, d,
+        v_per_split, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, IEEE=next_hidden.dtype == torch.float32)
+    best_split = part_max.argmax(dim=1, keepdim=True)  # first max: splits are in V order, so ties keep the lowest v
+    return part_idx.gather(1, best_split).squeeze(1).to(torch.int64)
+
+
+def q_td_forward(hidden, weight, next_hidden, next_target_hidden, target_weight, taken_tok, action_ids, rewards,
+                 dones, gamma: float, reward_scale: float, argmax: str):
+    """Launch the forward kernels; returns ``q``, ``y`` (fp32 [N]) and the next action (vocab index or action
+    index, int64 [N])."""
+    n, d = hidden.shape
+    dev = hidden.device
+    q = torch.empty(n, dtype=torch.float32, device=dev)
+    y = torch.empty(n, dtype=torch.float32, device=dev)
+    nxt = torch.empty(n, dtype=torch.int64, device=dev)
+    vocab = argmax == "vocab"
+    next_tok = vocab_argmax(next_hidden, weight) if vocab else taken_tok
+    a = action_ids.numel()
+    _q_td_fwd_kernel[(triton.cdiv(n, BLOCK_N),)](
+        hidden, next_hidden, next_target_hidden, weight, target_weight, taken_tok, next_tok, action_ids,
+        rewards, dones, q, y, nxt, hidden.stride(0), next_hidden.stride(0), next_target_hidden.stride(0),
+        weight.stride(0), target_weight.stride(0), n, d, a, float(gamma), float(reward_scale),
+        VOCAB_ARGMAX=vocab, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_A=max(16, triton.next_power_of_2(a)))
+    return q, y, nxt
+
+
+def q_td_dhidden(g: torch.Tensor, weight: torch.Tensor, taken_tok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g[:, None] * weight[taken_tok]`` in ``dtype`` ([N, d])."""
+    n, d = g.shape[0], weight.shape[1]
+    dh = torch.empty((n, d), dtype=dtype, device=g.device)
+    _q_td_dhidden_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))](
+        g, weight, taken_tok, dh, weight.stride(0), dh.stride(0), n, d, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    return dh
+
+
+def loss_and_dq(q, y, seq_ids, loss: str, reduction: str, huber_delta: float, norm_eps: float):
+    """Loss (reduced) and ``d loss / d q`` per row for a unit upstream gradient (per row for ``none``)."""
+    diff = q - y
+    denom = safe_denominator(sequence_mean(y, seq_ids)[0], norm_eps) if loss == "paper" else None
+    per_row = elementwise_loss(diff, denom, loss, huber_delta)
+    if loss == "paper":
+        dq = 2.0 * diff / denom ** 2
+    elif loss == "mse":
+        dq = 2.0 * diff
+    else:
+        dq = torch.where(diff.abs() <= huber_delta, diff, huber_delta * torch.sign(diff))
+    if reduction == "mean":
+        if loss == "paper":
+            dq = dq / (sequence_mean(dq, seq_ids)[1] * torch.unique(seq_ids).numel())
+        else:
+            dq = dq / max(q.numel(), 1)
+    return reduce_loss(per_row, seq_ids, loss, reduction), dq
+
+
+class QTDLossFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton path; gradients flow to ``hidden`` and (if it requires grad) ``weight``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, next_hidden, next_target_hidden, target_weight, actions, rewards, dones,
+                seq_ids, action_ids, gamma, reward_scale, argmax, loss, huber_delta, reduction, norm_eps):
+        taken_tok = action_ids[actions].contiguous()
+        with torch.no_grad():
+            q, y, _ = q_td_forward(hidden, weight, next_hidden, next_target_hidden, target_weight, taken_tok,
+                                   action_ids, rewards, dones, gamma, reward_scale, argmax)
+            out, dq = loss_and_dq(q, y, seq_ids, loss, reduction, huber_delta, norm_eps)
+            # Gradient in the forward pass: q is linear in hidden, so dL/dhidden = dq * W[tok] now, scaled later.
+            dh = q_td_dhidden(dq, weight, taken_tok, hidden.dtype) if ctx.needs_input_grad[0] else None
+        ctx.reduction = reduction
+        ctx.weight_shape = weight.shape
+        ctx.save_for_backward(dh, dq, hidden if ctx.needs_input_grad[1] else None, taken_tok)
+        return out.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh, dq, hidden, taken_tok = ctx.saved_tensors
+        per_row = ctx.reduction == "none"
+        d_hidden = d_weight = None
+        if dh is not None:
+            d_hidden = dh * (grad_out[:, None] if per_row else grad_out).to(dh.dtype)
+        if hidden is not None:
+            g = dq * grad_out  # grad_out is a scalar, or [N] for reduction='none'
+            d_weight = torch.zeros(ctx.weight_shape, dtype=torch.float32, device=dq.device)
+            d_weight.index_add_(0, taken_tok, g[:, None] * hidden.to(torch.float32))
+            d_weight = d_weight.to(hidden.dtype)
+        return (d_hidden, d_weight) + (None,) * 15
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check(hidden, weight, next_hidden, next_target_hidden, target_weight, actions, rewards, dones, seq_ids,
+           action_ids, argmax, loss, reduction):
+    """API-boundary checks: a ValueError naming the offending shapes, never a Triton crash."""
+    if argmax not in ARGMAX or loss not in LOSSES or reduction not in REDUCTIONS:
+        raise ValueError(f"argmax must be one of {ARGMAX}, loss one of {LOSSES}, reduction one of {REDUCTIONS}; got "
+                         f"{argmax!r}, {loss!r}, {reduction!r}")
+    mats = {"hidden": hidden, "next_hidden": next_hidden, "next_target_hidden": next_target_hidden, "weight": weight,
+            "target_weight": target_weight}
+    for name, t in mats.items():
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be floating point (fp32, bf16, fp16, fp64), got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides {t.stride()}")
+    n, d = hidden.shape
+    for name in ("next_hidden", "next_target_hidden"):
+        if mats[name].shape != hidden.shape:
+            raise ValueError(f"{name} {tuple(mats[name].shape)} must match hidden {tuple(hidden.shape)} [N, d]")
+    if weight.shape[1] != d or target_weight.shape != weight.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and target_weight {tuple(target_weight.shape)} must be "
+                         f"[V or A, d] with d = {d} (hidden {tuple(hidden.shape)})")
+    dtypes = {t.dtype for t in mats.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"hidden states and head weights must share one dtype, got "
+                         f"{ {k: str(t.dtype) for k, t in mats.items()} }")
+    if len({t.device for t in mats.values()} | {t.device for t in (actions, rewards, dones, seq_ids)}) != 1:
+        raise ValueError("all tensors must be on one device")
+    for name, t in (("actions", actions), ("rewards", rewards), ("dones", dones), ("seq_ids", seq_ids)):
+        if not isinstance(t, torch.Tensor) or t.shape != (n,):
+            raise ValueError(f"{name} must be a tensor of shape [N] = [{n}], got {getattr(t, 'shape', t)}")
+    if actions.dtype.is_floating_point or seq_ids.dtype.is_floating_point:
+        raise ValueError(f"actions and seq_ids must be integer tensors, got {actions.dtype}, {seq_ids.dtype}")
+    n_actions = weight.shape[0] if action_ids is None else action_ids.numel()
+    if action_ids is not None:
+        if action_ids.ndim != 1 or action_ids.dtype.is_floating_point:
+            raise ValueError(f"action_ids must be a 1-D integer tensor [A], got {action_ids.dtype} "
+                             f"{tuple(action_ids.shape)}")
+        if n and (action_ids.min() < 0 or action_ids.max() >= weight.shape[0]):
+            raise ValueError(f"action_ids must index rows of weight [{weight.shape[0]}, d], got "
+                             f"{action_ids.tolist()}")
+    elif argmax == "vocab":
+        raise ValueError("argmax='vocab' needs the LM head [V, d] and action_ids [A]; with a dedicated Q-head "
+                         "[A, d] use argmax='actions'")
+    if n and (actions.min() < 0 or actions.max() >= n_actions):
+        raise ValueError(f"actions must be in 0..{n_actions - 1}, got values in {int(actions.min())}.."
+                         f"{int(actions.max())}")
+    if n and seq_ids.min() < 0:
+        raise ValueError("seq_ids must be >= 0")
+    if n == 0:
+        raise ValueError("need at least one transition (N >= 1)")
+
+
+def q_td_loss(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids, *,
+              action_ids=None, target_weight=None, gamma: float = 0.9, reward_scale: float = 30.0,
+              argmax: str = "actions", loss: str = "paper", huber_delta: float = 1.0, reduction: str = "mean",
+              norm_eps: float = 1e-6, backend: str | None = None) -> torch.Tensor:
+    """Fused Q readout + Double-DQN TD loss (see the module docstring for the contract).
+
+    Returns the loss: fp32 scalar, or fp32 ``[N]`` for ``reduction="none"`` (the reference path returns the
+    inputs' dtype). ``backend``: ``None``/``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else the
+    torch reference), ``"triton"`` or ``"reference"``.
+    """
+    target_weight = weight if target_weight is None else target_weight
+    _check(hidden, weight, next_hidden, next_target_hidden, target_weight, actions, rewards, dones, seq_ids,
+           action_ids, argmax, loss, reduction)
+    kw = dict(gamma=gamma, reward_scale=reward_scale, argmax=argmax, loss=loss, huber_delta=huber_delta,
+              reduction=reduction, norm_eps=norm_eps)
+    chosen = select_backend(hidden, weight, backend=backend)
+    if chosen == "reference" or hidden.dtype == torch.float64:  # fp64 is the oracle's dtype: reference only
+        return q_td_loss_reference(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones,
+                                   seq_ids, action_ids=action_ids, target_weight=target_weight, **kw)
+    ids = (torch.arange(weight.shape[0], device=weight.device) if action_ids is None else action_ids).to(torch.int64)
+    return QTDLossFunction.apply(hidden, weight, next_hidden.detach(), next_target_hidden.detach(),
+                                 target_weight.detach(), actions.to(torch.int64).contiguous(),
+                                 rewards.to(torch.float32).contiguous(), dones.to(torch.float32).contiguous(),
+                                 seq_ids.to(torch.int64).contiguous(), ids.contiguous(), float(gamma),
+                                 float(reward_scale), argmax, loss, float(huber_delta), reduction, float(norm_eps))
+
+
+class QTDLoss(torch.nn.Module):
+    """Module form of :func:`q_td_loss`; the loss settings are fixed at construction."""
+
+    def __init__(self, *, gamma: float = 0.9, reward_scale: float = 30.0, argmax: str = "actions",
+                 loss: str = "paper", huber_delta: float = 1.0, reduction: str = "mean", norm_eps: float = 1e-6,
+                 backend: str | None = None):
+        super().__init__()
+        if not (0.0 <= gamma <= 1.0) or not math.isfinite(reward_scale):
+            raise ValueError(f"gamma must be in [0, 1] and reward_scale finite, got {gamma}, {reward_scale}")
+        self.kw = dict(gamma=gamma, reward_scale=reward_scale, argmax=argmax, loss=loss, huber_delta=huber_delta,
+                       reduction=reduction, norm_eps=norm_eps, backend=backend)
+
+    def forward(self, hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids, *,
+                action_ids=None, target_weight=None):
+        return q_td_loss(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids,
+                         action_ids=action_ids, target_weight=target_weight, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
