@@ -62,15 +62,19 @@ def _commit() -> str:
 
 @pytest.fixture
 def record(benchmark, request):
-    """``record(suite, name, work, unit, group=..., role="ours"|"reference")`` after ``benchmark.pedantic``:
-    stores median and p20/p80 of the round times and the derived throughput ``work / time``."""
+    """``record(suite, name, work, unit, group, role, peak_bytes=None)`` after ``benchmark.pedantic``: stores the
+    median and p20/p80 of the round times, the derived throughput ``work / time`` and the peak memory if given.
+    Rows of role ``ours`` get their ratio to every ``reference`` row of the same group."""
 
-    def _record(suite: str, name: str, work: float, unit: str, group: str, role: str) -> dict:
+    def _record(suite: str, name: str, work: float, unit: str, group: str, role: str,
+                peak_bytes: int | None = None) -> dict:
         data = np.asarray(benchmark.stats.stats.data, dtype=np.float64)
         row = {"name": name, "group": group, "role": role, "unit": unit, "rounds": int(data.size),
                "median_s": float(np.median(data)), "p20_s": float(np.percentile(data, 20)),
                "p80_s": float(np.percentile(data, 80))}
         row["throughput"] = work / row["median_s"]
+        if peak_bytes is not None:
+            row["peak_mib"] = peak_bytes / 2 ** 20
         benchmark.extra_info.update(row)
         _ROWS.setdefault(suite, []).append(row)
         return row
@@ -89,15 +93,21 @@ def pytest_terminal_summary(terminalreporter):
         lines = [f"# {suite} benchmark ({meta['device']})", "",
                  f"- cpu: {meta['cpu']} ({meta['cores']} cores)", f"- versions: {meta['versions']}",
                  f"- commit: {meta['commit']}", f"- date: {meta['date']}", f"- command: `{meta['command']}`", "",
-                 "| group | role | name | median | p20 | p80 | throughput | vs reference |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "| group | role | name | median | p20 | p80 | throughput | peak memory | vs reference |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in rows:
-            ref = next((r for r in rows if r["group"] == row["group"] and r["role"] == "reference"), None)
-            ratio = f"{row['throughput'] / ref['throughput']:,.0f}x" if ref and row["role"] == "ours" else ""
-            row["ratio_vs_reference"] = row["throughput"] / ref["throughput"] if ratio else None
+            refs = [r for r in rows if r["group"] == row["group"] and r["role"] == "reference"]
+            row["ratio_vs_reference"] = {r["name"]: row["throughput"] / r["throughput"] for r in refs} \
+                if row["role"] == "ours" else {}
+            ratios = list(row["ratio_vs_reference"].items())
+            if len(ratios) == 1:
+                ratio = f"{ratios[0][1]:,.0f}x" if ratios[0][1] >= 10 else f"{ratios[0][1]:.2f}x"
+            else:
+                ratio = "; ".join(f"{v:.2f}x vs {k}" for k, v in ratios)
+            mem = f"{row['peak_mib']:,.0f} MiB" if "peak_mib" in row else ""
             lines.append(f"| {row['group']} | {row['role']} | {row['name']} | {row['median_s'] * 1e3:.3f} ms | "
                          f"{row['p20_s'] * 1e3:.3f} ms | {row['p80_s'] * 1e3:.3f} ms | "
-                         f"{row['throughput']:,.0f} {row['unit']} | {ratio} |")
+                         f"{row['throughput']:,.0f} {row['unit']} | {mem} | {ratio} |")
         text = "\n".join(lines) + "\n"
         stem = RESULTS / f"{suite}-{meta['device']}"
         stem.with_suffix(".md").write_text(text)
