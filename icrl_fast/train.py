@@ -1,30 +1,343 @@
-"""``python -m icrl_fast.train`` — the main job.
+"""``python -m icrl_fast.train``: train a transformer to learn in context with offline Double DQN, then evaluate it.
 
-The DQN trainer (offline Double DQN over multi-episode contexts, issue #5) has not landed yet. Until it does,
-this command exercises what exists end to end: it generates the paper's maps, proves the Numba simulator
-against gymnasium's ``FrozenLake-v1`` on fresh random maps, and prints the simulator's throughput beside
-gymnasium's (see ``icrl_fast/envs/selfcheck.py``).
+Reads top to bottom: configuration and presets, setup (run directory, dataset, networks, optimiser, resume),
+the training loop, teardown (final checkpoint, the paper's evaluation, the ICRL table).
+
+    python -m icrl_fast.train                         # default preset: a small model on this CPU
+    python -m icrl_fast.train --preset smoke          # < 1 minute, for tests
+    python -m icrl_fast.train --preset paper --model.path /models/Llama-3.1-8B-Instruct   # IA3, on a GPU
+    python -m icrl_fast.train --out runs/x --resume   # continue a run (bit-identical on the CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from icrl_fast.envs import selfcheck
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
+from icrl_fast.data.dataset import DatasetConfig, OfflineDataset, build_dataset
+from icrl_fast.envs.learners import QLearningConfig
+from icrl_fast.envs.maps import generate_maps
+from icrl_fast.evaluate import EvalConfig, evaluate, summary_rows, write_outputs
+from icrl_fast.model.qnet import ModelConfig, QNetwork
+from icrl_fast.rl.dqn import DQNConfig, dqn_loss
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m icrl_fast.train",
-        description="Train an in-context RL transformer. The trainer is not implemented yet (issue #5); for now "
-                    "this runs the simulator self-check and prints its throughput beside gymnasium's.")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random stream (default: 0)")
-    args = parser.parse_args(argv)
-    if args.seed < 0:
-        parser.error(f"--seed must be a non-negative int, got {args.seed}")
-    print("icrl_fast: the DQN trainer is not implemented yet (issue #5); running the simulator self-check.")
-    selfcheck.main(seed=args.seed)
+# ----------------------------------------------------------------------------------------------- configuration
+@dataclass
+class OptimConfig:
+    """Optimisation."""
+
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_slices: int = field(default=16, metadata={"help": "slices per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps (then constant)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0: off)"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as config.json in the run directory and in every checkpoint."""
+
+    preset: str = field(default="default", metadata={"help": "the preset this config started from"})
+    seed: int = field(default=0, metadata={"help": "seed of every random stream"})
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    data_path: str | None = field(default=None, metadata={"help": "an existing dataset folder (default: build one "
+                                                                  "into the run directory)"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dqn: DQNConfig = field(default_factory=DQNConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log_every: int = field(default=10, metadata={"help": "steps between metric records"})
+    ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+
+
+def preset(name: str) -> TrainConfig:
+    """``default`` (this 2-core CPU, ~15 min), ``smoke`` (< 1 min, tests) or ``paper`` (8B + IA3 on a GPU)."""
+    if name == "default":
+        return TrainConfig(preset="default", data=DatasetConfig(format="compact", slice_len=1024))
+    if name == "smoke":
+        return TrainConfig(
+            preset="smoke", data=DatasetConfig(train_maps=24, test_maps=6, format="compact", slice_len=256,
+                                               learner=QLearningConfig(episodes=200)),
+            model=ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_positions=4096),
+            optim=OptimConfig(steps=12, batch_slices=4, warmup_steps=2), eval=EvalConfig(maps=6, episodes=4),
+            log_every=2, ckpt_every=5)
+    if name == "paper":
+        return TrainConfig(
+            preset="paper", data=DatasetConfig(format="paper", slice_len=4096, learner=QLearningConfig(episodes=2600)),
+            model=ModelConfig(dtype="bfloat16", max_positions=131072),
+            dqn=DQNConfig(argmax="vocab"),
+            optim=OptimConfig(steps=956, batch_slices=1, grad_accum=10, lr=1e-2, warmup_steps=10, clip=0.0),
+            eval=EvalConfig(batch_maps=10), ckpt_every=50)
+    raise ValueError(f"unknown preset {name!r}; choose default, smoke or paper")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg: TrainConfig) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically (temp folder + rename), point ``checkpoints/latest`` at it,
+    and keep the two newest."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:06d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in qnet.train_state().items()}
+    osd = opt.state_dict()
+    for pid, pstate in osd["state"].items():
+        for key, value in pstate.items():
+            tensors[f"optim/{pid}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {"state": state, "param_groups": osd["param_groups"], "scheduler": sched.state_dict(),
+            "config": dataclasses.asdict(cfg)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (root / "latest.tmp").write_text(name)
+    os.replace(root / "latest.tmp", root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None) -> dict:
+    """Restore the newest checkpoint of ``run_dir`` into the networks (and optimizer, scheduler); return its state."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/latest): nothing to resume or evaluate")
+    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    qnet.load_train_state({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    if opt is not None:
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, pid, key = k.split("/", 2)
+                state.setdefault(int(pid), {})[key] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if sched is not None:
+        sched.load_state_dict(meta["scheduler"])
+    return meta["state"]
+
+
+# ---------------------------------------------------------------------------------------------------- the data
+def batch_indices(n_slices: int, state: dict, size: int, seed: int) -> np.ndarray:
+    """The next ``size`` slice indices of a per-epoch permutation seeded by (seed, epoch); advances ``state``."""
+    out = []
+    while len(out) < size:
+        perm = np.random.default_rng([seed, state["epoch"]]).permutation(n_slices)
+        take = perm[state["cursor"]: state["cursor"] + size - len(out)]
+        out.extend(take.tolist())
+        state["cursor"] += len(take)
+        if state["cursor"] >= n_slices:
+            state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+    return np.sort(np.asarray(out))
+
+
+def to_batch(ds: OfflineDataset, idx: np.ndarray, device: str) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in ds.contract(idx).items()}
+
+
+# ------------------------------------------------------------------------------------------------- the run
+def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) and evaluate; returns the final metrics. Raises ``TrainingDiverged`` on a NaN loss."""
+    # --- setup ------------------------------------------------------------------------------------------------
+    cfg.dqn.validate()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    data_dir = Path(cfg.data_path) if cfg.data_path else run_dir / "dataset"
+    ds = OfflineDataset.load(data_dir) if data_dir.exists() else build_dataset(
+        dataclasses.replace(cfg.data, seed=cfg.seed), data_dir, progress=progress)
+    fmt = ds.format
+    qnet = QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed)
+    opt = torch.optim.AdamW(qnet.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    warm = max(1, cfg.optim.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    state = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0}
+    if resume:
+        state = load_checkpoint(run_dir, qnet, opt, sched)
+    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    tb = _tensorboard(run_dir)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _nullcontext()
+    tokens_per_step = cfg.optim.batch_slices * cfg.optim.grad_accum * ds.input_ids.shape[1]
+    bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc="training", unit="step", disable=not progress)
+    t_last, tok_last = time.perf_counter(), state["tokens"]
+    # --- loop ---------------------------------------------------------------------------------------------------
+    try:
+        while state["step"] < cfg.optim.steps:
+            opt.zero_grad(set_to_none=True)
+            stats = {}
+            data_pos = {"epoch": state["epoch"], "cursor": state["cursor"]}  # committed only with the step below,
+            for _ in range(cfg.optim.grad_accum):                           # so an interrupted step is redone
+                batch = to_batch(ds, batch_indices(len(ds), data_pos, cfg.optim.batch_slices, cfg.seed), device)
+                with autocast:
+                    loss, stats = dqn_loss(qnet, batch, cfg.dqn)
+                (loss / cfg.optim.grad_accum).backward()
+            loss_value = float(loss.detach())  # host-device sync: the NaN guard needs the value every step
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"the loss became {loss_value} at step {state['step'] + 1}; the last good "
+                                       f"checkpoint is kept in {run_dir / 'checkpoints'} (try a lower --optim.lr)")
+            if cfg.optim.clip > 0:
+                torch.nn.utils.clip_grad_norm_(qnet.trainable_parameters(), cfg.optim.clip)
+            opt.step()
+            sched.step()
+            qnet.polyak_update(cfg.dqn.tau)
+            state.update(data_pos)
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            bar.update()
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.steps:
+                now = time.perf_counter()
+                rec = {"step": state["step"], "losses/td": loss_value, "charts/q": float(stats["q"]),
+                       "charts/lr": sched.get_last_lr()[0], "charts/epoch": state["epoch"],
+                       "perf/tokens_per_s": (state["tokens"] - tok_last) / max(now - t_last, 1e-9)}
+                t_last, tok_last = now, state["tokens"]
+                _log(metrics_file, tb, rec)
+                bar.set_postfix(loss=f"{loss_value:.3g}", q=f"{rec['charts/q']:.2f}",
+                                tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
+            if state["step"] % cfg.ckpt_every == 0:
+                save_checkpoint(run_dir, qnet, opt, sched, state, cfg)
+    except KeyboardInterrupt:
+        bar.close()
+        path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg)
+        print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
+              f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
+        raise
+    finally:
+        metrics_file.close()
+    bar.close()
+    # --- teardown -----------------------------------------------------------------------------------------------
+    save_checkpoint(run_dir, qnet, opt, sched, state, cfg)
+    result = {"step": state["step"], "tokens": state["tokens"]}
+    if cfg.eval.maps > 0:
+        maps = ds.maps[ds.test_map_ids[: cfg.eval.maps]]
+        qnet.eval()
+        ev = evaluate(qnet, fmt, maps, dataclasses.replace(cfg.eval, maps=len(maps)), device=device,
+                      max_positions=cfg.model.max_positions, extra_config={"train": dataclasses.asdict(cfg)},
+                      progress=progress)
+        rows = summary_rows(ev)
+        written = write_outputs(ev, run_dir, maps)
+        result["success_20_29"] = float(np.mean(ev["success_rate"][20:])) if ev["episodes"] > 20 else None
+        _log(None, tb, {"step": state["step"], "eval/success_last10": float(np.mean(ev["success_rate"][-10:]))})
+        if progress:
+            print("\n".join(rows))
+            print("wrote " + ", ".join(str(p) for p in written))
+    if tb is not None:
+        tb.close()
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install only loses the TensorBoard copy
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log(metrics_file, tb, rec: dict) -> None:
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
+    if tb is not None:
+        for k, v in rec.items():
+            if k != "step" and v is not None:
+                tb.add_scalar(k, v, rec["step"])
+
+
+# ----------------------------------------------------------------------------------------- evaluate a saved run
+def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int):
+    """The trained network, its format, the maps to evaluate (test split, or fresh 6-7 maps for ``ood``) and
+    the run's config."""
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
+    ds = OfflineDataset.load(Path(cfg.data_path) if cfg.data_path else run_dir / "dataset", verify=False)
+    qnet = QNetwork(cfg.model, ds.format.vocab_size, ds.format.action_ids, seed=cfg.seed)
+    load_checkpoint(run_dir, qnet)
+    qnet.eval()
+    if experiment == "ood":
+        maps = generate_maps(n_maps, seed=cfg.seed + 7919, height=(6, 7), width=(6, 7), min_hops=cfg.data.min_hops)
+    else:
+        maps = ds.maps[ds.test_map_ids[:n_maps]]
+    return qnet, ds.format, maps, cfg
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
+    p = argparse.ArgumentParser(prog="python -m icrl_fast.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
+    p.add_argument("--preset", choices=("default", "smoke", "paper"), default="default", help="starting config")
+    p.add_argument("--out", default=None, help="run directory (default: a fresh folder under runs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_dataclass_args(p, TrainConfig, exclude=("preset",))  # --preset picks the whole starting config
+    args = vars(p.parse_args(argv))
+    name, out, resume = args.pop("preset"), args.pop("out"), args.pop("resume")
+    if resume:
+        if out is None or not (Path(out) / "config.json").is_file():
+            p.error("--resume needs --out pointing at an existing run directory")
+        if args:
+            p.error(f"--resume continues the saved config; drop the other flags ({', '.join(args)})")
+        return from_dict(TrainConfig, json.loads((Path(out) / "config.json").read_text())), Path(out), True
+    try:
+        cfg = apply_overrides(preset(name), args)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    if out is None:
+        out = Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    elif (Path(out) / "checkpoints").exists():
+        p.error(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    return cfg, Path(out), False
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, run_dir, resume = parse_args(argv)
+    print(f"icrl_fast: preset {cfg.preset}, run directory {run_dir}")
+    try:
+        result = run(cfg, run_dir, resume=resume)
+    except KeyboardInterrupt:
+        return 130
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {result['step']} steps, {result['tokens']:,} tokens; run directory {run_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

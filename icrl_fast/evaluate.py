@@ -1,0 +1,308 @@
+"""``python -m icrl_fast.evaluate``: the paper's in-context evaluation protocol, batched over maps.
+
+Every test map gets one growing context of ``episodes`` (30) episodes. In episode ``k`` the agent takes the
+model's greedy action (argmax of the Q-values of the 4 action tokens) with probability ``ramp[k]`` and a uniform
+random action otherwise: 0.0, 0.0, 0.1, 0.1, ..., 0.9, 0.9, then 1.0 for 10 episodes (arXiv 2501.14176). All
+maps act in lockstep, one model call per step: each call appends only the tokens each context gained since the
+last call (left-padded to a common width, padding masked out, explicit positions) to one KV cache, and reads Q at
+each context's new decision point. The metric is the success rate per episode index, with 95 % Wilson intervals,
+beside three baselines on the same maps and episodes: a uniform random policy, tabular Q-learning from scratch
+(its exploration follows the same ramp: epsilon 1.0 -> 0.0 over 20 episodes), and the shortest-path optimum.
+
+Writes ``eval.json`` (a stable contract: experiment, num_maps, episodes, success_rate, ci95, baselines, config),
+``eval.png`` (success by episode, like the paper's Fig. 3) and ``trajectories.png`` (early / mid / late
+episodes on one map, like Fig. 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from icrl_fast.data.formats import ContextFormat
+from icrl_fast.envs.frozen_lake import FrozenLakeBatch
+from icrl_fast.envs.learners import QLearningConfig, q_learning, random_policy
+from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
+from icrl_fast.model.kv_cache import GrowingMask, growing_cache
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocol."""
+
+    maps: int = field(default=50, metadata={"help": "unseen maps (the dataset's test split, or fresh OOD maps)"})
+    episodes: int = field(default=30, metadata={"help": "episodes per map in one context"})
+    experiment: str = field(default="in-distribution", metadata={"help": "in-distribution (3-5 maps) or ood (6-7)"})
+    seed: int = field(default=1234, metadata={"help": "seed of the exploration draws and env streams"})
+    batch_maps: int = field(default=50, metadata={"help": "maps per model call"})
+
+
+def paper_ramp(episodes: int) -> np.ndarray:
+    """P(model action) per episode: 0.0, 0.0, 0.1, 0.1, ..., 0.9, 0.9, then 1.0 (the paper's schedule)."""
+    return np.array([min(k // 2, 10) / 10 if k < 20 else 1.0 for k in range(episodes)])
+
+
+def wilson(successes: np.ndarray, n: int, z: float = 1.96) -> list[list[float]]:
+    """95 % Wilson score intervals of success counts out of ``n``."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [[float(max(0.0, c - h)), float(min(1.0, c + h))] for c, h in zip(centre, half)]
+
+
+class ContextStreams:
+    """The token stream of every map's context, built step by step in the training format (``encode_episodes``)."""
+
+    def __init__(self, fmt: ContextFormat):
+        self.fmt = fmt
+        self.head = fmt.episode_start.tolist()
+
+    def first_block(self, obs: int) -> list[int]:
+        return self.head + self.step_block(obs)
+
+    def step_block(self, obs: int) -> list[int]:
+        f = self.fmt
+        return f.pre_obs.tolist() + f.obs_table[obs, : f.obs_len[obs]].tolist() + f.post_obs.tolist()
+
+    def after_action(self, action: int, reward: float, ended: bool, cut: bool, next_obs: int | None) -> list[int]:
+        """Tokens from the action to the next decision point (or to the end of the context)."""
+        f = self.fmt
+        out = [int(f.action_ids[action])] + f.post_action.tolist()
+        if reward != 0:
+            out += f.reward_block.tolist()
+        if ended:
+            out += (f.trunc_block.tolist() if cut else []) + f.episode_end.tolist()
+            if next_obs is not None:
+                out += self.head
+        if next_obs is not None:
+            out += self.step_block(next_obs)
+        return out
+
+
+@torch.no_grad()
+def run_model(qnet, fmt: ContextFormat, maps: MapBatch, episodes: int, ramp: np.ndarray, seed: int,
+              device: str = "cpu", max_positions: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Play ``episodes`` episodes per map with the model in one growing context per map (see module docstring).
+
+    Returns ``success``, ``hole``, ``truncated`` (bool [M, E]), ``length`` (int [M, E]), ``paths`` (per map, the
+    observation sequence of every episode, for drawing), ``tokens`` (per map, its whole context) and ``q`` (per
+    map, the Q-values read at each decision).
+    """
+    m = len(maps)
+    env = FrozenLakeBatch(maps, is_slippery=False, seed=seed)
+    obs = env.reset().copy()
+    rng = np.random.default_rng(seed)
+    streams = ContextStreams(fmt)
+    pending = [streams.first_block(int(o)) for o in obs]
+    real_len = np.zeros(m, dtype=np.int64)
+    episode = np.zeros(m, dtype=np.int64)
+    out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
+    out["length"] = np.zeros((m, episodes), dtype=np.int64)
+    paths = [[[int(obs[b])]] for b in range(m)]
+    tokens: list[list[int]] = [[] for _ in range(m)]  # every context, for tests and inspection
+    q_read: list[list[np.ndarray]] = [[] for _ in range(m)]  # Q at every decision, in order
+    cache = growing_cache(qnet.num_layers)
+    mask = GrowingMask(m)
+    bar = tqdm(total=m * episodes, desc="evaluating", unit="episode", leave=False, disable=not progress)
+    while (episode < episodes).any():
+        width = max(len(p) for p in pending)
+        ids = torch.zeros((m, width), dtype=torch.long)
+        valid = torch.zeros((m, width), dtype=torch.long)
+        pos = torch.zeros((m, width), dtype=torch.long)
+        for b, block in enumerate(pending):  # left-pad: every context's decision token is the last column
+            k = len(block)
+            if k:
+                ids[b, width - k:] = torch.tensor(block)
+                valid[b, width - k:] = 1
+                pos[b, width - k:] = torch.arange(real_len[b], real_len[b] + k)
+                pos[b, : width - k] = real_len[b]
+            else:
+                pos[b, :] = max(real_len[b] - 1, 0)
+            real_len[b] += k
+        if max_positions is not None and real_len.max() > max_positions:
+            raise ValueError(f"a context reached {int(real_len.max())} tokens, more than the model's "
+                             f"{max_positions} positions: raise the model's max_positions")
+        attn = mask.append(valid)
+        h = qnet.hidden(ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                        past_key_values=cache, use_cache=True)
+        q = qnet.q_values(h[:, -1]).cpu()
+        greedy = q.argmax(-1).numpy()
+        for b, block in enumerate(pending):
+            if block:
+                tokens[b] += block
+                q_read[b].append(q[b].numpy())
+        explore = rng.random(m) >= ramp[np.minimum(episode, episodes - 1)]
+        actions = np.where(explore, rng.integers(0, 4, m), greedy).astype(np.int64)
+        active = episode < episodes
+        o, r, term, trunc = env.step(actions)
+        pending = []
+        for b in range(m):
+            if not active[b]:
+                pending.append([])
+                continue
+            e = episode[b]
+            out["length"][b, e] += 1
+            ended = bool(term[b] or trunc[b])
+            landed = int(env.final_obs[b]) if ended else int(o[b])
+            paths[b][-1].append(landed)
+            if ended:
+                tile = maps.tiles[b, landed // maps.ncol[b], landed % maps.ncol[b]]
+                out["success"][b, e] = tile == GOAL
+                out["hole"][b, e] = tile == HOLE
+                out["truncated"][b, e] = bool(trunc[b]) and tile != GOAL and tile != HOLE
+                episode[b] += 1
+                bar.update()
+                more = episode[b] < episodes
+                if more:
+                    paths[b].append([int(o[b])])
+                pending.append(streams.after_action(int(actions[b]), float(r[b]), True,
+                                                    bool(out["truncated"][b, e]), int(o[b]) if more else None))
+            else:
+                pending.append(streams.after_action(int(actions[b]), float(r[b]), False, False, int(o[b])))
+    bar.close()
+    for b, block in enumerate(pending):  # the closing tokens of contexts that finished on the last step
+        tokens[b] += block
+    out["paths"], out["tokens"], out["q"] = paths, tokens, q_read
+    return out
+
+
+def baselines(maps: MapBatch, episodes: int, seed: int) -> dict[str, list[float]]:
+    """Success per episode index of a random policy, tabular Q-learning from scratch, and the optimum."""
+    rand = random_policy(maps, episodes, seed=seed).success.reshape(len(maps), episodes)
+    tab_cfg = QLearningConfig(episodes=episodes, epsilon_start=1.0, epsilon_end=0.0,
+                              epsilon_decay_episodes=min(20, episodes))
+    tab = q_learning(maps, tab_cfg, seed=seed)[0].success.reshape(len(maps), episodes)
+    dist = maps.goal_distances()
+    solvable = np.array([(dist[b, maps.starts[b, : maps.n_starts[b]]] >= 0).all() and
+                         dist[b, maps.starts[b, : maps.n_starts[b]]].max() <= 100 for b in range(len(maps))])
+    return {"random": rand.mean(0).tolist(), "tabular_q": tab.mean(0).tolist(),
+            "optimal": [float(solvable.mean())] * episodes}
+
+
+def evaluate(qnet, fmt: ContextFormat, maps: MapBatch, cfg: EvalConfig, device: str = "cpu",
+             max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False) -> dict:
+    """Run the protocol on ``maps`` and return the ``eval.json`` contract (plus per-map outcomes)."""
+    ramp = paper_ramp(cfg.episodes)
+    parts = []
+    for start in range(0, len(maps), cfg.batch_maps):
+        sub = maps[np.arange(start, min(start + cfg.batch_maps, len(maps)))]
+        parts.append(run_model(qnet, fmt, sub, cfg.episodes, ramp, cfg.seed + start, device, max_positions, progress))
+    res = {k: np.concatenate([p[k] for p in parts]) for k in ("success", "hole", "truncated", "length")}
+    paths = [p for part in parts for p in part["paths"]]
+    n = len(maps)
+    succ = res["success"].sum(0)
+    return {
+        "experiment": cfg.experiment, "num_maps": n, "episodes": cfg.episodes,
+        "success_rate": (succ / n).tolist(), "ci95": wilson(succ, n),
+        "baselines": baselines(maps, cfg.episodes, cfg.seed),
+        "config": {"eval": asdict(cfg), "ramp": ramp.tolist(), **(extra_config or {})},
+        "per_map": {"success": res["success"].astype(int).tolist(), "hole": res["hole"].astype(int).tolist(),
+                    "truncated": res["truncated"].astype(int).tolist(), "length": res["length"].tolist()},
+        "_paths": paths,
+    }
+
+
+def summary_rows(result: dict) -> list[str]:
+    """A text table: success by episode index vs the baselines."""
+    s, b = result["success_rate"], result["baselines"]
+    ramp = result["config"]["ramp"]
+    rows = ["episode  P(model)  model [95% CI]        random  tabular_q  optimal"]
+    for k in range(result["episodes"]):
+        lo, hi = result["ci95"][k]
+        rows.append(f"{k:>7}  {ramp[k]:>8.1f}  {s[k]:.2f} [{lo:.2f}, {hi:.2f}]   {b['random'][k]:>6.2f}  "
+                    f"{b['tabular_q'][k]:>9.2f}  {b['optimal'][k]:>7.2f}")
+    if result["episodes"] > 20:
+        late = slice(20, result["episodes"])
+        rows.append(f"episodes 20-{result['episodes'] - 1} (P(model)=1): model {np.mean(s[late]):.2f}, tabular_q "
+                    f"{np.mean(b['tabular_q'][late]):.2f}, random {np.mean(b['random'][late]):.2f}; episodes 0-1: "
+                    f"model {np.mean(s[:2]):.2f}, random {np.mean(b['random'][:2]):.2f}")
+    return rows
+
+
+def write_outputs(result: dict, out_dir: Path, maps: MapBatch) -> list[Path]:
+    """``eval.json``, ``eval.png`` and ``trajectories.png`` in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = result.pop("_paths", None)
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    k = np.arange(result["episodes"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ci = np.array(result["ci95"])
+    ax.fill_between(k, ci[:, 0], ci[:, 1], alpha=0.25, color="C0")
+    ax.plot(k, result["success_rate"], "o-", color="C0", label="model (in context)")
+    for name, style in (("random", "C3--"), ("tabular_q", "C2-."), ("optimal", "k:")):
+        ax.plot(k, result["baselines"][name], style, label=name.replace("_", " "))
+    ax.plot(k, result["config"]["ramp"], color="0.6", lw=1, label="P(model action)")
+    ax.set(xlabel="episode in context", ylabel="success rate", ylim=(-0.02, 1.02),
+           title=f"{result['experiment']}: {result['num_maps']} unseen maps")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "eval.png", dpi=120)
+    plt.close(fig)
+    written = [out_dir / "eval.json", out_dir / "eval.png"]
+    if paths:
+        written.append(draw_trajectories(paths[0], maps.to_desc(0), out_dir / "trajectories.png", plt))
+    return written
+
+
+def draw_trajectories(episode_paths, desc, path: Path, plt) -> Path:
+    """Early, middle and late episodes of one map's context drawn on the grid (like the paper's Fig. 1)."""
+    picks = sorted({0, len(episode_paths) // 2, len(episode_paths) - 1})
+    fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 3))
+    colours = {"F": "#dbeefb", "S": "#fff2a8", "H": "#274060", "G": "#7bd389"}
+    nrow, ncol = len(desc), len(desc[0])
+    for ax, e in zip(np.atleast_1d(axes), picks):
+        for r in range(nrow):
+            for c in range(ncol):
+                ax.add_patch(plt.Rectangle((c, nrow - 1 - r), 1, 1, color=colours[desc[r][c]], ec="white"))
+                ax.text(c + 0.5, nrow - 0.5 - r, desc[r][c], ha="center", va="center", fontsize=8, color="0.3")
+        obs = episode_paths[e]
+        xs = [o % ncol + 0.5 for o in obs]
+        ys = [nrow - 1 - o // ncol + 0.5 for o in obs]
+        ax.plot(xs, ys, "-o", color="C1", ms=3)
+        ax.set(xlim=(0, ncol), ylim=(0, nrow), aspect="equal", xticks=[], yticks=[],
+               title=f"episode {e} ({len(obs) - 1} steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from icrl_fast.train import load_run_for_eval
+
+    p = argparse.ArgumentParser(prog="python -m icrl_fast.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a run directory written by python -m icrl_fast.train")
+    p.add_argument("--maps", type=int, default=50)
+    p.add_argument("--episodes", type=int, default=30)
+    p.add_argument("--experiment", choices=("in-distribution", "ood"), default="in-distribution")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    args = p.parse_args(argv)
+    try:
+        qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ecfg = EvalConfig(maps=len(maps), episodes=args.episodes, experiment=args.experiment, seed=args.seed)
+    result = evaluate(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config={"run": str(args.run)},
+                      progress=True)
+    print("\n".join(summary_rows(result)))
+    for path in write_outputs(result, Path(args.out or args.run), maps):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Q-network: a transformers Llama causal LM whose LM-head logits of the action tokens are the Q-values.
+
+Two ways to get one (DESIGN.md §1):
+
+* from a config (the default, small enough for a CPU): the online network is trained in full and the target
+  network is a full-parameter copy;
+* from a local pretrained directory (``path``; nothing is downloaded): the base weights are frozen and two PEFT
+  IA3 adapters on ``k_proj``, ``v_proj`` and ``down_proj`` are added, ``default`` (online, trained) and
+  ``delayed`` (target, kept in fp32).
+
+``hidden(input_ids)`` returns final hidden states (after the last norm); the Q-values at a position are
+``hidden @ head_weight[action_ids].T``. No new head is added.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from icrl_fast.model.attention import apply_liger, attn_implementation
+
+IA3_MODULES = ["k_proj", "v_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    """The Q-network."""
+
+    path: str | None = field(default=None, metadata={"help": "local pretrained Llama directory (IA3 adapters); "
+                                                             "default: a small model built from this config"})
+    hidden_size: int = field(default=128, metadata={"help": "width of the from-scratch model"})
+    layers: int = field(default=4, metadata={"help": "transformer blocks of the from-scratch model"})
+    heads: int = field(default=4, metadata={"help": "attention heads of the from-scratch model"})
+    intermediate_size: int = field(default=384, metadata={"help": "MLP width of the from-scratch model"})
+    max_positions: int = field(default=8192, metadata={"help": "longest context (RoPE positions)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 or bfloat16"})
+    attention: str = field(default="auto", metadata={"help": "auto (flash-attn on CUDA, else SDPA), sdpa, eager, "
+                                                             "flash_attention_2"})
+    liger: bool = field(default=False, metadata={"help": "apply Liger RMSNorm/RoPE/SwiGLU kernels (CUDA only)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+
+
+class QNetwork(nn.Module):
+    """Online and target networks around one transformers Llama (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, action_ids, device: str = "cpu", seed: int = 0):
+        super().__init__()
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+        if dtype is None:
+            raise ValueError(f"model dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+        attn = attn_implementation(device, cfg.attention)
+        self.liger = apply_liger(cfg.liger, device)
+        self.register_buffer("action_ids", torch.as_tensor(action_ids, dtype=torch.long), persistent=False)
+        self.pretrained = cfg.path is not None
+        if self.pretrained:
+            try:
+                base = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=dtype,
+                                                            attn_implementation=attn)
+            except OSError as e:
+                raise ValueError(f"cannot load a model from {cfg.path!r} (a local directory): {e}") from None
+            if base.config.vocab_size < vocab_size:
+                raise ValueError(f"the model's vocabulary ({base.config.vocab_size}) is smaller than the format's "
+                                 f"({vocab_size}): use the model's own tokenizer (--data.tokenizer)")
+            from peft import IA3Config, get_peft_model
+
+            ia3 = IA3Config(target_modules=IA3_MODULES, feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
+            self.model = get_peft_model(base, ia3, adapter_name="default")
+            self.model.add_adapter("delayed", ia3)
+            for name, p in self.model.named_parameters():
+                if ".delayed" in name:
+                    p.data = p.data.float()  # the target adapter is kept in fp32
+            self._ia3_pairs = self._adapter_pairs()
+            with torch.no_grad():
+                for online, target in self._ia3_pairs:
+                    target.copy_(online)
+            self.model.set_adapter("default")
+            self.target = None
+        else:
+            torch.manual_seed(seed)  # initialisation is part of the seeded state
+            conf = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                               num_key_value_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
+                               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+            self.model = LlamaForCausalLM._from_config(conf, attn_implementation=attn, dtype=dtype)
+            self.target = copy.deepcopy(self.model).requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.to(device)
+
+    def _adapter_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        params = dict(self.model.named_parameters())
+        return [(p, params[n.replace(".default", ".delayed")]) for n, p in params.items() if ".ia3_l.default" in n]
+
+    @property
+    def num_layers(self) -> int:
+        cfg = self.model.get_base_model().config if self.pretrained else self.model.config
+        return int(cfg.num_hidden_layers)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.pretrained:
+            return [p for p, _ in self._ia3_pairs]
+        return list(self.model.parameters())
+
+    def _backbone(self, target: bool):
+        if self.pretrained:
+            return self.model.get_base_model().model
+        return (self.target if target else self.model).model
+
+    def head_weight(self, target: bool = False) -> torch.Tensor:
+        """The LM head ``[V, d]`` of the online (or target) network."""
+        if self.pretrained:
+            return self.model.get_base_model().lm_head.weight
+        return (self.target if target else self.model).lm_head.weight
+
+    def hidden(self, input_ids: torch.Tensor, *, target: bool = False, **kwargs) -> torch.Tensor:
+        """Final hidden states ``[B, L, d]`` (after the last norm) of the online or target network.
+
+        Extra keyword arguments (``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache``) go to
+        the transformers model; with ``return_output=True`` the model output is returned instead.
+        """
+        return_output = kwargs.pop("return_output", False)
+        if self.pretrained and target:
+            self.model.set_adapter("delayed")
+            try:
+                out = self._backbone(True)(input_ids=input_ids, **kwargs)
+            finally:
+                self.model.set_adapter("default")
+        else:
+            out = self._backbone(target)(input_ids=input_ids, **kwargs)
+        return out if return_output else out.last_hidden_state
+
+    def q_values(self, hidden: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """Q of every action: ``hidden [..., d] @ head[action_ids].T`` -> ``[..., A]`` (fp32)."""
+        w = self.head_weight(target)[self.action_ids]
+        return hidden.float() @ w.float().T
+
+    @torch.no_grad()
+    def polyak_update(self, tau: float) -> None:
+        """target <- tau * online + (1 - tau) * target."""
+        if self.pretrained:
+            pairs = self._ia3_pairs
+        else:
+            pairs = zip(self.model.parameters(), self.target.parameters())
+        for online, target in pairs:
+            target.mul_(1.0 - tau).add_(online.to(target.dtype), alpha=tau)
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that define the networks' learned state (for checkpoints)."""
+        if self.pretrained:
+            return {n: p.detach() for n, p in self.model.named_parameters() if ".ia3_l." in n}
+        state = {f"online.{k}": v for k, v in self.model.state_dict().items()}
+        state.update({f"target.{k}": v for k, v in self.target.state_dict().items()})
+        return state
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.pretrained:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, v in state.items():
+                    params[n].copy_(v)
+            return
+        self.model.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("online.")})
+        self.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})

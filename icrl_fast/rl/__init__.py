@@ -1,0 +1,1 @@
+"""Reinforcement learning: the offline Double-DQN learner over multi-episode contexts."""

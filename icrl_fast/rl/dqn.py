@@ -1,0 +1,74 @@
+"""Offline Double DQN over multi-episode contexts (arXiv 2501.14176, DESIGN.md §1), through ``icrl_kernels``.
+
+Transitions pair consecutive decision points of one slice: ``done`` when the two belong to different episodes
+(no bootstrap across an episode end), reward = the episode's return on an episode's last action (scaled by
+``reward_scale`` inside the loss), and the last decision of a slice has no target and is dropped. The loss is
+``icrl_kernels.q_td_loss`` on the final hidden states and the LM head, so no ``[N, V]`` logits are held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from icrl_kernels import q_td_loss
+
+
+@dataclass
+class DQNConfig:
+    """The TD objective."""
+
+    gamma: float = field(default=0.9, metadata={"help": "discount (paper: 0.9)"})
+    reward_scale: float = field(default=30.0, metadata={"help": "reward multiplier (paper: 30)"})
+    tau: float = field(default=0.1, metadata={"help": "Polyak factor of the target update (paper: 0.1)"})
+    argmax: str = field(default="actions", metadata={"help": "Double-DQN argmax over the 'actions' or the 'vocab' "
+                                                             "(the paper's code)"})
+    loss: str = field(default="paper", metadata={"help": "paper (per-sequence target-normalised), mse or huber"})
+    huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold"})
+
+    def validate(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"need 0 <= gamma <= 1 and 0 < tau <= 1, got gamma={self.gamma}, tau={self.tau}")
+        if self.argmax not in ("actions", "vocab") or self.loss not in ("paper", "mse", "huber"):
+            raise ValueError(f"argmax must be actions|vocab and loss paper|mse|huber, got {self.argmax}, {self.loss}")
+
+
+def transitions(decision_mask: torch.Tensor, action: torch.Tensor, episode_id: torch.Tensor,
+                episode_return: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Transitions of a batch of slices ``[B, L]`` (the token contract of ``icrl_fast.data``).
+
+    Returns flat tensors over the T transitions: ``row``, ``pos``, ``next_pos`` (int64), ``action`` (int64),
+    ``reward`` (float32: the episode return on an episode's last action, else 0), ``done`` (bool), and
+    ``seq_id`` (= row, for the per-sequence normalisation).
+    """
+    rows, pos = decision_mask.nonzero(as_tuple=True)  # row-major: decisions of a row are consecutive and ordered
+    same_row = rows[1:] == rows[:-1]  # pair decision k with k + 1 of the same slice; a row's last one has no target
+    cur, nxt = torch.nonzero(same_row, as_tuple=True)[0], torch.nonzero(same_row, as_tuple=True)[0] + 1
+    r, p, pn = rows[cur], pos[cur], pos[nxt]
+    done = episode_id[r, p] != episode_id[r, pn]
+    reward = torch.where(done, episode_return[r, p].float(), torch.zeros((), dtype=torch.float32))
+    return {"row": r, "pos": p, "next_pos": pn, "action": action[r, p].long(), "reward": reward, "done": done,
+            "seq_id": r}
+
+
+def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str | None = None):
+    """TD loss of one batch of slices; returns ``(loss, stats)`` with stats as detached scalars."""
+    tr = transitions(batch["decision_mask"], batch["action"], batch["episode_id"], batch["episode_return"])
+    if tr["row"].numel() == 0:
+        raise ValueError("the batch has no transition (no two decisions in one slice): use longer slices")
+    ids = batch["input_ids"]
+    h_all = qnet.hidden(ids)
+    with torch.no_grad():
+        ht_all = qnet.hidden(ids, target=True)
+    r, p, pn = tr["row"], tr["pos"], tr["next_pos"]
+    hidden, next_hidden, next_target = h_all[r, p], h_all[r, pn].detach(), ht_all[r, pn].to(h_all.dtype)
+    weight, target_weight = qnet.head_weight(), qnet.head_weight(target=True).to(qnet.head_weight().dtype)
+    loss = q_td_loss(hidden.contiguous(), weight, next_hidden.contiguous(), next_target.contiguous(), tr["action"],
+                     tr["reward"], tr["done"], tr["seq_id"], action_ids=qnet.action_ids, target_weight=target_weight,
+                     gamma=cfg.gamma, reward_scale=cfg.reward_scale, argmax=cfg.argmax, loss=cfg.loss,
+                     huber_delta=cfg.huber_delta, backend=backend)
+    with torch.no_grad():
+        q = (hidden.float() * weight[qnet.action_ids[tr["action"]]].float()).sum(-1)
+    stats = {"q": q.mean(), "transitions": torch.tensor(float(r.numel())), "done_frac": tr["done"].float().mean()}
+    return loss, stats

@@ -1,0 +1,57 @@
+"""The paper's evaluation: the incremental (KV-cache) path equals a full forward; the eval.json contract."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from icrl_fast.data.formats import compact_format, paper_format, token_contract
+from icrl_fast.envs.maps import generate_maps
+from icrl_fast.evaluate import EvalConfig, evaluate, paper_ramp, run_model, wilson, write_outputs
+from icrl_fast.model.qnet import ModelConfig, QNetwork
+
+
+def tiny(fmt):
+    return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64), fmt.vocab_size,
+                    fmt.action_ids, seed=1).eval()
+
+
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+def test_incremental_q_equals_a_full_forward_over_the_finished_context(fmt):
+    q = tiny(fmt)
+    maps = generate_maps(6, seed=0, height=(3, 6), width=(3, 6))  # mixed sizes: ragged blocks every step
+    out = run_model(q, fmt, maps, 5, paper_ramp(5), seed=0)
+    assert out["length"].sum() > 50
+    for b in range(6):
+        ids = torch.tensor(out["tokens"][b])[None]
+        mask, _ = token_contract(fmt, ids.numpy())
+        decisions = np.flatnonzero(mask[0])  # every decision got an action, so the contract finds them all
+        with torch.no_grad():
+            full = q.q_values(q.hidden(ids)[0, decisions]).numpy()
+        inc = np.stack(out["q"][b])
+        assert len(decisions) == out["length"][b].sum() and len(inc) in (len(full), len(full) + 1)  # + final block
+        n = len(full)
+        np.testing.assert_allclose(inc[:n], full[:n], rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
+def test_ramp_and_wilson_intervals():
+    r = paper_ramp(30)
+    assert r[:4].tolist() == [0.0, 0.0, 0.1, 0.1] and r[18:20].tolist() == [0.9, 0.9] and (r[20:] == 1.0).all()
+    ci = wilson(np.array([0, 25, 50]), 50)
+    assert ci[0][0] == 0.0 and ci[2][1] == 1.0 and ci[1][0] < 0.5 < ci[1][1]
+
+
+def test_eval_json_contract_and_plots(tmp_path):
+    fmt = compact_format()
+    maps = generate_maps(4, seed=3)
+    result = evaluate(tiny(fmt), fmt, maps, EvalConfig(maps=4, episodes=6, seed=0))
+    written = write_outputs(result, tmp_path, maps)
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert {"experiment", "num_maps", "episodes", "success_rate", "ci95", "baselines", "config"} <= set(data)
+    assert data["num_maps"] == 4 and data["episodes"] == 6 and len(data["success_rate"]) == 6
+    assert all(lo <= s <= hi for s, (lo, hi) in zip(data["success_rate"], data["ci95"]))
+    assert set(data["baselines"]) == {"random", "tabular_q", "optimal"}
+    assert all(len(v) == 6 for v in data["baselines"].values()) and data["baselines"]["optimal"] == [1.0] * 6
+    assert [p.name for p in written] == ["eval.json", "eval.png", "trajectories.png"]
+    assert all(p.stat().st_size > 1000 for p in written)

@@ -1,0 +1,86 @@
+"""python -m icrl_fast.train: the smoke preset end to end, bit-identical resume after Ctrl-C, the NaN guard."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import icrl_fast.train as T
+
+
+def smoke(**optim):
+    cfg = T.preset("smoke")
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **optim), eval=dataclasses.replace(
+        cfg.eval, maps=0), ckpt_every=4)
+
+
+def final_state(run_dir):
+    name = (run_dir / "checkpoints" / "latest").read_text()
+    return load_file(str(run_dir / "checkpoints" / name / "state.safetensors"))
+
+
+def test_smoke_preset_end_to_end(tmp_path, capsys):
+    assert T.main(["--preset", "smoke", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "episode  P(model)" in out and "done: 12 steps" in out
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "eval.json", "eval.png", "trajectories.png", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").iterdir())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 12 and {"losses/td", "charts/q", "perf/tokens_per_s"} <= set(metrics[-1])
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["num_maps"] == 6 and ev["episodes"] == 4
+    with pytest.raises(SystemExit):  # an existing run is continued with --resume, never overwritten
+        T.parse_args(["--preset", "smoke", "--out", str(run)])
+
+
+def test_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
+    cfg = smoke(steps=8)
+    T.run(cfg, tmp_path / "straight", progress=False)
+    calls = {"n": 0}
+    real = T.dqn_loss
+
+    def interrupt_at_step_6(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "dqn_loss", interrupt_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        T.run(cfg, tmp_path / "resumed", progress=False)
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step-000005"  # saved on Ctrl-C
+    monkeypatch.setattr(T, "dqn_loss", real)
+    T.run(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # weights, target weights and optimizer moments, bit for bit
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = T.dqn_loss
+    calls = {"n": 0}
+
+    def nan_at_step_6(*a, **k):
+        calls["n"] += 1
+        loss, stats = real(*a, **k)
+        return (loss * float("nan") if calls["n"] == 6 else loss), stats
+
+    monkeypatch.setattr(T, "dqn_loss", nan_at_step_6)
+    cfg = smoke(steps=8)
+    with pytest.raises(T.TrainingDiverged, match="step 6"):
+        T.run(cfg, tmp_path / "nan", progress=False)
+    assert (tmp_path / "nan" / "checkpoints" / "latest").read_text() == "step-000004"
+
+
+def test_cli_errors_are_clear(tmp_path):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--resume"])
+    with pytest.raises(SystemExit):
+        T.parse_args(["--preset", "huge"])
+    cfg, out, resume = T.parse_args(["--preset", "smoke", "--optim.lr", "0.003", "--model.layers", "3",
+                                     "--out", str(tmp_path / "x")])
+    assert cfg.optim.lr == 0.003 and cfg.model.layers == 3 and not resume and cfg.preset == "smoke"
