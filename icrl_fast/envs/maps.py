@@ -268,6 +268,20 @@ def _map_hash(tiles, nrow, ncol):
     return h
 
 
+@njit(inline="always", cache=True)
+def _paint_frozen(t, h, w, st, p, code):
+    """Turn each still-frozen cell of ``t[:h, :w]`` into ``code`` with probability ``p``; returns (state, count)."""
+    n = 0
+    for r in range(h):
+        for c in range(w):
+            if t[r, c] == FROZEN:
+                st, u = next_uniform(st)
+                if u < p:
+                    t[r, c] = code
+                    n += 1
+    return st, n
+
+
 @njit(parallel=True, cache=True)
 def _sample_chunk(seed, first, rows_lo, rows_hi, cols_lo, cols_hi, p_start, p_goal, p_hole, min_hops,
                   tiles, nrow, ncol, valid, hashes, dist, queue):
@@ -294,22 +308,10 @@ def _sample_chunk(seed, first, rows_lo, rows_hi, cols_lo, cols_hi, p_start, p_go
                     t[r, c] = FROZEN
         if n_s == 0:  # rejected already: skip the remaining draws (each candidate has its own stream)
             continue
-        n_g = 0
-        for r in range(h):  # pass 2: goals among the remaining cells
-            for c in range(w):
-                if t[r, c] == FROZEN:
-                    st, u = next_uniform(st)
-                    if u < p_goal:
-                        t[r, c] = GOAL
-                        n_g += 1
+        st, n_g = _paint_frozen(t, h, w, st, p_goal, GOAL)  # pass 2: goals among the remaining cells
         if n_g == 0:
             continue
-        for r in range(h):  # pass 3: holes among the remaining cells
-            for c in range(w):
-                if t[r, c] == FROZEN:
-                    st, u = next_uniform(st)
-                    if u < p_hole:
-                        t[r, c] = HOLE
+        st, _ = _paint_frozen(t, h, w, st, p_hole, HOLE)  # pass 3: holes among the remaining cells
         if _min_start_goal(t, h, w, dist[i], queue[i]) >= min_hops:
             valid[i] = True
             hashes[i] = _map_hash(t, h, w)
