@@ -6,7 +6,10 @@ A field's help text lives in ``field(metadata={"help": ...})``; ``--help`` lists
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 
@@ -32,11 +35,27 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (a string literal right after a field), e.g. ``DatasetConfig``'s."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:
     """Add a flag for every field of ``cls`` (recursing into nested dataclasses); defaults are not set here, so
     only flags the user gives appear in the parsed namespace."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(prefix.rstrip(".") or cls.__name__)
+    docs = field_docs(cls)
+    group = parser.add_argument_group(prefix.rstrip(".") or cls.__name__, (cls.__doc__ or "").split("\n")[0])
     for f in dataclasses.fields(cls):
         name = prefix + f.name
         if name in exclude:
@@ -47,7 +66,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", e
             continue
         leaf, optional = _leaf_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', docs.get(f.name, ''))} (default: {default})"
         if leaf is bool:
             group.add_argument(f"--{name}", type=_parse_bool, metavar="BOOL", default=argparse.SUPPRESS, help=help_text)
         elif leaf is tuple:

@@ -213,11 +213,13 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.steps:
                 now = time.perf_counter()
                 rec = {"step": state["step"], "losses/td": loss_value, "charts/q": float(stats["q"]),
+                       "charts/target": float(stats["target"]) if "target" in stats else None,
                        "charts/lr": sched.get_last_lr()[0], "charts/epoch": state["epoch"],
                        "perf/tokens_per_s": (state["tokens"] - tok_last) / max(now - t_last, 1e-9)}
                 t_last, tok_last = now, state["tokens"]
                 _log(metrics_file, tb, rec)
                 bar.set_postfix(loss=f"{loss_value:.3g}", q=f"{rec['charts/q']:.2f}",
+                                target=f"{rec['charts/target']:.2f}" if rec["charts/target"] is not None else "-",
                                 tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
             if state["step"] % cfg.ckpt_every == 0:
                 save_checkpoint(run_dir, qnet, opt, sched, state, cfg)
@@ -298,11 +300,12 @@ def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int):
 # ---------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p = argparse.ArgumentParser(prog="python -m icrl_fast.train", description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [--preset NAME] [--out DIR] [--resume] [--SECTION.FIELD VALUE ...]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
     p.add_argument("--preset", choices=("default", "smoke", "paper"), default="default", help="starting config")
     p.add_argument("--out", default=None, help="run directory (default: a fresh folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    add_dataclass_args(p, TrainConfig, exclude=("preset",))  # --preset picks the whole starting config
+    add_dataclass_args(p, TrainConfig, exclude=("preset", "data.seed"))  # --preset: the start; --seed: every stream
     args = vars(p.parse_args(argv))
     name, out, resume = args.pop("preset"), args.pop("out"), args.pop("resume")
     if resume:
@@ -315,6 +318,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
         cfg = apply_overrides(preset(name), args)
     except (TypeError, ValueError) as e:
         p.error(str(e))
+    if cfg.model.path and cfg.data.format == "paper" and cfg.data.tokenizer is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=cfg.model.path))  # its own
     if out is None:
         out = Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
     elif (Path(out) / "checkpoints").exists():

@@ -69,6 +69,11 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
                      gamma=cfg.gamma, reward_scale=cfg.reward_scale, argmax=cfg.argmax, loss=cfg.loss,
                      huber_delta=cfg.huber_delta, backend=backend)
     with torch.no_grad():
-        q = (hidden.float() * weight[qnet.action_ids[tr["action"]]].float()).sum(-1)
-    stats = {"q": q.mean(), "transitions": torch.tensor(float(r.numel())), "done_frac": tr["done"].float().mean()}
+        rows = weight[qnet.action_ids].float()
+        q = (hidden.float() * rows[tr["action"]]).sum(-1)
+        stats = {"q": q.mean(), "transitions": torch.tensor(float(r.numel())), "done_frac": tr["done"].float().mean()}
+        if cfg.argmax == "actions":  # the vocab-mode target would need the [N, V] logits the kernel avoids
+            best = (next_hidden.float() @ rows.T).argmax(-1)
+            q_next = (next_target.float() * target_weight[qnet.action_ids].float()[best]).sum(-1)
+            stats["target"] = (tr["reward"] * cfg.reward_scale + cfg.gamma * (~tr["done"]).float() * q_next).mean()
     return loss, stats
