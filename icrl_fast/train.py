@@ -305,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p.add_argument("--preset", choices=("default", "smoke", "paper"), default="default", help="starting config")
     p.add_argument("--out", default=None, help="run directory (default: a fresh folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--model", dest="model.path", metavar="PATH", default=argparse.SUPPRESS,
+                   help="local pretrained Llama directory (same as --model.path; nothing is downloaded)")
     add_dataclass_args(p, TrainConfig, exclude=("preset", "data.seed"))  # --preset: the start; --seed: every stream
     args = vars(p.parse_args(argv))
     name, out, resume = args.pop("preset"), args.pop("out"), args.pop("resume")
