@@ -55,3 +55,19 @@ def test_eval_json_contract_and_plots(tmp_path):
     assert all(len(v) == 6 for v in data["baselines"].values()) and data["baselines"]["optimal"] == [1.0] * 6
     assert [p.name for p in written] == ["eval.json", "eval.png", "trajectories.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+def test_evaluation_contexts_are_in_the_training_format(fmt):
+    """Each evaluation context decodes (with the training decoder) into exactly the episodes that were played."""
+    from icrl_fast.data.formats import decode
+
+    maps = generate_maps(5, seed=2)
+    out = run_model(tiny(fmt), fmt, maps, 6, paper_ramp(6), seed=0)
+    for b in range(5):
+        episodes = decode(fmt, out["tokens"][b])
+        assert len(episodes) == 6
+        for e, ep in enumerate(episodes):
+            assert ep["obs"] == out["paths"][b][e][:-1]  # the observations the agent saw, in order
+            assert (ep["rewards"][-1] == 1.0) == bool(out["success"][b, e])
+            assert ep["truncated"] == bool(out["truncated"][b, e])
