@@ -21,7 +21,7 @@ def _leaf_type(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _leaf_type(args[0]), True
+        return _leaf_type(args[0])[0], True
     if origin is tuple:
         return tuple, False
     return tp, False

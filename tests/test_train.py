@@ -84,5 +84,8 @@ def test_cli_errors_are_clear(tmp_path):
     cfg, out, resume = T.parse_args(["--preset", "smoke", "--optim.lr", "0.003", "--model.layers", "3",
                                      "--out", str(tmp_path / "x")])
     assert cfg.optim.lr == 0.003 and cfg.model.layers == 3 and not resume and cfg.preset == "smoke"
+    cfg, _, _ = T.parse_args(["--preset", "smoke", "--data_path", "/data/x", "--model.path", "/m", "--data.sets_per_map",
+                              "7", "--data.tokenizer", "none", "--out", str(tmp_path / "z")])  # optional fields
+    assert (cfg.data_path, cfg.model.path, cfg.data.sets_per_map, cfg.data.tokenizer) == ("/data/x", "/m", 7, None)
     cfg, _, _ = T.parse_args(["--preset", "paper", "--model", "/models/llama", "--out", str(tmp_path / "y")])
     assert cfg.model.path == "/models/llama" and cfg.data.tokenizer == "/models/llama"  # the model's own tokenizer
