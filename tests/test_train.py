@@ -89,3 +89,13 @@ def test_cli_errors_are_clear(tmp_path):
     assert (cfg.data_path, cfg.model.path, cfg.data.sets_per_map, cfg.data.tokenizer) == ("/data/x", "/m", 7, None)
     cfg, _, _ = T.parse_args(["--preset", "paper", "--model", "/models/llama", "--out", str(tmp_path / "y")])
     assert cfg.model.path == "/models/llama" and cfg.data.tokenizer == "/models/llama"  # the model's own tokenizer
+
+
+def test_two_runs_of_a_default_width_model_are_bit_identical(tmp_path):
+    """Separate runs, same seed: identical weights (multithreaded accumulations made them drift before)."""
+    cfg = smoke(steps=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(T.ModelConfig(), max_positions=4096))
+    T.run(cfg, tmp_path / "a", progress=False)
+    T.run(cfg, tmp_path / "b", progress=False)
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
