@@ -81,6 +81,22 @@ def start_from_uniform(starts, b, n_starts, u):
     return starts[b, n_starts - 1]  # u within rounding of 1 (gymnasium would pick cell 0 here, S or not)
 
 
+@njit(inline="always", cache=True)
+def start_slot(u, n_starts):
+    """Which of ``n_starts`` S tiles a uniform ``u`` picks in the batched env and the learners: one multiply
+    (``floor(u * n)``), uniform over the S tiles. (The single env keeps gymnasium's draw, ``start_from_uniform``.)"""
+    return min(np.int64(u * n_starts), n_starts - 1)
+
+
+@njit(inline="always", cache=True)
+def landing(tile, from_terminal, reward_of_tile):
+    """``(reward, done)`` of a move that landed on ``tile``: stepping *from* a goal or hole gives 0 and done
+    (gymnasium's rule); otherwise the tile's reward, done on G or H."""
+    if from_terminal:
+        return 0.0, True
+    return reward_of_tile[tile], tile == GOAL or tile == HOLE
+
+
 @njit(cache=True)
 def _first_bad_action(actions):
     for i in range(actions.shape[0]):
@@ -91,12 +107,9 @@ def _first_bad_action(actions):
 
 @njit(inline="always", cache=True)
 def _reset_one(i, tiles, ncol, starts, n_starts, pos, rng):
-    # Uniform over the S tiles by one multiply (k = floor(u * n)); the single env keeps gymnasium's exact
-    # cumulative-sum draw (start_from_uniform) so that it matches gymnasium bit for bit under one seed.
     st, u = next_uniform(rng[i])
     rng[i] = st
-    n = n_starts[i]
-    s = starts[i, min(np.int64(u * n), n - 1)]
+    s = starts[i, start_slot(u, n_starts[i])]
     w = np.int32(ncol[i])
     r = np.int32(s) // w  # int32 division: several times cheaper than int64 on x86
     pos[0, i] = r
@@ -127,9 +140,9 @@ def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, suc
         branch = slip_branch(u, slippery, success_rate)
     r, c, tile, from_terminal = transition(tiles, i, nrow[i], ncol[i], pos[0, i], pos[1, i], a, branch)
     elapsed = pos[2, i] + 1
-    done = from_terminal or tile == GOAL or tile == HOLE
+    reward, done = landing(tile, from_terminal, reward_of_tile)
     cut = max_steps > 0 and elapsed >= max_steps
-    rew[i] = 0.0 if from_terminal else reward_of_tile[tile]
+    rew[i] = reward
     term[i] = done
     trunc[i] = cut
     s = r * ncol[i] + c
@@ -236,8 +249,7 @@ class FrozenLakeBatch:
             :meth:`reset` replaces it. ``None``: fresh OS entropy, as gymnasium does when unseeded.
 
     Buffers: ``obs`` int64 [B], ``rewards`` float64 [B], ``terminated`` bool [B], ``truncated`` bool [B],
-    ``final_obs`` int64 [B] (the observation a finished episode
-    ended on under SAME_STEP, else -1).
+    ``final_obs`` int64 [B] (the observation a finished episode ended on under SAME_STEP, else -1).
     """
 
     def __init__(self, maps: MapBatch, *, is_slippery: bool = True, success_rate: float = 1.0 / 3.0,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from icrl_fast.envs.frozen_lake import slip_branch, transition, validate_dynamics
+from icrl_fast.envs.frozen_lake import landing, slip_branch, start_slot, transition, validate_dynamics
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
 from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
 
@@ -120,8 +120,7 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
             else:
                 eps = eps_end
             st, u = next_uniform(st)
-            n = n_starts[b]
-            s = starts[b, min(np.int64(u * n), n - 1)]
+            s = starts[b, start_slot(u, n_starts[b])]
             ret = 0.0
             t = 0
             while True:
@@ -138,8 +137,7 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
                 r = s // w
                 r2, c2, tile, from_terminal = transition(tiles, b, nrow[b], w, r, s - r * w, a, branch)
                 s2 = r2 * w + c2
-                reward = 0.0 if from_terminal else reward_of_tile[tile]
-                done = from_terminal or tile == GOAL or tile == HOLE
+                reward, done = landing(tile, from_terminal, reward_of_tile)
                 t += 1
                 obs_log[b, cursor] = s
                 act_log[b, cursor] = a
