@@ -12,6 +12,7 @@ the training loop, teardown (final checkpoint, the paper's evaluation, the ICRL 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -187,7 +188,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         state = load_checkpoint(run_dir, qnet, opt, sched)
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     tb = _tensorboard(run_dir)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tokens_per_step = cfg.optim.batch_slices * cfg.optim.grad_accum * ds.input_ids.shape[1]
     bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc="training", unit="step", disable=not progress)
     t_last, tok_last = time.perf_counter(), state["tokens"]
@@ -256,14 +257,6 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if tb is not None:
         tb.close()
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _tensorboard(run_dir: Path):

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from icrl_fast.config import from_dict
 from icrl_fast.data.formats import ContextFormat, encode_episodes, make_format, token_contract
 from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, q_learning, random_policy
 from icrl_fast.envs.maps import MapBatch, generate_maps
@@ -109,11 +110,7 @@ class DatasetConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> DatasetConfig:
-        d = dict(d)
-        d["learner"] = QLearningConfig(**d["learner"])
-        for k in ("height", "width", "set_size"):
-            d[k] = tuple(d[k])
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 def sample_sets(log: EpisodeLog, n_maps: int, cfg: DatasetConfig, rng: np.random.Generator):

@@ -44,7 +44,8 @@ def transitions(decision_mask: torch.Tensor, action: torch.Tensor, episode_id: t
     """
     rows, pos = decision_mask.nonzero(as_tuple=True)  # row-major: decisions of a row are consecutive and ordered
     same_row = rows[1:] == rows[:-1]  # pair decision k with k + 1 of the same slice; a row's last one has no target
-    cur, nxt = torch.nonzero(same_row, as_tuple=True)[0], torch.nonzero(same_row, as_tuple=True)[0] + 1
+    cur = torch.nonzero(same_row, as_tuple=True)[0]
+    nxt = cur + 1
     r, p, pn = rows[cur], pos[cur], pos[nxt]
     done = episode_id[r, p] != episode_id[r, pn]
     reward = torch.where(done, episode_return[r, p].float(), torch.zeros((), dtype=torch.float32))
