@@ -3,9 +3,8 @@
 Every test map gets one growing context of ``episodes`` (30) episodes. In episode ``k`` the agent takes the
 model's greedy action (argmax of the Q-values of the 4 action tokens) with probability ``ramp[k]`` and a uniform
 random action otherwise: 0.0, 0.0, 0.1, 0.1, ..., 0.9, 0.9, then 1.0 for 10 episodes (arXiv 2501.14176). All
-maps act in lockstep, one model call per step: each call appends only the tokens each context gained since the
-last call (left-padded to a common width, padding masked out, explicit positions) to one KV cache, and reads Q at
-each context's new decision point. The metric is the success rate per episode index, with 95 % Wilson intervals,
+maps act in lockstep through the rollout engine (``icrl_fast.rl.rollout``), one model call per step that feeds only
+the tokens each context gained since the last call and reads Q at each context's new decision point. The metric is the success rate per episode index, with 95 % Wilson intervals,
 beside three baselines on the same maps and episodes: a uniform random policy, tabular Q-learning from scratch
 (its exploration follows the same ramp: epsilon 1.0 -> 0.0 over 20 episodes), and the shortest-path optimum.
 
@@ -23,14 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from icrl_fast.data.formats import ContextFormat
-from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.learners import QLearningConfig, q_learning, random_policy
-from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
-from icrl_fast.model.kv_cache import GrowingMask, growing_cache
+from icrl_fast.envs.maps import MapBatch
+from icrl_fast.rl.rollout import RolloutEngine
 
 
 @dataclass
@@ -42,6 +39,8 @@ class EvalConfig:
     experiment: str = field(default="in-distribution", metadata={"help": "in-distribution (3-5 maps) or ood (6-7)"})
     seed: int = field(default=1234, metadata={"help": "seed of the exploration draws and env streams"})
     batch_maps: int = field(default=50, metadata={"help": "maps per model call"})
+    window: int | None = field(default=None, metadata={"help": "attend to the last WINDOW tokens only (ring-buffer "
+                                                                "KV cache); default: the whole context"})
 
 
 def paper_ramp(episodes: int) -> np.ndarray:
@@ -55,122 +54,6 @@ def wilson(successes: np.ndarray, n: int, z: float = 1.96) -> list[list[float]]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [[float(max(0.0, c - h)), float(min(1.0, c + h))] for c, h in zip(centre, half)]
-
-
-class ContextStreams:
-    """The token stream of every map's context, built step by step in the training format (``encode_episodes``)."""
-
-    def __init__(self, fmt: ContextFormat):
-        self.fmt = fmt
-        self.head = fmt.episode_start.tolist()
-
-    def first_block(self, obs: int) -> list[int]:
-        return self.head + self.step_block(obs)
-
-    def step_block(self, obs: int) -> list[int]:
-        f = self.fmt
-        return f.pre_obs.tolist() + f.obs_table[obs, : f.obs_len[obs]].tolist() + f.post_obs.tolist()
-
-    def after_action(self, action: int, reward: float, ended: bool, cut: bool, next_obs: int | None) -> list[int]:
-        """Tokens from the action to the next decision point (or to the end of the context)."""
-        f = self.fmt
-        out = [int(f.action_ids[action])] + f.post_action.tolist()
-        if reward != 0:
-            out += f.reward_block.tolist()
-        if ended:
-            out += (f.trunc_block.tolist() if cut else []) + f.episode_end.tolist()
-            if next_obs is not None:
-                out += self.head
-        if next_obs is not None:
-            out += self.step_block(next_obs)
-        return out
-
-
-@torch.no_grad()
-def run_model(qnet, fmt: ContextFormat, maps: MapBatch, episodes: int, ramp: np.ndarray, seed: int,
-              device: str = "cpu", max_positions: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
-    """Play ``episodes`` episodes per map with the model in one growing context per map (see module docstring).
-
-    Returns ``success``, ``hole``, ``truncated`` (bool [M, E]), ``length`` (int [M, E]), ``paths`` (per map, the
-    observation sequence of every episode, for drawing), ``tokens`` (per map, its whole context) and ``q`` (per
-    map, the Q-values read at each decision).
-    """
-    m = len(maps)
-    env = FrozenLakeBatch(maps, is_slippery=False, seed=seed)
-    obs = env.reset().copy()
-    rng = np.random.default_rng(seed)
-    streams = ContextStreams(fmt)
-    pending = [streams.first_block(int(o)) for o in obs]
-    real_len = np.zeros(m, dtype=np.int64)
-    episode = np.zeros(m, dtype=np.int64)
-    out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
-    out["length"] = np.zeros((m, episodes), dtype=np.int64)
-    paths = [[[int(obs[b])]] for b in range(m)]
-    tokens: list[list[int]] = [[] for _ in range(m)]  # every context, for tests and inspection
-    q_read: list[list[np.ndarray]] = [[] for _ in range(m)]  # Q at every decision, in order
-    cache = growing_cache(qnet.num_layers)
-    mask = GrowingMask(m)
-    bar = tqdm(total=m * episodes, desc="evaluating", unit="episode", leave=False, disable=not progress)
-    while (episode < episodes).any():
-        width = max(len(p) for p in pending)
-        ids = torch.zeros((m, width), dtype=torch.long)
-        valid = torch.zeros((m, width), dtype=torch.long)
-        pos = torch.zeros((m, width), dtype=torch.long)
-        for b, block in enumerate(pending):  # left-pad: every context's decision token is the last column
-            k = len(block)
-            if k:
-                ids[b, width - k:] = torch.tensor(block)
-                valid[b, width - k:] = 1
-                pos[b, width - k:] = torch.arange(real_len[b], real_len[b] + k)
-                pos[b, : width - k] = real_len[b]
-            else:
-                pos[b, :] = max(real_len[b] - 1, 0)
-            real_len[b] += k
-        if max_positions is not None and real_len.max() > max_positions:
-            raise ValueError(f"a context reached {int(real_len.max())} tokens, more than the model's "
-                             f"{max_positions} positions: raise the model's max_positions")
-        attn = mask.append(valid)
-        h = qnet.hidden(ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                        past_key_values=cache, use_cache=True)
-        q = qnet.q_values(h[:, -1]).cpu()
-        greedy = q.argmax(-1).numpy()
-        for b, block in enumerate(pending):
-            if block:
-                tokens[b] += block
-                q_read[b].append(q[b].numpy())
-        explore = rng.random(m) >= ramp[np.minimum(episode, episodes - 1)]
-        actions = np.where(explore, rng.integers(0, 4, m), greedy).astype(np.int64)
-        active = episode < episodes
-        o, r, term, trunc = env.step(actions)
-        pending = []
-        for b in range(m):
-            if not active[b]:
-                pending.append([])
-                continue
-            e = episode[b]
-            out["length"][b, e] += 1
-            ended = bool(term[b] or trunc[b])
-            landed = int(env.final_obs[b]) if ended else int(o[b])
-            paths[b][-1].append(landed)
-            if ended:
-                tile = maps.tiles[b, landed // maps.ncol[b], landed % maps.ncol[b]]
-                out["success"][b, e] = tile == GOAL
-                out["hole"][b, e] = tile == HOLE
-                out["truncated"][b, e] = bool(trunc[b]) and tile != GOAL and tile != HOLE
-                episode[b] += 1
-                bar.update()
-                more = episode[b] < episodes
-                if more:
-                    paths[b].append([int(o[b])])
-                pending.append(streams.after_action(int(actions[b]), float(r[b]), True,
-                                                    bool(out["truncated"][b, e]), int(o[b]) if more else None))
-            else:
-                pending.append(streams.after_action(int(actions[b]), float(r[b]), False, False, int(o[b])))
-    bar.close()
-    for b, block in enumerate(pending):  # the closing tokens of contexts that finished on the last step
-        tokens[b] += block
-    out["paths"], out["tokens"], out["q"] = paths, tokens, q_read
-    return out
 
 
 def baselines(maps: MapBatch, episodes: int, seed: int) -> dict[str, list[float]]:
@@ -190,12 +73,13 @@ def evaluate(qnet, fmt: ContextFormat, maps: MapBatch, cfg: EvalConfig, device: 
              max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False) -> dict:
     """Run the protocol on ``maps`` and return the ``eval.json`` contract (plus per-map outcomes)."""
     ramp = paper_ramp(cfg.episodes)
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
     parts = []
     for start in range(0, len(maps), cfg.batch_maps):
         sub = maps[np.arange(start, min(start + cfg.batch_maps, len(maps)))]
-        parts.append(run_model(qnet, fmt, sub, cfg.episodes, ramp, cfg.seed + start, device, max_positions, progress))
-    res = {k: np.concatenate([p[k] for p in parts]) for k in ("success", "hole", "truncated", "length")}
-    paths = [p for part in parts for p in part["paths"]]
+        parts.append(engine.run(sub, cfg.episodes, ramp, cfg.seed + start, progress=progress))
+    res = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("success", "hole", "truncated", "length")}
+    paths = [p for part in parts for p in part.paths]
     n = len(maps)
     succ = res["success"].sum(0)
     return {

@@ -1,9 +1,20 @@
-"""The rollout KV cache: one preallocated buffer per layer that doubles when full (amortised O(1) appends).
+"""The rollout KV cache: B contexts that each advance by a ragged block of tokens per model call.
 
-transformers' ``DynamicCache`` grows with ``torch.cat`` on every call, copying the whole cache each step: over a
-growing multi-episode context that is quadratic (measured: the default evaluation's 50 contexts spent most of
-their time copying). ``growing_cache`` returns a ``transformers`` ``Cache`` whose layers write new keys and values
-in place and hand attention a view of the used length.
+Every call appends ``n_b`` new tokens to context ``b`` (``n_b`` differs per context and may be 0). The block is
+left-padded to a common width so every context's newest token sits in the last column, where Q is read. Each layer
+keeps one buffer ``[B, heads, C + 1, head_dim]``; the new keys and values of context ``b`` are scattered to the
+slots ``position % C`` of *that* context (padding goes to the spare slot ``C``, never attended), so:
+
+* the cost of a call is O(new tokens) for the projections and MLPs and O(C) for attention, never a re-encode;
+* ``window=None``: ``C`` doubles when a context outgrows it (amortised O(1) appends; ``slot == position``);
+* ``window=W``: ``C = W + max_block - 1`` is fixed and the buffer is a ring. Keys are cached *after* RoPE at their
+  absolute positions, so a wrapped context keeps exact positions: the result equals a full forward with the
+  sliding-window mask "query p sees keys p - W < q <= p" (tested).
+
+The cache hands transformers a ready 4D additive mask (``plan``) built from the absolute position held in every
+slot, which is how ragged lengths, the window and padding are all expressed through the model's own (SDPA or
+eager) attention. transformers' ``DynamicCache`` instead grows with ``torch.cat`` (a copy of the whole cache per
+call: quadratic over a growing context) and has one length for the whole batch.
 """
 
 from __future__ import annotations
@@ -12,53 +23,102 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
-class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` backed by a buffer ``[B, heads, capacity, head_dim]`` that doubles when full."""
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values, written to the slots its ``RolloutCache`` chose for this call."""
 
-    def __init__(self, initial_capacity: int = 256):
+    def __init__(self, owner: RolloutCache):
         super().__init__()
-        self.initial_capacity = initial_capacity
-        self._k = self._v = None
-        self._used = 0
+        self.owner = owner
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        need = self._used + n
-        if self._k is None or need > self._k.shape[-2]:
-            cap = max(need, self.initial_capacity, 2 * (0 if self._k is None else self._k.shape[-2]))
-            shape = (*key_states.shape[:-2], cap, key_states.shape[-1])
-            k, v = key_states.new_empty(shape), value_states.new_empty(shape)
-            if self._k is not None:
-                k[..., : self._used, :] = self._k[..., : self._used, :]
-                v[..., : self._used, :] = self._v[..., : self._used, :]
-            self._k, self._v = k, v
-        self._k[..., self._used: need, :] = key_states
-        self._v[..., self._used: need, :] = value_states
-        self._used = need
-        self.keys, self.values = self._k[..., :need, :], self._v[..., :need, :]
+        o = self.owner
+        cap = o.capacity + 1
+        if self.keys is None or self.keys.numel() == 0 or self.keys.shape[-2] != cap:
+            shape = (key_states.shape[0], key_states.shape[1], cap, key_states.shape[-1])
+            k, v = key_states.new_zeros(shape), value_states.new_zeros(shape)
+            if self.keys is not None and self.keys.numel():  # grown (window=None): slot == position, copy as is
+                old = self.keys.shape[-2] - 1
+                k[..., :old, :], v[..., :old, :] = self.keys[..., :old, :], self.values[..., :old, :]
+            self.keys, self.values = k, v
+        rows = o.rows
+        self.keys[rows, :, o.slots] = key_states.transpose(1, 2).to(self.keys.dtype)
+        self.values[rows, :, o.slots] = value_states.transpose(1, 2).to(self.values.dtype)
         return self.keys, self.values
 
-
-def growing_cache(num_layers: int, initial_capacity: int = 256) -> Cache:
-    """A cache for a ``num_layers``-layer model whose appends cost O(new tokens)."""
-    return Cache(layers=[GrowingLayer(initial_capacity) for _ in range(num_layers)])
+    def get_seq_length(self) -> int:
+        return int(self.owner.lengths.max()) if self.owner.lengths.numel() else 0
 
 
-class GrowingMask:
-    """A ``[B, length]`` attention mask that grows by doubling (``torch.cat`` per step would be quadratic)."""
+class RolloutCache(Cache):
+    """A transformers ``Cache`` for ``batch`` contexts with per-context lengths and an optional sliding window.
 
-    def __init__(self, batch: int, initial_capacity: int = 256):
-        self._buf = torch.zeros((batch, initial_capacity), dtype=torch.long)
-        self._used = 0
+    Use: ``pos, mask = cache.plan(counts, width)`` before each call, then
+    ``model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)`` with ``ids``
+    ``[B, width]`` left-padded (context ``b``'s ``counts[b]`` real tokens are its last columns).
+    """
 
-    def append(self, block: torch.Tensor) -> torch.Tensor:
-        need = self._used + block.shape[1]
-        if need > self._buf.shape[1]:
-            buf = torch.zeros((self._buf.shape[0], max(need, 2 * self._buf.shape[1])), dtype=torch.long)
-            buf[:, : self._used] = self._buf[:, : self._used]
-            self._buf = buf
-        self._buf[:, self._used: need] = block
-        self._used = need
-        return self._buf[:, :need]
+    def __init__(self, num_layers: int, batch: int, *, window: int | None = None, max_block: int = 64,
+                 initial_capacity: int = 256, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 tokens, got {window}")
+        self.window, self.max_block = window, max_block
+        self.capacity = window + max_block - 1 if window is not None else initial_capacity
+        self.device, self.mask_dtype = torch.device(device), dtype
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.slot_pos = torch.full((batch, self.capacity + 1), -1, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(batch, device=self.device)[:, None]
+        self.slots = torch.zeros((batch, 0), dtype=torch.long, device=self.device)
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def plan(self, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve slots for ``counts[b]`` new tokens per context in a block of ``width`` columns.
+
+        Returns ``position_ids [B, width]`` (absolute positions; padding repeats a valid one) and the additive
+        attention mask ``[B, 1, width, C + 1]`` (0 where a query may attend, the dtype's minimum elsewhere).
+        """
+        counts = counts.to(self.device, torch.long)
+        if width > self.max_block and self.window is not None:
+            raise ValueError(f"a block of {width} tokens exceeds the ring's max_block={self.max_block}")
+        col = torch.arange(width, device=self.device)
+        first = width - counts  # first real column of each row
+        real = col[None, :] >= first[:, None]
+        pos = self.lengths[:, None] + col[None, :] - first[:, None]
+        need = int((self.lengths + counts).max())
+        if self.window is None and need > self.capacity:
+            self._grow(max(need, 2 * self.capacity))
+        c = self.capacity
+        self.slots = torch.where(real, pos % c, torch.full_like(pos, c))
+        self.slot_pos.scatter_(1, self.slots, torch.where(real, pos, torch.full_like(pos, -1)))
+        self.slot_pos[:, c] = -1
+        self.lengths = self.lengths + counts
+        pos = torch.where(real, pos, (self.lengths - 1).clamp(min=0)[:, None].expand_as(pos))
+        keys = self.slot_pos[:, None, :]  # [B, 1, C + 1]
+        ok = (keys >= 0) & (keys <= pos[:, :, None])
+        if self.window is not None:
+            ok &= keys > pos[:, :, None] - self.window
+        mask = torch.zeros(ok.shape, dtype=self.mask_dtype, device=self.device)
+        mask.masked_fill_(~ok, torch.finfo(self.mask_dtype).min)
+        return pos, mask[:, None]
+
+    def _grow(self, capacity: int) -> None:
+        grown = torch.full((self.slot_pos.shape[0], capacity + 1), -1, dtype=torch.long, device=self.device)
+        grown[:, : self.capacity] = self.slot_pos[:, : self.capacity]
+        self.slot_pos, self.capacity = grown, capacity  # the layers re-allocate on their next update
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+
+def sliding_window_mask(length: int, window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive ``[1, 1, L, L]`` causal mask of a full forward, limited to ``window`` keys when given: the
+    reference that a ring-buffered rollout must equal."""
+    q = torch.arange(length)[:, None]
+    k = torch.arange(length)[None, :]
+    ok = k <= q
+    if window is not None:
+        ok &= k > q - window
+    mask = torch.zeros((length, length), dtype=dtype)
+    mask.masked_fill_(~ok, torch.finfo(dtype).min)
+    return mask[None, None]

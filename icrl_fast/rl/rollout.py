@@ -1,0 +1,182 @@
+"""Batched lockstep acting with KV-cache reuse: every model call costs only the tokens that call added.
+
+``RolloutEngine.run`` plays ``episodes`` episodes on each of B maps, one growing context per map, in the
+training format (``ContextFormat``: compact or paper). Each step:
+
+1. every context gets the tokens it gained since its last decision (the action just taken, a reward block, an
+   episode end and the next episode's header when an episode ended, the next observation and the action header);
+   the counts differ per context (ragged);
+2. one model call over the left-padded block ``[B, width]`` through a ``RolloutCache`` (per-context lengths,
+   absolute positions, optional sliding-window ring), reading Q of the 4 action tokens at each context's new
+   decision point (the last column);
+3. the batched ``FrozenLakeBatch`` steps with the chosen actions: greedy over Q with probability ``p_model[k]``
+   in episode ``k``, a uniform random action otherwise (the paper's evaluation ramp, or online exploration).
+
+The result (``Rollout``) holds the outcomes per episode and every context with its per-token episode index and
+per-episode return/termination: what the online learner's replay stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from icrl_fast.data.formats import ContextFormat
+from icrl_fast.envs.frozen_lake import FrozenLakeBatch
+from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
+from icrl_fast.model.kv_cache import RolloutCache
+
+
+class ContextStreams:
+    """The tokens a context gains at each step, exactly as ``encode_episodes`` lays out whole episodes."""
+
+    def __init__(self, fmt: ContextFormat):
+        self.fmt = fmt
+        self.head = fmt.episode_start.tolist()
+
+    def first_block(self, obs: int) -> list[int]:
+        return self.head + self.step_block(obs)
+
+    def step_block(self, obs: int) -> list[int]:
+        f = self.fmt
+        return f.pre_obs.tolist() + f.obs_table[obs, : f.obs_len[obs]].tolist() + f.post_obs.tolist()
+
+    def after_action(self, action: int, reward: float, ended: bool, cut: bool,
+                     next_obs: int | None) -> tuple[list[int], list[int]]:
+        """Tokens from the action to the next decision point, split into ``(this episode's, the next one's)``."""
+        f = self.fmt
+        tail = [int(f.action_ids[action])] + f.post_action.tolist()
+        if reward != 0:
+            tail += f.reward_block.tolist()
+        if not ended:
+            return tail + self.step_block(next_obs), []
+        tail += (f.trunc_block.tolist() if cut else []) + f.episode_end.tolist()
+        return tail, ([] if next_obs is None else self.first_block(next_obs))
+
+    def max_block(self) -> int:
+        """An upper bound on the tokens one step adds to one context."""
+        f = self.fmt
+        return (2 + len(f.post_action) + len(f.reward_block) + len(f.trunc_block) + len(f.episode_end)
+                + len(self.head) + len(f.pre_obs) + int(f.obs_len.max()) + len(f.post_obs))
+
+
+@dataclass
+class Rollout:
+    """What ``RolloutEngine.run`` played. ``[M, E]`` arrays are per map and episode index."""
+
+    success: np.ndarray
+    hole: np.ndarray
+    truncated: np.ndarray  # the time limit cut the episode (not on the goal or in a hole)
+    length: np.ndarray  # actions taken
+    episode_return: np.ndarray  # float32
+    tokens: list[np.ndarray]  # per map: the whole context (int64)
+    token_episode: list[np.ndarray]  # per map: the episode index of every token
+    decision_pos: list[np.ndarray]  # per map: the positions where Q was read
+    q: list[np.ndarray]  # per map: [decisions, 4] Q-values read there (fp32)
+    paths: list[list[list[int]]]  # per map, per episode: the tiles visited
+
+
+class RolloutEngine:
+    """Acts on many maps at once with one model call per step (see the module docstring).
+
+    ``window``: attend to the last ``window`` tokens only (ring buffer; contexts may then exceed the model's
+    positions). ``max_positions``: without a window, a context longer than this is a ``ValueError``.
+    """
+
+    def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
+                 max_positions: int | None = None):
+        self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
+        self.max_positions = max_positions
+        self.streams = ContextStreams(fmt)
+
+    @torch.no_grad()
+    def run(self, maps: MapBatch, episodes: int, p_model, seed: int, *, is_slippery: bool = False,
+            progress: bool = False) -> Rollout:
+        """Play ``episodes`` episodes per map; in episode ``k`` the greedy action is taken with probability
+        ``p_model[k]`` (a scalar applies to every episode). ``seed`` fixes the env streams and the exploration."""
+        m = len(maps)
+        p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
+        env = FrozenLakeBatch(maps, is_slippery=is_slippery, seed=seed)
+        obs = env.reset().copy()
+        rng = np.random.default_rng(seed)
+        st = self.streams
+        pending = [st.first_block(int(o)) for o in obs]
+        pending_ep = [[0] * len(p) for p in pending]
+        episode = np.zeros(m, dtype=np.int64)
+        out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
+        length = np.zeros((m, episodes), dtype=np.int64)
+        ret = np.zeros((m, episodes), dtype=np.float32)
+        paths = [[[int(obs[b])]] for b in range(m)]
+        tokens: list[list[int]] = [[] for _ in range(m)]
+        tok_ep: list[list[int]] = [[] for _ in range(m)]
+        dpos: list[list[int]] = [[] for _ in range(m)]
+        q_read: list[list[np.ndarray]] = [[] for _ in range(m)]
+        dtype = self.qnet.head_weight().dtype
+        cache = RolloutCache(self.qnet.num_layers, m, window=self.window, max_block=st.max_block(),
+                             device=self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
+        bar = tqdm(total=m * episodes, desc="rollout", unit="episode", leave=False, disable=not progress)
+        while (episode < episodes).any():
+            counts = np.array([len(p) for p in pending], dtype=np.int64)
+            width = int(counts.max())
+            ids = np.zeros((m, width), dtype=np.int64)
+            for b, block in enumerate(pending):  # left-pad: every context's decision token is the last column
+                if block:
+                    ids[b, width - len(block):] = block
+                    tokens[b] += block
+                    tok_ep[b] += pending_ep[b]
+                    dpos[b].append(len(tokens[b]) - 1)
+            if self.window is None and self.max_positions is not None and max(map(len, tokens)) > self.max_positions:
+                raise ValueError(f"a context reached {max(map(len, tokens))} tokens, more than the model's "
+                                 f"{self.max_positions} positions: raise the model's max_positions or set a window")
+            pos, mask = cache.plan(torch.from_numpy(counts), width)
+            h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
+                                 past_key_values=cache, use_cache=True)
+            q = self.qnet.q_values(h[:, -1]).cpu().numpy()
+            for b in np.flatnonzero(counts):
+                q_read[b].append(q[b])
+            explore = rng.random(m) >= p_model[np.minimum(episode, episodes - 1)]
+            actions = np.where(explore, rng.integers(0, 4, m), q.argmax(-1)).astype(np.int64)
+            active = episode < episodes
+            o, r, term, trunc = env.step(actions)
+            pending, pending_ep = [], []
+            for b in range(m):
+                if not active[b]:
+                    pending.append([])
+                    pending_ep.append([])
+                    continue
+                e = episode[b]
+                length[b, e] += 1
+                ret[b, e] += r[b]
+                ended = bool(term[b] or trunc[b])
+                landed = int(env.final_obs[b]) if ended else int(o[b])
+                paths[b][-1].append(landed)
+                if ended:
+                    tile = maps.tiles[b, landed // maps.ncol[b], landed % maps.ncol[b]]
+                    out["success"][b, e], out["hole"][b, e] = tile == GOAL, tile == HOLE
+                    out["truncated"][b, e] = bool(trunc[b]) and tile != GOAL and tile != HOLE
+                    episode[b] += 1
+                    bar.update()
+                    more = episode[b] < episodes
+                    if more:
+                        paths[b].append([int(o[b])])
+                    tail, head = st.after_action(int(actions[b]), float(r[b]), True, bool(out["truncated"][b, e]),
+                                                 int(o[b]) if more else None)
+                    if not more:  # the context is complete: its closing tokens need no model call
+                        tokens[b] += tail
+                        tok_ep[b] += [e] * len(tail)
+                        tail = []
+                    pending.append(tail + head)
+                    pending_ep.append([e] * len(tail) + [e + 1] * len(head))
+                else:
+                    tail, _ = st.after_action(int(actions[b]), float(r[b]), False, False, int(o[b]))
+                    pending.append(tail)
+                    pending_ep.append([e] * len(tail))
+        bar.close()
+        return Rollout(success=out["success"], hole=out["hole"], truncated=out["truncated"], length=length,
+                       episode_return=ret, tokens=[np.asarray(t, dtype=np.int64) for t in tokens],
+                       token_episode=[np.asarray(t, dtype=np.int64) for t in tok_ep],
+                       decision_pos=[np.asarray(d, dtype=np.int64) for d in dpos],
+                       q=[np.stack(x).astype(np.float32) for x in q_read], paths=paths)

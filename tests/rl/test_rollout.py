@@ -1,0 +1,114 @@
+"""The rollout engine: Q read through the reused KV cache equals Q of one full forward over the finished context."""
+
+import numpy as np
+import pytest
+import torch
+
+from icrl_fast.data.formats import compact_format, decode, paper_format, token_contract
+from icrl_fast.envs.maps import generate_maps
+from icrl_fast.evaluate import paper_ramp
+from icrl_fast.model.kv_cache import RolloutCache, sliding_window_mask
+from icrl_fast.model.qnet import ModelConfig, QNetwork
+from icrl_fast.rl.rollout import RolloutEngine
+
+FORMATS = [compact_format(), paper_format()]
+
+
+def tiny(fmt, max_positions=8192):
+    return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_positions=max_positions),
+                    fmt.vocab_size, fmt.action_ids, seed=1).eval()
+
+
+def full_forward_q(q, ids: np.ndarray, decisions: np.ndarray, window: int | None) -> np.ndarray:
+    t = torch.from_numpy(ids)[None]
+    with torch.no_grad():
+        h = q.hidden(t, attention_mask=sliding_window_mask(len(ids), window))[0]
+        return q.q_values(h[torch.from_numpy(decisions)]).numpy()
+
+
+def assert_engine_equals_full_forward(q, fmt, out, window):
+    for b in range(len(out.tokens)):
+        mask, _ = token_contract(fmt, out.tokens[b])
+        decisions = np.flatnonzero(mask)
+        # Q was read exactly at the decisions (every decision got its action; nothing else was read)
+        np.testing.assert_array_equal(out.decision_pos[b], decisions)
+        assert len(decisions) == out.length[b].sum()
+        full = full_forward_q(q, out.tokens[b], decisions, window)
+        np.testing.assert_allclose(out.q[b], full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+def test_engine_q_equals_a_full_forward_over_each_finished_context(fmt):
+    q = tiny(fmt)
+    maps = generate_maps(7, seed=0, height=(2, 7), width=(2, 7), min_hops=1)  # mixed sizes: ragged blocks
+    out = RolloutEngine(q, fmt).run(maps, 6, paper_ramp(6), seed=0)
+    assert out.length.sum() > 60 and len({len(t) for t in out.tokens}) > 1
+    assert out.length.sum(1).min() < out.length.sum(1).max()  # some contexts finished early (zero-token steps)
+    assert_engine_equals_full_forward(q, fmt, out, None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+@pytest.mark.parametrize("window", [23, 64])
+def test_ring_buffer_equals_a_sliding_window_full_forward(fmt, window):
+    """Contexts many times the window: the ring wraps repeatedly and keeps absolute RoPE positions."""
+    q = tiny(fmt)
+    maps = generate_maps(5, seed=1, height=(3, 6), width=(3, 6))
+    out = RolloutEngine(q, fmt, window=window).run(maps, 30, 0.0, seed=3)
+    assert min(len(t) for t in out.tokens) > 2 * window
+    assert_engine_equals_full_forward(q, fmt, out, window)
+    # and the window matters: the unwindowed engine reads different Q-values late in the context
+    unbounded = RolloutEngine(q, fmt).run(maps, 30, 0.0, seed=3)
+    assert not np.allclose(unbounded.q[0][-1], out.q[0][-1], rtol=1e-3)
+
+
+def test_a_window_lets_contexts_outgrow_the_model_positions():
+    fmt = compact_format()
+    q = tiny(fmt, max_positions=64)
+    maps = generate_maps(3, seed=4)
+    with pytest.raises(ValueError, match="max_positions"):
+        RolloutEngine(q, fmt, max_positions=64).run(maps, 8, 0.0, seed=0)
+    out = RolloutEngine(q, fmt, window=48, max_positions=64).run(maps, 8, 0.0, seed=0)
+    assert max(len(t) for t in out.tokens) > 64
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+def test_rollout_records_episodes_as_the_training_format_does(fmt):
+    maps = generate_maps(4, seed=5, height=(3, 5), width=(3, 5))
+    out = RolloutEngine(tiny(fmt), fmt).run(maps, 5, 0.5, seed=2)
+    for b in range(4):
+        episodes = decode(fmt, out.tokens[b])
+        assert len(episodes) == 5
+        for e, ep in enumerate(episodes):
+            idx = np.flatnonzero(out.token_episode[b] == e)
+            assert idx.size and (np.diff(idx) == 1).all()  # each episode is one contiguous run of tokens
+            assert decode(fmt, out.tokens[b][idx])[0] == ep  # which decodes to exactly that episode
+            assert float(out.episode_return[b, e]) == sum(ep["rewards"])
+            assert len(ep["actions"]) == out.length[b, e]
+            assert ep["obs"] == out.paths[b][e][:-1]
+
+
+def test_rollouts_are_seeded():
+    fmt = compact_format()
+    q, maps = tiny(fmt), generate_maps(4, seed=6)
+    a, b = (RolloutEngine(q, fmt).run(maps, 4, 0.5, seed=9) for _ in range(2))
+    c = RolloutEngine(q, fmt).run(maps, 4, 0.5, seed=10)
+    assert all((x == y).all() for x, y in zip(a.tokens, b.tokens))
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(a.tokens, c.tokens))
+
+
+def test_cache_grows_and_keeps_its_contents():
+    """A tiny initial capacity forces several doublings mid-rollout; the plan's mask and positions stay exact."""
+    cache = RolloutCache(1, 2, initial_capacity=4)
+    k = torch.randn(2, 1, 3, 2)
+    pos, mask = cache.plan(torch.tensor([3, 1]), 3)
+    cache.layers[0].update(k, k)
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    pos, mask = cache.plan(torch.tensor([2, 3]), 3)
+    keys, _ = cache.layers[0].update(torch.randn(2, 1, 3, 2), torch.randn(2, 1, 3, 2))
+    assert cache.capacity >= 5 and pos.tolist() == [[4, 3, 4], [1, 2, 3]]
+    torch.testing.assert_close(keys[0, :, :3], k[0])  # what was written before the growth is still there
+    torch.testing.assert_close(keys[1, :, :1], k[1, :, 2:])
+    allowed = (mask[1, 0] == 0).int().tolist()  # context 1 (4 tokens) attends causally to its 4 slots only
+    assert [row[:4] for row in allowed] == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]] and sum(map(sum, allowed)) == 9
+    with pytest.raises(ValueError, match="window"):
+        RolloutCache(1, 1, window=0)
