@@ -35,6 +35,8 @@ from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import EvalConfig, evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.dqn import DQNConfig, dqn_loss
+from icrl_fast.rl.replay import ContextReplay
+from icrl_fast.rl.rollout import RolloutEngine
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -52,6 +54,27 @@ class OptimConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Online DQN (``--mode online``): rollouts of the current network feed a replay of whole contexts."""
+
+    maps: int = field(default=50, metadata={"help": "training maps per rollout (one context each)"})
+    episodes: int = field(default=30, metadata={"help": "episodes per rollout context"})
+    rollout_every: int = field(default=10, metadata={"help": "optimizer steps between rollouts"})
+    epsilon_start: float = field(default=1.0, metadata={"help": "P(random action) at step 0"})
+    epsilon_end: float = field(default=0.1, metadata={"help": "P(random action) after the decay"})
+    epsilon_steps: int = field(default=200, metadata={"help": "optimizer steps of the linear epsilon decay"})
+    capacity: int = field(default=1000, metadata={"help": "contexts kept in the replay (oldest leave first)"})
+    slice_len: int = field(default=1024, metadata={"help": "tokens per sampled slice (shorter contexts: whole)"})
+    window: int | None = field(default=None, metadata={"help": "rollout attention window (ring-buffer KV cache)"})
+    init: str | None = field(default=None, metadata={"help": "a run directory whose latest networks start this "
+                                                             "run (offline pre-training, then online)"})
+
+    def epsilon(self, step: int) -> float:
+        frac = min(1.0, step / max(1, self.epsilon_steps))
+        return self.epsilon_start + frac * (self.epsilon_end - self.epsilon_start)
+
+
+@dataclass
 class TrainConfig:
     """Everything a run depends on; saved as config.json in the run directory and in every checkpoint."""
 
@@ -60,6 +83,9 @@ class TrainConfig:
     data: DatasetConfig = field(default_factory=DatasetConfig)
     data_path: str | None = field(default=None, metadata={"help": "an existing dataset folder (default: build one "
                                                                   "into the run directory)"})
+    mode: str = field(default="offline", metadata={"help": "offline (the paper: the dataset's slices) or online "
+                                                           "(rollouts with the KV-cache engine into a replay)"})
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dqn: DQNConfig = field(default_factory=DQNConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -97,9 +123,10 @@ class TrainingDiverged(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg: TrainConfig) -> Path:
+def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg: TrainConfig,
+                    replay: ContextReplay | None = None) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically (temp folder + rename), point ``checkpoints/latest`` at it,
-    and keep the two newest."""
+    and keep the two newest. An online run's replay is saved with it."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:06d}"
@@ -111,6 +138,8 @@ def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg:
     for pid, pstate in osd["state"].items():
         for key, value in pstate.items():
             tensors[f"optim/{pid}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    if replay is not None:
+        tensors.update({f"replay/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in replay.state_dict().items()})
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"state": state, "param_groups": osd["param_groups"], "scheduler": sched.state_dict(),
             "config": dataclasses.asdict(cfg)}
@@ -125,8 +154,9 @@ def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg:
     return final
 
 
-def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None) -> dict:
-    """Restore the newest checkpoint of ``run_dir`` into the networks (and optimizer, scheduler); return its state."""
+def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None, replay: ContextReplay | None = None) -> dict:
+    """Restore the newest checkpoint of ``run_dir`` into the networks (and optimizer, scheduler, replay); return
+    its state."""
     latest = run_dir / "checkpoints" / "latest"
     if not latest.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/latest): nothing to resume or evaluate")
@@ -143,6 +173,8 @@ def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None) -> dict
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     if sched is not None:
         sched.load_state_dict(meta["scheduler"])
+    if replay is not None:
+        replay.load_state_dict({k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("replay/")})
     return meta["state"]
 
 
@@ -169,6 +201,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     """Train (or resume) and evaluate; returns the final metrics. Raises ``TrainingDiverged`` on a NaN loss."""
     # --- setup ------------------------------------------------------------------------------------------------
     cfg.dqn.validate()
+    if cfg.mode not in ("offline", "online"):
+        raise ValueError(f"mode must be offline or online, got {cfg.mode!r}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     # Without this, multithreaded backward accumulations made two runs of the default model differ by ~1e-7 after
     # 6 steps (5e-5 after 300); the small smoke model happened to stay exact. On CUDA: warn, never fail.
@@ -183,13 +217,16 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     opt = torch.optim.AdamW(qnet.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     warm = max(1, cfg.optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    state = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0}
+    state = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0, "last_rollout": -1}
+    replay = ContextReplay(fmt, cfg.online.capacity, cfg.online.slice_len) if cfg.mode == "online" else None
+    if replay is not None and cfg.online.init and not resume:
+        init_networks(Path(cfg.online.init), qnet)
     if resume:
-        state = load_checkpoint(run_dir, qnet, opt, sched)
+        state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay)}
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     tb = _tensorboard(run_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-    tokens_per_step = cfg.optim.batch_slices * cfg.optim.grad_accum * ds.input_ids.shape[1]
+    engine = RolloutEngine(qnet, fmt, window=cfg.online.window, device=device, max_positions=cfg.model.max_positions)
     bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc="training", unit="step", disable=not progress)
     t_last, tok_last = time.perf_counter(), state["tokens"]
     # --- loop ---------------------------------------------------------------------------------------------------
@@ -198,8 +235,22 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             opt.zero_grad(set_to_none=True)
             stats = {}
             data_pos = {"epoch": state["epoch"], "cursor": state["cursor"]}  # committed only with the step below,
-            for _ in range(cfg.optim.grad_accum):                           # so an interrupted step is redone
-                batch = to_batch(ds, batch_indices(len(ds), data_pos, cfg.optim.batch_slices, cfg.seed), device)
+            if replay is not None and state["step"] % cfg.online.rollout_every == 0 \
+                    and state["last_rollout"] != state["step"]:  # once per step, also across an interruption
+                t0 = time.perf_counter()
+                _log(metrics_file, tb, collect(engine, ds, replay, cfg, state["step"]))
+                state["last_rollout"] = state["step"]
+                t_last += time.perf_counter() - t0  # tokens/s counts training time only
+            step_tokens = 0
+            for micro in range(cfg.optim.grad_accum):                       # so an interrupted step is redone
+                if replay is None:
+                    idx = batch_indices(len(ds), data_pos, cfg.optim.batch_slices, cfg.seed)
+                    batch = to_batch(ds, idx, device)
+                else:
+                    rng = np.random.default_rng([cfg.seed, 4, state["step"], micro])
+                    batch = {k: torch.from_numpy(v).to(device)
+                             for k, v in replay.sample(cfg.optim.batch_slices, rng).items()}
+                step_tokens += batch["input_ids"].numel()
                 with autocast:
                     loss, stats = dqn_loss(qnet, batch, cfg.dqn)
                 (loss / cfg.optim.grad_accum).backward()
@@ -214,7 +265,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             qnet.polyak_update(cfg.dqn.tau)
             state.update(data_pos)
             state["step"] += 1
-            state["tokens"] += tokens_per_step
+            state["tokens"] += step_tokens
             bar.update()
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.steps:
                 now = time.perf_counter()
@@ -228,10 +279,10 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                                 target=f"{rec['charts/target']:.2f}" if rec["charts/target"] is not None else "-",
                                 tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
             if state["step"] % cfg.ckpt_every == 0:
-                save_checkpoint(run_dir, qnet, opt, sched, state, cfg)
+                save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     except KeyboardInterrupt:
         bar.close()
-        path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg)
+        path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
         print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
               f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
         raise
@@ -239,7 +290,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         metrics_file.close()
     bar.close()
     # --- teardown -----------------------------------------------------------------------------------------------
-    save_checkpoint(run_dir, qnet, opt, sched, state, cfg)
+    save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     result = {"step": state["step"], "tokens": state["tokens"]}
     if cfg.eval.maps > 0:
         maps = ds.maps[ds.test_map_ids[: cfg.eval.maps]]
@@ -257,6 +308,34 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if tb is not None:
         tb.close()
     return result
+
+
+def init_networks(source: Path, qnet: QNetwork) -> None:
+    """Start from another run's latest networks (e.g. offline pre-training before online fine-tuning)."""
+    try:
+        load_checkpoint(source, qnet)
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"cannot start from {source}: its networks do not match this model ({e})") from None
+
+
+def collect(engine: RolloutEngine, ds: OfflineDataset, replay: ContextReplay, cfg: TrainConfig, step: int) -> dict:
+    """One online rollout of the current network on training maps into the replay; returns its metrics."""
+    on = cfg.online
+    rng = np.random.default_rng([cfg.seed, 3, step])
+    ids = rng.choice(ds.train_map_ids, size=min(on.maps, len(ds.train_map_ids)), replace=False)
+    eps = on.epsilon(step)
+    seed = int(np.random.SeedSequence([cfg.seed, 5, step]).generate_state(1)[0])
+    t0 = time.perf_counter()
+    was_training = engine.qnet.training
+    engine.qnet.eval()
+    try:
+        out = engine.run(ds.maps[np.sort(ids)], on.episodes, 1.0 - eps, seed)
+    finally:
+        engine.qnet.train(was_training)
+    replay.add(out)
+    return {"step": step, "rollout/success": float(out.success.mean()), "rollout/epsilon": eps,
+            "rollout/contexts": len(replay),
+            "perf/rollout_env_steps_per_s": float(out.length.sum()) / max(time.perf_counter() - t0, 1e-9)}
 
 
 def _tensorboard(run_dir: Path):

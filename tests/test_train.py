@@ -99,3 +99,50 @@ def test_two_runs_of_a_default_width_model_are_bit_identical(tmp_path):
     T.run(cfg, tmp_path / "b", progress=False)
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def online(**over):
+    cfg = smoke(steps=8)
+    return dataclasses.replace(cfg, mode="online", online=dataclasses.replace(
+        cfg.online, maps=6, episodes=4, rollout_every=3, epsilon_steps=6, slice_len=96, **over))
+
+
+def test_online_mode_collects_rollouts_and_resumes_bit_identically(tmp_path, monkeypatch):
+    cfg = online()
+    T.run(cfg, tmp_path / "straight", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    rollouts = [r for r in records if "rollout/success" in r]
+    assert [r["step"] for r in rollouts] == [0, 3, 6] and [r["rollout/contexts"] for r in rollouts] == [6, 12, 18]
+    assert rollouts[0]["rollout/epsilon"] == 1.0 and rollouts[-1]["rollout/epsilon"] == pytest.approx(0.1)
+    calls = {"n": 0}
+    real = T.dqn_loss
+
+    def interrupt_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "dqn_loss", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        T.run(cfg, tmp_path / "resumed", progress=False)
+    assert any(k.startswith("replay/") for k in final_state(tmp_path / "resumed"))  # the replay is checkpointed
+    monkeypatch.setattr(T, "dqn_loss", real)
+    T.run(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_online_fine_tuning_starts_from_an_offline_run(tmp_path):
+    T.run(smoke(steps=4), tmp_path / "offline", progress=False)
+    start = final_state(tmp_path / "offline")
+    cfg = dataclasses.replace(online(init=str(tmp_path / "offline")), optim=dataclasses.replace(
+        smoke().optim, steps=1, lr=1e-12, warmup_steps=1))
+    T.run(cfg, tmp_path / "online", progress=False)
+    after = final_state(tmp_path / "online")
+    key = "model/online.model.embed_tokens.weight"
+    torch.testing.assert_close(after[key], start[key], rtol=0, atol=1e-9)  # started from the offline weights
+    bad = dataclasses.replace(online(init=str(tmp_path / "offline")), model=dataclasses.replace(
+        cfg.model, hidden_size=48))
+    with pytest.raises(ValueError, match="do not match"):
+        T.run(bad, tmp_path / "bad", progress=False)
