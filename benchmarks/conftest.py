@@ -16,6 +16,16 @@ import pytest
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 _ROWS: dict[str, list[dict]] = {}
+_NOTES: dict[str, list[str]] = {}
+
+
+def add_note(suite: str, text: str) -> None:
+    """A line printed under the suite's table (derived figures, e.g. a cost ratio between two rows)."""
+    _NOTES.setdefault(suite, []).append(text)
+
+
+def rows_of(suite: str) -> list[dict]:
+    return _ROWS.get(suite, [])
 
 
 def device_name() -> str:
@@ -108,6 +118,7 @@ def pytest_terminal_summary(terminalreporter):
             lines.append(f"| {row['group']} | {row['role']} | {row['name']} | {row['median_s'] * 1e3:.3f} ms | "
                          f"{row['p20_s'] * 1e3:.3f} ms | {row['p80_s'] * 1e3:.3f} ms | "
                          f"{row['throughput']:,.0f} {row['unit']} | {mem} | {ratio} |")
+        lines += [""] + [f"- {n}" for n in _NOTES.get(suite, [])] if _NOTES.get(suite) else []
         text = "\n".join(lines) + "\n"
         stem = RESULTS / f"{suite}-{meta['device']}"
         stem.with_suffix(".md").write_text(text)

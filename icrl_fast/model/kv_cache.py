@@ -2,11 +2,13 @@
 
 Every call appends ``n_b`` new tokens to context ``b`` (``n_b`` differs per context and may be 0). The block is
 left-padded to a common width so every context's newest token sits in the last column, where Q is read. Each layer
-keeps one buffer ``[B, heads, C + 1, head_dim]``; the new keys and values of context ``b`` are scattered to the
-slots ``position % C`` of *that* context (padding goes to the spare slot ``C``, never attended), so:
+keeps one buffer ``[B, heads, 1 + C, head_dim]``; the new keys and values of context ``b`` are scattered to the
+slots ``1 + position % C`` of *that* context (padding goes to the spare slot 0, never attended), so:
 
-* the cost of a call is O(new tokens) for the projections and MLPs and O(C) for attention, never a re-encode;
-* ``window=None``: ``C`` doubles when a context outgrows it (amortised O(1) appends; ``slot == position``);
+* the cost of a call is O(new tokens) for the projections and MLPs and O(context) for attention (it reads the
+  cached keys and values once), never a re-encode;
+* ``window=None``: ``C`` doubles when a context outgrows it (amortised O(1) appends; ``slot == 1 + position``) and
+  attention sees only the used prefix of the buffer (up to the longest context);
 * ``window=W``: ``C = W + max_block - 1`` is fixed and the buffer is a ring. Keys are cached *after* RoPE at their
   absolute positions, so a wrapped context keeps exact positions: the result equals a full forward with the
   sliding-window mask "query p sees keys p - W < q <= p" (tested).
@@ -38,14 +40,17 @@ class SlotLayer(DynamicLayer):
         if self.keys is None or self.keys.numel() == 0 or self.keys.shape[-2] != cap:
             shape = (key_states.shape[0], key_states.shape[1], cap, key_states.shape[-1])
             k, v = key_states.new_zeros(shape), value_states.new_zeros(shape)
-            if self.keys is not None and self.keys.numel():  # grown (window=None): slot == position, copy as is
-                old = self.keys.shape[-2] - 1
-                k[..., :old, :], v[..., :old, :] = self.keys[..., :old, :], self.values[..., :old, :]
+            if self.keys is not None and self.keys.numel():  # grown (window=None): slots keep their index
+                old = self.keys.shape[-2]
+                k[..., :old, :], v[..., :old, :] = self.keys, self.values
             self.keys, self.values = k, v
-        rows = o.rows
-        self.keys[rows, :, o.slots] = key_states.transpose(1, 2).to(self.keys.dtype)
-        self.values[rows, :, o.slots] = value_states.transpose(1, 2).to(self.values.dtype)
-        return self.keys, self.values
+        self.keys[o.rows, :, o.slots] = key_states.transpose(1, 2).to(self.keys.dtype)
+        self.values[o.rows, :, o.slots] = value_states.transpose(1, 2).to(self.values.dtype)
+        return self.keys[:, :, : o.view], self.values[:, :, : o.view]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if self.keys is not None and self.keys.numel():
+            self.keys, self.values = self.keys[rows], self.values[rows]
 
     def get_seq_length(self) -> int:
         return int(self.owner.lengths.max()) if self.owner.lengths.numel() else 0
@@ -70,13 +75,27 @@ class RolloutCache(Cache):
         self.slot_pos = torch.full((batch, self.capacity + 1), -1, dtype=torch.long, device=self.device)
         self.rows = torch.arange(batch, device=self.device)[:, None]
         self.slots = torch.zeros((batch, 0), dtype=torch.long, device=self.device)
+        self.view = self.capacity + 1  # buffer slots attention reads this call
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    @property
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def keep(self, rows) -> None:
+        """Keep only contexts ``rows`` (in that order), e.g. to drop finished ones so later calls are smaller."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.lengths, self.slot_pos = self.lengths[rows], self.slot_pos[rows]
+        self.rows = torch.arange(len(rows), device=self.device)[:, None]
+        for layer in self.layers:
+            layer.keep(rows)
 
     def plan(self, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reserve slots for ``counts[b]`` new tokens per context in a block of ``width`` columns.
 
         Returns ``position_ids [B, width]`` (absolute positions; padding repeats a valid one) and the additive
-        attention mask ``[B, 1, width, C + 1]`` (0 where a query may attend, the dtype's minimum elsewhere).
+        attention mask ``[B, 1, width, view]`` over the buffer slots attention reads (0 where a query may attend,
+        the dtype's minimum elsewhere).
         """
         counts = counts.to(self.device, torch.long)
         if width > self.max_block and self.window is not None:
@@ -89,12 +108,13 @@ class RolloutCache(Cache):
         if self.window is None and need > self.capacity:
             self._grow(max(need, 2 * self.capacity))
         c = self.capacity
-        self.slots = torch.where(real, pos % c, torch.full_like(pos, c))
+        self.slots = torch.where(real, 1 + pos % c, torch.zeros_like(pos))
         self.slot_pos.scatter_(1, self.slots, torch.where(real, pos, torch.full_like(pos, -1)))
-        self.slot_pos[:, c] = -1
+        self.slot_pos[:, 0] = -1
         self.lengths = self.lengths + counts
+        self.view = c + 1 if self.window is not None else 1 + need
         pos = torch.where(real, pos, (self.lengths - 1).clamp(min=0)[:, None].expand_as(pos))
-        keys = self.slot_pos[:, None, :]  # [B, 1, C + 1]
+        keys = self.slot_pos[:, None, : self.view]  # [B, 1, view]
         ok = (keys >= 0) & (keys <= pos[:, :, None])
         if self.window is not None:
             ok &= keys > pos[:, :, None] - self.window
@@ -104,7 +124,7 @@ class RolloutCache(Cache):
 
     def _grow(self, capacity: int) -> None:
         grown = torch.full((self.slot_pos.shape[0], capacity + 1), -1, dtype=torch.long, device=self.device)
-        grown[:, : self.capacity] = self.slot_pos[:, : self.capacity]
+        grown[:, : self.capacity + 1] = self.slot_pos
         self.slot_pos, self.capacity = grown, capacity  # the layers re-allocate on their next update
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

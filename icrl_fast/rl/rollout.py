@@ -118,25 +118,30 @@ class RolloutEngine:
         cache = RolloutCache(self.qnet.num_layers, m, window=self.window, max_block=st.max_block(),
                              device=self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
         bar = tqdm(total=m * episodes, desc="rollout", unit="episode", leave=False, disable=not progress)
+        live = np.arange(m)  # the maps still playing, in cache-row order (finished ones are dropped)
+        q = np.zeros((m, 4), dtype=np.float32)
         while (episode < episodes).any():
-            counts = np.array([len(p) for p in pending], dtype=np.int64)
+            if (episode[live] >= episodes).any():
+                keep = np.flatnonzero(episode[live] < episodes)
+                cache.keep(torch.from_numpy(keep).to(self.device))
+                live = live[keep]
+            counts = np.array([len(pending[b]) for b in live], dtype=np.int64)
             width = int(counts.max())
-            ids = np.zeros((m, width), dtype=np.int64)
-            for b, block in enumerate(pending):  # left-pad: every context's decision token is the last column
-                if block:
-                    ids[b, width - len(block):] = block
-                    tokens[b] += block
-                    tok_ep[b] += pending_ep[b]
-                    dpos[b].append(len(tokens[b]) - 1)
+            ids = np.zeros((len(live), width), dtype=np.int64)
+            for row, b in enumerate(live):  # left-pad: every context's decision token is the last column
+                ids[row, width - counts[row]:] = pending[b]
+                tokens[b] += pending[b]
+                tok_ep[b] += pending_ep[b]
+                dpos[b].append(len(tokens[b]) - 1)
             if self.window is None and self.max_positions is not None and max(map(len, tokens)) > self.max_positions:
                 raise ValueError(f"a context reached {max(map(len, tokens))} tokens, more than the model's "
                                  f"{self.max_positions} positions: raise the model's max_positions or set a window")
             pos, mask = cache.plan(torch.from_numpy(counts), width)
             h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
                                  past_key_values=cache, use_cache=True)
-            q = self.qnet.q_values(h[:, -1]).cpu().numpy()
-            for b in np.flatnonzero(counts):
-                q_read[b].append(q[b])
+            q[live] = self.qnet.q_values(h[:, -1]).cpu().numpy()
+            for b in live:
+                q_read[b].append(q[b].copy())
             explore = rng.random(m) >= p_model[np.minimum(episode, episodes - 1)]
             actions = np.where(explore, rng.integers(0, 4, m), q.argmax(-1)).astype(np.int64)
             active = episode < episodes

@@ -96,19 +96,21 @@ def test_rollouts_are_seeded():
     assert any(len(x) != len(y) or (x != y).any() for x, y in zip(a.tokens, c.tokens))
 
 
-def test_cache_grows_and_keeps_its_contents():
-    """A tiny initial capacity forces several doublings mid-rollout; the plan's mask and positions stay exact."""
-    cache = RolloutCache(1, 2, initial_capacity=4)
-    k = torch.randn(2, 1, 3, 2)
-    pos, mask = cache.plan(torch.tensor([3, 1]), 3)
+def test_cache_grows_keeps_its_contents_and_drops_finished_contexts():
+    """A tiny initial capacity forces a doubling; the plan's mask and positions stay exact; ``keep`` drops rows."""
+    cache = RolloutCache(1, 3, initial_capacity=4)
+    k = torch.randn(3, 1, 3, 2)
+    pos, mask = cache.plan(torch.tensor([3, 1, 2]), 3)
     cache.layers[0].update(k, k)
-    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0], [1, 0, 1]]  # padding repeats the newest position
+    cache.keep([0, 1])  # context 2 finished
     pos, mask = cache.plan(torch.tensor([2, 3]), 3)
     keys, _ = cache.layers[0].update(torch.randn(2, 1, 3, 2), torch.randn(2, 1, 3, 2))
     assert cache.capacity >= 5 and pos.tolist() == [[4, 3, 4], [1, 2, 3]]
-    torch.testing.assert_close(keys[0, :, :3], k[0])  # what was written before the growth is still there
-    torch.testing.assert_close(keys[1, :, :1], k[1, :, 2:])
+    assert keys.shape[2] == mask.shape[-1] == 1 + 5  # attention reads the used prefix only (+ the padding slot)
+    torch.testing.assert_close(keys[0, :, 1:4], k[0])  # what was written before the growth is still there
+    torch.testing.assert_close(keys[1, :, 1:2], k[1, :, 2:])
     allowed = (mask[1, 0] == 0).int().tolist()  # context 1 (4 tokens) attends causally to its 4 slots only
-    assert [row[:4] for row in allowed] == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]] and sum(map(sum, allowed)) == 9
+    assert [row[1:5] for row in allowed] == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]] and sum(map(sum, allowed)) == 9
     with pytest.raises(ValueError, match="window"):
         RolloutCache(1, 1, window=0)
