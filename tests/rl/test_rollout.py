@@ -114,3 +114,28 @@ def test_cache_grows_keeps_its_contents_and_drops_finished_contexts():
     assert [row[1:5] for row in allowed] == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]] and sum(map(sum, allowed)) == 9
     with pytest.raises(ValueError, match="window"):
         RolloutCache(1, 1, window=0)
+
+
+def test_contexts_beyond_16k_tokens_evaluate_and_train():
+    """A hole-free 7x7 map under a random policy: ~100-step episodes, ~2k tokens each in the paper format."""
+    from icrl_fast.envs.maps import MapBatch
+    from icrl_fast.rl.dqn import DQNConfig, dqn_loss
+    from icrl_fast.rl.replay import ContextReplay
+
+    fmt = paper_format()
+    q = tiny(fmt, max_positions=32768)
+    maps = MapBatch.from_descs([["SFFFFFF"] + ["FFFFFFF"] * 5 + ["FFFFFFG"]] * 2)
+    out = RolloutEngine(q, fmt, max_positions=32768).run(maps, 20, 0.0, seed=0)
+    assert min(len(t) for t in out.tokens) > 16_384
+    ids = out.tokens[0]
+    decisions = out.decision_pos[0]
+    with torch.no_grad():  # the engine's last Q-values equal a full forward over the whole (16k+) context
+        full = q.q_values(q.hidden(torch.from_numpy(ids)[None])[0, torch.from_numpy(decisions[-5:])]).numpy()
+    np.testing.assert_allclose(out.q[0][-5:], full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    replay = ContextReplay(fmt, capacity=2, slice_len=17_000)  # and a 17k-token slice trains (SDPA: linear memory)
+    replay.add(out)
+    batch = {k: torch.from_numpy(v) for k, v in replay.sample(1, np.random.default_rng(0)).items()}
+    loss, _ = dqn_loss(q, batch, DQNConfig())
+    loss.backward()
+    assert batch["input_ids"].shape[1] == 17_000 and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in q.trainable_parameters())
