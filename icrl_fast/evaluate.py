@@ -39,6 +39,8 @@ class EvalConfig:
     experiment: str = field(default="in-distribution", metadata={"help": "in-distribution (3-5 maps) or ood (6-7)"})
     seed: int = field(default=1234, metadata={"help": "seed of the exploration draws and env streams"})
     batch_maps: int = field(default=50, metadata={"help": "maps per model call"})
+    ramp: str = field(default="paper", metadata={"help": "paper (P(model) 0.0 -> 1.0 over 20 episodes) or greedy "
+                                                         "(the model acts from episode 0, no forced exploration)"})
     window: int | None = field(default=None, metadata={"help": "attend to the last WINDOW tokens only (ring-buffer "
                                                                 "KV cache); default: the whole context"})
 
@@ -46,6 +48,15 @@ class EvalConfig:
 def paper_ramp(episodes: int) -> np.ndarray:
     """P(model action) per episode: 0.0, 0.0, 0.1, 0.1, ..., 0.9, 0.9, then 1.0 (the paper's schedule)."""
     return np.array([min(k // 2, 10) / 10 if k < 20 else 1.0 for k in range(episodes)])
+
+
+def make_ramp(name: str, episodes: int) -> np.ndarray:
+    """``paper`` (see ``paper_ramp``) or ``greedy`` (1.0 from episode 0)."""
+    if name == "paper":
+        return paper_ramp(episodes)
+    if name == "greedy":
+        return np.ones(episodes)
+    raise ValueError(f"ramp must be paper or greedy, got {name!r}")
 
 
 def wilson(successes: np.ndarray, n: int, z: float = 1.96) -> list[list[float]]:
@@ -72,7 +83,7 @@ def baselines(maps: MapBatch, episodes: int, seed: int) -> dict[str, list[float]
 def evaluate(qnet, fmt: ContextFormat, maps: MapBatch, cfg: EvalConfig, device: str = "cpu",
              max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False) -> dict:
     """Run the protocol on ``maps`` and return the ``eval.json`` contract (plus per-map outcomes)."""
-    ramp = paper_ramp(cfg.episodes)
+    ramp = make_ramp(cfg.ramp, cfg.episodes)
     engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
     parts = []
     for start in range(0, len(maps), cfg.batch_maps):
@@ -171,19 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--maps", type=int, default=50)
     p.add_argument("--episodes", type=int, default=30)
     p.add_argument("--experiment", choices=("in-distribution", "ood"), default="in-distribution")
+    p.add_argument("--ramp", choices=("paper", "greedy"), default="paper",
+                   help="paper: P(model) 0.0 -> 1.0 over episodes 0-19; greedy: the model acts from episode 0")
+    p.add_argument("--window", type=int, default=None, help="attend to the last WINDOW tokens (ring-buffer KV cache)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    p.add_argument("--out", default=None, help="output folder (default: the run directory for the paper protocol, "
+                                               "else RUN/eval-EXPERIMENT[-greedy])")
     args = p.parse_args(argv)
     try:
         qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ecfg = EvalConfig(maps=len(maps), episodes=args.episodes, experiment=args.experiment, seed=args.seed)
+    ecfg = EvalConfig(maps=len(maps), episodes=args.episodes, experiment=args.experiment, seed=args.seed,
+                      ramp=args.ramp, window=args.window)
     result = evaluate(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config={"run": str(args.run)},
                       progress=True)
     print("\n".join(summary_rows(result)))
-    for path in write_outputs(result, Path(args.out or args.run), maps):
+    default = Path(args.run) if (args.experiment, args.ramp) == ("in-distribution", "paper") else \
+        Path(args.run) / f"eval-{args.experiment}{'-greedy' if args.ramp == 'greedy' else ''}"
+    for path in write_outputs(result, Path(args.out) if args.out else default, maps):
         print(f"wrote {path}")
     return 0
 

@@ -35,6 +35,13 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     assert ev["num_maps"] == 6 and ev["episodes"] == 4
     with pytest.raises(SystemExit):  # an existing run is continued with --resume, never overwritten
         T.parse_args(["--preset", "smoke", "--out", str(run)])
+    # the saved run evaluates again from the command line, here greedy from episode 0 into its own folder
+    from icrl_fast.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(run), "--maps", "3", "--episodes", "3", "--ramp", "greedy"]) == 0
+    greedy = json.loads((run / "eval-in-distribution-greedy" / "eval.json").read_text())
+    assert greedy["config"]["ramp"] == [1.0, 1.0, 1.0] and greedy["num_maps"] == 3
+    assert evaluate_main([str(tmp_path / "nothing")]) == 2
 
 
 def test_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """Simulator self-check: prove the Numba simulator against gymnasium on fresh maps and time it beside gymnasium.
 
-Used by ``python -m icrl_fast.train`` until the trainer exists, and handy after any install:
-``python -c "from icrl_fast.envs.selfcheck import main; main()"``. The careful measurements are the
+Handy after any install: ``python -c "from icrl_fast.envs.selfcheck import main; main()"``. The careful measurements are the
 pytest-benchmark suite ``benchmarks/bench_env.py``; this is a quick, honest summary (median of a few repeats).
 """
 
