@@ -34,7 +34,8 @@ from icrl_fast.envs.learners import QLearningConfig
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import EvalConfig, evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import ModelConfig, QNetwork
-from icrl_fast.rl.dqn import DQNConfig, dqn_loss
+from icrl_fast import distributed
+from icrl_fast.rl.dqn import DQNConfig, DQNObjective, dqn_loss
 from icrl_fast.rl.replay import ContextReplay
 from icrl_fast.rl.rollout import RolloutEngine
 
@@ -204,14 +205,25 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if cfg.mode not in ("offline", "online"):
         raise ValueError(f"mode must be offline or online, got {cfg.mode!r}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    size = distributed.world_size()  # checked before joining the group, so a bad config fails fast on every rank
+    if size > 1 and cfg.mode == "online":
+        raise ValueError("--mode online runs in one process for now (its replay is per process); drop torchrun")
+    if cfg.optim.batch_slices % size:
+        raise ValueError(f"--optim.batch_slices ({cfg.optim.batch_slices}) must be a multiple of the number of "
+                         f"processes ({size}): each process takes an equal share of the global batch")
+    world, device = distributed.setup(device)
     # Without this, multithreaded backward accumulations made two runs of the default model differ by ~1e-7 after
     # 6 steps (5e-5 after 300); the small smoke model happened to stay exact. On CUDA: warn, never fail.
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=device != "cpu")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    progress = progress and world.main
     data_dir = Path(cfg.data_path) if cfg.data_path else run_dir / "dataset"
-    ds = OfflineDataset.load(data_dir) if data_dir.exists() else build_dataset(
-        dataclasses.replace(cfg.data, seed=cfg.seed), data_dir, progress=progress)
+    if world.main:  # rank 0 writes the run directory; the others wait for the dataset, then read it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        if not data_dir.exists():
+            build_dataset(dataclasses.replace(cfg.data, seed=cfg.seed), data_dir, progress=progress)
+    world.barrier()
+    ds = OfflineDataset.load(data_dir)
     fmt = ds.format
     qnet = QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed)
     opt = torch.optim.AdamW(qnet.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -223,8 +235,13 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         init_networks(Path(cfg.online.init), qnet)
     if resume:
         state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay)}
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
-    tb = _tensorboard(run_dir)
+    objective = DQNObjective(qnet, cfg.dqn, lambda *a: dqn_loss(*a))  # dqn_loss looked up per call (tests patch it)
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(objective, device_ids=[world.local_rank] if device != "cpu" else None)
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if world.main else None
+    tb = _tensorboard(run_dir) if world.main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     engine = RolloutEngine(qnet, fmt, window=cfg.online.window, device=device, max_positions=cfg.model.max_positions)
     bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc="training", unit="step", disable=not progress)
@@ -245,16 +262,18 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             for micro in range(cfg.optim.grad_accum):                       # so an interrupted step is redone
                 if replay is None:
                     idx = batch_indices(len(ds), data_pos, cfg.optim.batch_slices, cfg.seed)
-                    batch = to_batch(ds, idx, device)
+                    batch = to_batch(ds, world.shard(idx), device)
                 else:
                     rng = np.random.default_rng([cfg.seed, 4, state["step"], micro])
                     batch = {k: torch.from_numpy(v).to(device)
                              for k, v in replay.sample(cfg.optim.batch_slices, rng).items()}
-                step_tokens += batch["input_ids"].numel()
-                with autocast:
-                    loss, stats = dqn_loss(qnet, batch, cfg.dqn)
-                (loss / cfg.optim.grad_accum).backward()
-            loss_value = float(loss.detach())  # host-device sync: the NaN guard needs the value every step
+                step_tokens += batch["input_ids"].numel() * world.size
+                last = micro == cfg.optim.grad_accum - 1  # DDP averages gradients once, on the last micro-batch
+                with objective.no_sync() if world.distributed and not last else contextlib.nullcontext():
+                    with autocast:
+                        loss, stats = objective(batch)
+                    (loss / cfg.optim.grad_accum).backward()
+            loss_value = world.mean(loss)  # host-device sync: the NaN guard needs the value every step
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"the loss became {loss_value} at step {state['step'] + 1}; the last good "
                                        f"checkpoint is kept in {run_dir / 'checkpoints'} (try a lower --optim.lr)")
@@ -278,20 +297,26 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 bar.set_postfix(loss=f"{loss_value:.3g}", q=f"{rec['charts/q']:.2f}",
                                 target=f"{rec['charts/target']:.2f}" if rec["charts/target"] is not None else "-",
                                 tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
-            if state["step"] % cfg.ckpt_every == 0:
+            if state["step"] % cfg.ckpt_every == 0 and world.main:
                 save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     except KeyboardInterrupt:
         bar.close()
-        path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
-        print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
-              f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
+        if world.main:
+            path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
+            print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
+                  f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
         raise
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
     bar.close()
     # --- teardown -----------------------------------------------------------------------------------------------
-    save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     result = {"step": state["step"], "tokens": state["tokens"]}
+    if not world.main:
+        world.barrier()  # rank 0 saves and evaluates
+        distributed.teardown(world)
+        return result
+    save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     if cfg.eval.maps > 0:
         maps = ds.maps[ds.test_map_ids[: cfg.eval.maps]]
         qnet.eval()
@@ -307,6 +332,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             print("wrote " + ", ".join(str(p) for p in written))
     if tb is not None:
         tb.close()
+    world.barrier()
+    distributed.teardown(world)
     return result
 
 

@@ -78,3 +78,16 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
             q_next = (next_target.float() * target_weight[qnet.action_ids].float()[best]).sum(-1)
             stats["target"] = (tr["reward"] * cfg.reward_scale + cfg.gamma * (~tr["done"]).float() * q_next).mean()
     return loss, stats
+
+
+class DQNObjective(torch.nn.Module):
+    """``dqn_loss`` as a module over the Q-network, so ``DistributedDataParallel`` can wrap it: every trainable
+    parameter (the LM head included, which the fused loss reads directly) is used inside ``forward``."""
+
+    def __init__(self, qnet, cfg: DQNConfig, loss_fn=None):
+        super().__init__()
+        self.qnet, self.cfg = qnet, cfg
+        self.loss_fn = loss_fn or dqn_loss
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss_fn(self.qnet, batch, self.cfg)
