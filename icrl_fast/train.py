@@ -317,6 +317,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         distributed.teardown(world)
         return result
     save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
+    if qnet.pretrained:
+        qnet.save_adapters(run_dir / "adapters")
     if cfg.eval.maps > 0:
         maps = ds.maps[ds.test_map_ids[: cfg.eval.maps]]
         qnet.eval()
@@ -392,7 +394,10 @@ def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int):
     cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
     ds = OfflineDataset.load(Path(cfg.data_path) if cfg.data_path else run_dir / "dataset", verify=False)
     qnet = QNetwork(cfg.model, ds.format.vocab_size, ds.format.action_ids, seed=cfg.seed)
-    load_checkpoint(run_dir, qnet)
+    if qnet.pretrained and (run_dir / "adapters").is_dir():
+        qnet.load_adapters(run_dir / "adapters")  # the PEFT adapters of the finished run
+    else:
+        load_checkpoint(run_dir, qnet)
     qnet.eval()
     if experiment == "ood":
         maps = generate_maps(n_maps, seed=cfg.seed + 7919, height=(6, 7), width=(6, 7), min_hops=cfg.data.min_hops)

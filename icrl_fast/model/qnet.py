@@ -157,6 +157,30 @@ class QNetwork(nn.Module):
         state.update({f"target.{k}": v for k, v in self.target.state_dict().items()})
         return state
 
+    def save_adapters(self, path) -> None:
+        """PEFT ``save_pretrained`` of both IA3 adapters: ``default`` (online) in ``path``, ``delayed`` (target) in
+        ``path/delayed`` -- loadable by any PEFT user with ``PeftModel.from_pretrained(base, path)``."""
+        if not self.pretrained:
+            raise ValueError("only a pretrained model (--model PATH) has IA3 adapters to save")
+        self.model.save_pretrained(str(path), selected_adapters=["default", "delayed"])
+
+    def load_adapters(self, path) -> None:
+        """Load adapters written by ``save_adapters`` (PEFT's own state-dict loader), keeping the target in fp32."""
+        from pathlib import Path
+
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name, folder in (("default", path), ("delayed", path / "delayed")):
+            file = folder / "adapter_model.safetensors"
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} is missing: not an adapter folder written by save_adapters")
+            result = set_peft_model_state_dict(self.model, load_file(str(file)), adapter_name=name)
+            if result.unexpected_keys:
+                raise ValueError(f"{file} does not fit this model: unexpected {result.unexpected_keys[:3]}")
+        self.model.set_adapter("default")
+
     def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.pretrained:
             params = dict(self.model.named_parameters())

@@ -18,14 +18,9 @@ def test_attention_dispatch_falls_back_to_sdpa_on_cpu():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from icrl_fast.testing import save_tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
 
 
 def test_pretrained_model_gets_ia3_online_and_fp32_target_adapters(tiny_checkpoint):
