@@ -440,7 +440,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, run_dir, resume = parse_args(argv)
-    print(f"icrl_fast: preset {cfg.preset}, run directory {run_dir}")
+    from icrl_fast.envs.ext import describe
+
+    print(f"icrl_fast: preset {cfg.preset}, run directory {run_dir}; {describe()}")
     try:
         result = run(cfg, run_dir, resume=resume)
     except KeyboardInterrupt:

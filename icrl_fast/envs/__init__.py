@@ -27,3 +27,16 @@ def register_envs() -> None:
                 max_episode_steps=max_steps,
                 reward_threshold=threshold,
             )
+
+
+def make_batch(maps, *, device="cpu", **kwargs):
+    """A batched Frozen Lake for ``maps`` where the model runs: the C++/CUDA extension's ``TorchFrozenLakeBatch``
+    on a CUDA device when it is loaded (rollouts stay on the GPU), the Numba ``FrozenLakeBatch`` otherwise (see
+    ``icrl_fast.envs.ext.HAS_EXT`` / ``EXT_REASON`` for why). Same arguments, dynamics and random streams."""
+    from icrl_fast.envs import ext
+
+    if ext.backend(device) == "ext":
+        return ext.TorchFrozenLakeBatch(maps, device=device, **kwargs)
+    from icrl_fast.envs.frozen_lake import FrozenLakeBatch
+
+    return FrozenLakeBatch(maps, **kwargs)
