@@ -16,7 +16,9 @@ episodes on one map, like Fig. 1).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +30,9 @@ from icrl_fast.data.formats import ContextFormat
 from icrl_fast.envs.learners import QLearningConfig, q_learning, random_policy
 from icrl_fast.envs.maps import MapBatch
 from icrl_fast.rl.rollout import RolloutEngine
+
+
+EXPERIMENTS = ("in-distribution", "ood", "non-stationary", "stitching")
 
 
 @dataclass
@@ -113,7 +118,17 @@ def summary_rows(result: dict) -> list[str]:
         lo, hi = result["ci95"][k]
         rows.append(f"{k:>7}  {ramp[k]:>8.1f}  {s[k]:.2f} [{lo:.2f}, {hi:.2f}]   {b['random'][k]:>6.2f}  "
                     f"{b['tabular_q'][k]:>9.2f}  {b['optimal'][k]:>7.2f}")
-    if result["episodes"] > 20:
+    if "recovery" in result:
+        rec = result["recovery"]
+        k = rec["episodes_to_recover"]
+        rows.append(f"non-stationary: pre-switch level {rec['pre_switch']:.2f} (the 10 episodes before the switch), "
+                    f"last 10 after it {rec['post_switch_last10']:.2f}; back to {rec['level']:.0%} of the pre-switch "
+                    f"level {'after ' + str(k) + ' episodes' if k is not None else 'never'}")
+    elif "stitching" in result:
+        st = result["stitching"]
+        rows.append(f"stitching: {st['successes']}/{st['trials']} trials reached the goal, {sum(st['stitched'])} by "
+                    f"the stitched path {st['stitched_path']}; paths: {st['paths']}")
+    elif result["episodes"] > 20:
         late = slice(20, result["episodes"])
         rows.append(f"episodes 20-{result['episodes'] - 1} (P(model)=1): model {np.mean(s[late]):.2f}, tabular_q "
                     f"{np.mean(b['tabular_q'][late]):.2f}, random {np.mean(b['random'][late]):.2f}; episodes 0-1: "
@@ -130,6 +145,8 @@ def write_outputs(result: dict, out_dir: Path, maps: MapBatch) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = result.pop("_paths", None)
+    result.setdefault("meta", {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "device": _device_name()})
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     k = np.arange(result["episodes"])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -149,6 +166,14 @@ def write_outputs(result: dict, out_dir: Path, maps: MapBatch) -> list[Path]:
     if paths:
         written.append(draw_trajectories(paths[0], maps.to_desc(0), out_dir / "trajectories.png", plt))
     return written
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def draw_trajectories(episode_paths, desc, path: Path, plt) -> Path:
@@ -180,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m icrl_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run directory written by python -m icrl_fast.train")
     p.add_argument("--maps", type=int, default=50)
-    p.add_argument("--episodes", type=int, default=30)
-    p.add_argument("--experiment", choices=("in-distribution", "ood"), default="in-distribution")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per context (default 30; stitching: 5)")
+    p.add_argument("--experiment", choices=EXPERIMENTS, default="in-distribution",
+                   help="in-distribution (unseen 3-5 maps), ood (6-7 maps), non-stationary (a new map after "
+                        "EPISODES episodes, EPISODES more), stitching (the 4x6 map after two hand-written episodes; "
+                        "EPISODES greedy trials, default 5)")
     p.add_argument("--ramp", choices=("paper", "greedy"), default="paper",
                    help="paper: P(model) 0.0 -> 1.0 over episodes 0-19; greedy: the model acts from episode 0")
     p.add_argument("--window", type=int, default=None, help="attend to the last WINDOW tokens (ring-buffer KV cache)")
@@ -194,10 +222,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ecfg = EvalConfig(maps=len(maps), episodes=args.episodes, experiment=args.experiment, seed=args.seed,
+    episodes = args.episodes or (5 if args.experiment == "stitching" else 30)
+    ecfg = EvalConfig(maps=len(maps), episodes=episodes, experiment=args.experiment, seed=args.seed,
                       ramp=args.ramp, window=args.window)
-    result = evaluate(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config={"run": str(args.run)},
-                      progress=True)
+    extra = {"run": str(args.run)}
+    if args.experiment == "non-stationary":
+        from icrl_fast.experiments import non_stationary
+
+        switched = maps[np.roll(np.arange(len(maps)), 1)]  # each context moves on to another unseen map
+        result = non_stationary(qnet, fmt, maps, switched, ecfg, max_positions=cfg.model.max_positions,
+                                extra_config=extra, progress=True)
+    elif args.experiment == "stitching":
+        from icrl_fast.envs.maps import MAPS
+        from icrl_fast.experiments import stitching
+
+        maps = MapBatch.from_descs([MAPS["stitching"]])
+        result = stitching(qnet, fmt, ecfg, extra_config=extra)
+    else:
+        result = evaluate(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config=extra,
+                          progress=True)
     print("\n".join(summary_rows(result)))
     default = Path(args.run) if (args.experiment, args.ramp) == ("in-distribution", "paper") else \
         Path(args.run) / f"eval-{args.experiment}{'-greedy' if args.ramp == 'greedy' else ''}"

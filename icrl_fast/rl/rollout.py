@@ -56,6 +56,18 @@ class ContextStreams:
         tail += (f.trunc_block.tolist() if cut else []) + f.episode_end.tolist()
         return tail, ([] if next_obs is None else self.first_block(next_obs))
 
+    def episode(self, obs: list[int], actions: list[int], rewards: list[float], cut: bool = False) -> list[int]:
+        """The tokens of one whole episode: observations ``obs`` (one more than ``actions``: the last is where it
+        ended), the actions and their rewards; ``cut``: ended by the time limit."""
+        if len(obs) != len(actions) + 1 or len(rewards) != len(actions) or not actions:
+            raise ValueError("an episode needs n >= 1 actions, n rewards and n + 1 observations")
+        out = self.first_block(obs[0])
+        for k, (a, r) in enumerate(zip(actions, rewards)):
+            last = k == len(actions) - 1
+            tail, _ = self.after_action(a, r, last, cut and last, None if last else obs[k + 1])
+            out += tail
+        return out
+
     def max_block(self) -> int:
         """An upper bound on the tokens one step adds to one context."""
         f = self.fmt
@@ -94,17 +106,33 @@ class RolloutEngine:
 
     @torch.no_grad()
     def run(self, maps: MapBatch, episodes: int, p_model, seed: int, *, is_slippery: bool = False,
-            progress: bool = False) -> Rollout:
+            progress: bool = False, switch_to: MapBatch | None = None, switch_after: int | None = None,
+            prefix: list[list[int]] | None = None) -> Rollout:
         """Play ``episodes`` episodes per map; in episode ``k`` the greedy action is taken with probability
-        ``p_model[k]`` (a scalar applies to every episode). ``seed`` fixes the env streams and the exploration."""
+        ``p_model[k]`` (a scalar applies to every episode). ``seed`` fixes the env streams and the exploration.
+
+        ``switch_to``/``switch_after``: after episode ``switch_after`` context ``b`` goes on on map
+        ``switch_to[b]``, with nothing in the context marking the change (the non-stationary experiment).
+        ``prefix``: tokens put before each context's first episode (e.g. hand-written episodes; their
+        ``token_episode`` is -1).
+        """
         m = len(maps)
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
-        env = FrozenLakeBatch(maps, is_slippery=is_slippery, seed=seed)
-        obs = env.reset().copy()
+        if switch_to is not None:
+            if len(switch_to) != m or switch_after is None or not 0 < switch_after < episodes:
+                raise ValueError("switch_to needs one map per context and 0 < switch_after < episodes")
+            env_maps = MapBatch.from_descs([maps.to_desc(b) for b in range(m)] +
+                                           [switch_to.to_desc(b) for b in range(m)])
+        else:
+            env_maps = maps
+        env = FrozenLakeBatch(env_maps, is_slippery=is_slippery, seed=seed)
+        which = np.arange(m)  # the env each context plays on (b, or b + m after a switch)
+        obs = env.reset().copy()[:m]
         rng = np.random.default_rng(seed)
         st = self.streams
-        pending = [st.first_block(int(o)) for o in obs]
-        pending_ep = [[0] * len(p) for p in pending]
+        prefix = prefix if prefix is not None else [[] for _ in range(m)]
+        pending = [list(prefix[b]) + st.first_block(int(o)) for b, o in enumerate(obs)]
+        pending_ep = [[-1] * len(prefix[b]) + [0] * (len(p) - len(prefix[b])) for b, p in enumerate(pending)]
         episode = np.zeros(m, dtype=np.int64)
         out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
         length = np.zeros((m, episodes), dtype=np.int64)
@@ -115,7 +143,8 @@ class RolloutEngine:
         dpos: list[list[int]] = [[] for _ in range(m)]
         q_read: list[list[np.ndarray]] = [[] for _ in range(m)]
         dtype = self.qnet.head_weight().dtype
-        cache = RolloutCache(self.qnet.num_layers, m, window=self.window, max_block=st.max_block(),
+        cache = RolloutCache(self.qnet.num_layers, m, window=self.window,
+                             max_block=max(st.max_block(), max(map(len, pending))),
                              device=self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
         bar = tqdm(total=m * episodes, desc="rollout", unit="episode", leave=False, disable=not progress)
         live = np.arange(m)  # the maps still playing, in cache-row order (finished ones are dropped)
@@ -145,7 +174,10 @@ class RolloutEngine:
             explore = rng.random(m) >= p_model[np.minimum(episode, episodes - 1)]
             actions = np.where(explore, rng.integers(0, 4, m), q.argmax(-1)).astype(np.int64)
             active = episode < episodes
-            o, r, term, trunc = env.step(actions)
+            env_actions = np.zeros(len(env_maps), dtype=np.int64)
+            env_actions[which] = actions
+            o, r, term, trunc = (x[which] for x in env.step(env_actions))  # copies: the env reuses its buffers
+            final_obs = env.final_obs[which]
             pending, pending_ep = [], []
             for b in range(m):
                 if not active[b]:
@@ -156,15 +188,21 @@ class RolloutEngine:
                 length[b, e] += 1
                 ret[b, e] += r[b]
                 ended = bool(term[b] or trunc[b])
-                landed = int(env.final_obs[b]) if ended else int(o[b])
+                landed = int(final_obs[b]) if ended else int(o[b])
                 paths[b][-1].append(landed)
                 if ended:
-                    tile = maps.tiles[b, landed // maps.ncol[b], landed % maps.ncol[b]]
+                    k = which[b]
+                    tile = env_maps.tiles[k, landed // env_maps.ncol[k], landed % env_maps.ncol[k]]
                     out["success"][b, e], out["hole"][b, e] = tile == GOAL, tile == HOLE
                     out["truncated"][b, e] = bool(trunc[b]) and tile != GOAL and tile != HOLE
                     episode[b] += 1
                     bar.update()
                     more = episode[b] < episodes
+                    if switch_to is not None and episode[b] == switch_after:  # the next episode is on map B
+                        which[b] += m
+                        mask = np.zeros(len(env_maps), dtype=bool)
+                        mask[which[b]] = True
+                        o[b] = env.reset(mask=mask)[which[b]]
                     if more:
                         paths[b].append([int(o[b])])
                     tail, head = st.after_action(int(actions[b]), float(r[b]), True, bool(out["truncated"][b, e]),

@@ -1,0 +1,84 @@
+"""The paper's experiments beyond plain in-context evaluation (arXiv 2501.14176, DESIGN.md §1), each returning the
+``eval.json`` contract of ``icrl_fast.evaluate`` plus its own section.
+
+* ``non_stationary``: 30 episodes on map A, then 30 on map B in the same context, the exploration ramp restarted,
+  nothing in the context marking the switch; 50 trials (maps). Adds ``recovery``: the pre-switch level (success
+  in episodes 20-29) and how many episodes after the switch the model needs to get back to 90 % of it.
+* ``stitching``: the fixed 4 x 6 map ``HHFF FFFF SFFH HFFF HFFF HFGF`` (S = tile 8, G = tile 22). The context
+  starts with two hand-written episodes that cross at tile 10: a successful detour over the top row
+  (8 -> 4 -> 5 -> 6 -> 10 -> 14 -> 18 -> 22) and a short start into a hole (8 -> 9 -> 10 -> 11). Stitching = taking
+  the second's start and the first's end: 8 -> 9 -> 10 -> 14 -> 18 -> 22. Then 5 greedy trials, each seeing the
+  earlier ones. Adds ``stitching``: the success count, each trial's path and whether it was the stitched one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+
+from icrl_fast.envs.maps import MAPS, MapBatch
+from icrl_fast.evaluate import EvalConfig, baselines, make_ramp, wilson
+from icrl_fast.rl.rollout import RolloutEngine
+
+LEFT, DOWN, RIGHT, UP = range(4)
+STITCH_EPISODES = (  # (observations, actions, rewards) of the two hand-written context episodes
+    ([8, 4, 5, 6, 10, 14, 18, 22], [UP, RIGHT, RIGHT, DOWN, DOWN, DOWN, DOWN], [0, 0, 0, 0, 0, 0, 1.0]),
+    ([8, 9, 10, 11], [RIGHT, RIGHT, RIGHT], [0, 0, 0]),
+)
+STITCHED_PATH = [8, 9, 10, 14, 18, 22]
+
+
+def _contract(cfg: EvalConfig, n: int, episodes: int, success: np.ndarray, ramp, base: dict, per_map: dict,
+              extra_config: dict | None) -> dict:
+    succ = success.sum(0)
+    return {"experiment": cfg.experiment, "num_maps": n, "episodes": episodes, "success_rate": (succ / n).tolist(),
+            "ci95": wilson(succ, n), "baselines": base,
+            "config": {"eval": asdict(cfg), "ramp": list(map(float, ramp)), **(extra_config or {})},
+            "per_map": per_map}
+
+
+def _per_map(out) -> dict:
+    return {k: getattr(out, k).astype(int).tolist() for k in ("success", "hole", "truncated", "length")}
+
+
+def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfig, device: str = "cpu",
+                   max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False) -> dict:
+    """``cfg.episodes`` episodes on each map of ``maps_a`` then as many on ``maps_b`` (see the module docstring)."""
+    half = cfg.episodes
+    ramp = np.concatenate([make_ramp(cfg.ramp, half)] * 2)
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
+    out = engine.run(maps_a, 2 * half, ramp, cfg.seed, switch_to=maps_b, switch_after=half, progress=progress)
+    a, b = baselines(maps_a, half, cfg.seed), baselines(maps_b, half, cfg.seed + 1)
+    base = {k: a[k] + b[k] for k in a}  # the baselines restart from scratch on the new map, as the ramp does
+    result = _contract(cfg, len(maps_a), 2 * half, out.success, ramp, base, _per_map(out), extra_config)
+    result["config"]["switch_after"] = half
+    result["recovery"] = recovery(result["success_rate"], half)
+    result["_paths"] = [p[:half] for p in out.paths]  # drawn on map A: its episodes only
+    return result
+
+
+def recovery(success_rate: list[float], switch: int, level: float = 0.9, window: int = 3) -> dict:
+    """Pre-switch level (mean success over the 10 episodes before the switch) and the first episode after the
+    switch from which the mean over ``window`` episodes reaches ``level`` x that (None: never)."""
+    s = np.asarray(success_rate)
+    pre = float(s[max(0, switch - 10): switch].mean())
+    after = [k for k in range(switch, len(s) - window + 1) if s[k: k + window].mean() >= level * pre]
+    return {"pre_switch": pre, "post_switch_last10": float(s[-10:].mean()), "level": level,
+            "episodes_to_recover": (after[0] - switch) if after else None}
+
+
+def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dict | None = None) -> dict:
+    """The behaviour-stitching test: ``cfg.episodes`` greedy trials after the two hand-written episodes."""
+    maps = MapBatch.from_descs([MAPS["stitching"]])
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device)
+    prefix = [t for obs, actions, rewards in STITCH_EPISODES for t in engine.streams.episode(obs, actions, rewards)]
+    out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=[prefix])
+    paths = out.paths[0]
+    result = _contract(cfg, 1, cfg.episodes, out.success, np.ones(cfg.episodes), baselines(maps, cfg.episodes,
+                       cfg.seed), _per_map(out), extra_config)
+    result["stitching"] = {"successes": int(out.success.sum()), "trials": cfg.episodes, "paths": paths,
+                           "stitched": [p == STITCHED_PATH for p in paths], "stitched_path": STITCHED_PATH,
+                           "context_paths": [list(e[0]) for e in STITCH_EPISODES]}
+    result["_paths"] = [paths]
+    return result

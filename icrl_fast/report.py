@@ -1,0 +1,137 @@
+"""``python -m icrl_fast.report RUN_DIR...``: every evaluation of one or several runs in one Markdown table, a figure,
+and the failure analysis of the paper's §4.6 (how failed episodes failed).
+
+Reads each run's ``eval.json`` and ``eval-*/eval.json`` (written by ``python -m icrl_fast.train`` and
+``python -m icrl_fast.evaluate``), and writes ``report.md`` and ``report.png`` into ``--out`` (default: the first
+run directory). ``--readme README.md`` also replaces the block between ``<!-- report:start -->`` and
+``<!-- report:end -->`` in that file, which is how the README's results section is generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+#: What the paper reports for each experiment (arXiv 2501.14176; DESIGN.md §1).
+PAPER = {
+    "in-distribution": "~10 % in the early (random) episodes -> ~90 %+ by the end",
+    "ood": "improves in context, less than in distribution",
+    "non-stationary": "recovers to almost the pre-switch level",
+    "stitching": "5/5 trials reach the goal",
+}
+START, END = "<!-- report:start -->", "<!-- report:end -->"
+
+
+def find_evals(run: Path) -> list[tuple[str, dict]]:
+    """``(label, eval.json contents)`` of every evaluation in a run directory."""
+    files = ([run / "eval.json"] if (run / "eval.json").is_file() else []) + sorted(run.glob("eval-*/eval.json"))
+    return [(f"{run.name}/{f.parent.name}" if f.parent != run else run.name, json.loads(f.read_text()))
+            for f in files]
+
+
+def _mean(xs, lo: int, hi: int) -> float:
+    return float(np.mean(xs[lo:hi])) if len(xs) >= hi > lo else float("nan")
+
+
+def failures(ev: dict) -> dict:
+    """Of the failed episodes: fell in a hole, looped until the time limit, and failed without the goal ever
+    having been reached earlier in that context (never saw it)."""
+    pm = ev.get("per_map")
+    if not pm:
+        return {}
+    success, hole, trunc = (np.asarray(pm[k], dtype=bool) for k in ("success", "hole", "truncated"))
+    failed = ~success
+    seen_before = np.cumsum(success, axis=1) - success > 0  # a success in an earlier episode of the context
+    n = int(failed.sum())
+    return {"failed": n, "hole": int((failed & hole).sum()), "loop": int((failed & trunc).sum()),
+            "never_saw_goal": int((failed & ~seen_before).sum())}
+
+
+def row(label: str, ev: dict) -> str:
+    s, base = ev["success_rate"], ev["baselines"]
+    exp, ramp = ev["experiment"], ev["config"].get("eval", {}).get("ramp", "paper")
+    meta = ev.get("meta", {})
+    if "stitching" in ev:
+        st = ev["stitching"]
+        ours = f"{st['successes']}/{st['trials']} reach the goal ({sum(st['stitched'])} by the stitched path)"
+    elif "recovery" in ev:
+        r = ev["recovery"]
+        k = r["episodes_to_recover"]
+        ours = (f"pre-switch {r['pre_switch']:.2f}, last 10 after the switch {r['post_switch_last10']:.2f}, "
+                f"back to 90 % {'after ' + str(k) + ' episodes' if k is not None else 'never'}")
+    else:
+        ours = (f"episodes 0-1 **{_mean(s, 0, 2):.2f}**, 10-19 {_mean(s, 10, 20):.2f}, 20-29 **{_mean(s, 20, 30):.2f}**"
+                f" (tabular Q {_mean(base['tabular_q'], 20, 30):.2f}, random {_mean(base['random'], 20, 30):.2f})")
+    f = failures(ev)
+    fail = f"{f['hole']} hole / {f['loop']} loop / {f['never_saw_goal']} never saw G (of {f['failed']})" if f else ""
+    where = f"{meta.get('device', '?')}, {meta.get('date', '?')[:10]}"
+    return f"| {label} | {exp} ({ramp}) | {ev['num_maps']} | {ours} | {PAPER.get(exp, '')} | {fail} | {where} |"
+
+
+def table(evals: list[tuple[str, dict]]) -> list[str]:
+    return ["| run | experiment (exploration) | maps | ours | paper reports | failed episodes: hole / loop / never "
+            "saw the goal | device, date |", "| --- | --- | --- | --- | --- | --- | --- |",
+            *(row(label, ev) for label, ev in evals)]
+
+
+def figure(evals: list[tuple[str, dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({ev["experiment"] for _, ev in evals})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        shown = [(label, ev) for label, ev in evals if ev["experiment"] == kind]
+        for i, (label, ev) in enumerate(shown):
+            k = np.arange(ev["episodes"])
+            ax.plot(k, ev["success_rate"], "o-", ms=3, color=f"C{i}", label=label)
+        ev = shown[0][1]
+        k = np.arange(ev["episodes"])
+        for name, style in (("random", "k--"), ("tabular_q", "k-."), ("optimal", "k:")):
+            ax.plot(k, ev["baselines"][name], style, lw=1, label=name.replace("_", " "))
+        ax.set(title=kind, xlabel="episode in context", ylabel="success rate", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m icrl_fast.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default=None, help="where report.md and report.png go (default: the first run)")
+    p.add_argument("--readme", default=None, help="a Markdown file whose report block is replaced")
+    args = p.parse_args(argv)
+    evals = [e for run in args.runs for e in find_evals(Path(run))]
+    if not evals:
+        print(f"error: no eval.json in {', '.join(args.runs)} (run python -m icrl_fast.train / evaluate first)",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out or args.runs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    lines = table(evals)
+    png = figure(evals, out / "report.png")
+    (out / "report.md").write_text("\n".join(["# icrl_fast report", "", *lines, "", f"![success]({png.name})", ""]))
+    print("\n".join(lines))
+    print(f"wrote {out / 'report.md'}, {png}")
+    if args.readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        if START not in text or END not in text:
+            print(f"error: {readme} has no {START} ... {END} block", file=sys.stderr)
+            return 2
+        head, rest = text.split(START, 1)
+        readme.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
+        print(f"updated {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

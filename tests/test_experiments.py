@@ -1,0 +1,95 @@
+"""The paper's experiments: non-stationary (a new map mid-context, no marker) and behaviour stitching."""
+
+import json
+
+import numpy as np
+import pytest
+
+from icrl_fast.data.formats import compact_format, decode, paper_format
+from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
+from icrl_fast.evaluate import EvalConfig, main as evaluate_main
+from icrl_fast.experiments import STITCH_EPISODES, non_stationary, recovery, stitching
+from icrl_fast.model.qnet import ModelConfig, QNetwork
+from icrl_fast.rl.rollout import RolloutEngine
+
+
+def tiny(fmt):
+    return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64), fmt.vocab_size,
+                    fmt.action_ids, seed=1).eval()
+
+
+def test_switch_moves_each_context_to_its_new_map_without_a_marker():
+    fmt = compact_format()
+    a = MapBatch.from_descs([["SFG"], ["SFFG"], ["SFFFG"]])
+    b = MapBatch.from_descs([["FFS", "GFF"], ["GFFS"], ["FS", "HG"]])
+    out = RolloutEngine(tiny(fmt), fmt).run(a, 6, 0.0, seed=0, switch_to=b, switch_after=3)
+    for m in range(3):
+        episodes = decode(fmt, out.tokens[m])
+        assert len(episodes) == 6
+        starts = [p[0] for p in out.paths[m]]
+        assert starts[:3] == [0] * 3  # S is tile 0 on every map A
+        s_b = [r * len(b.to_desc(m)[0]) + c for r, row in enumerate(b.to_desc(m)) for c, t in enumerate(row) if t == "S"]
+        assert starts[3:] == s_b * 3  # then map B's S, three times
+        ends = [p[-1] for p in out.paths[m]]
+        width_b = len(b.to_desc(m)[0])
+        for e in range(3, 6):  # every landing after the switch is a tile of map B
+            r, c = divmod(ends[e], width_b)
+            assert r < len(b.to_desc(m))
+        assert [ep["obs"] for ep in episodes] == [p[:-1] for p in out.paths[m]]
+
+
+def test_non_stationary_contract_and_recovery():
+    fmt = compact_format()
+    maps = generate_maps(4, seed=1)
+    res = non_stationary(tiny(fmt), fmt, maps, maps[np.roll(np.arange(4), 1)], EvalConfig(maps=4, episodes=4,
+                         experiment="non-stationary"))
+    assert res["episodes"] == 8 and len(res["success_rate"]) == 8 and res["config"]["switch_after"] == 4
+    assert res["config"]["ramp"][:4] == res["config"]["ramp"][4:] == [0.0, 0.0, 0.1, 0.1]  # the ramp restarts
+    assert all(len(v) == 8 for v in res["baselines"].values()) and set(res["recovery"]) >= {"pre_switch"}
+    assert recovery([0.0] * 20 + [0.8] * 10 + [0.1, 0.5, 0.9, 0.9, 0.9] + [0.9] * 25, 30)["episodes_to_recover"] == 1
+    assert recovery([1.0] * 30 + [0.0] * 30, 30)["episodes_to_recover"] is None
+
+
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
+    q = tiny(fmt)
+    engine = RolloutEngine(q, fmt)
+    prefix = [t for obs, act, rew in STITCH_EPISODES for t in engine.streams.episode(obs, act, rew)]
+    maps = MapBatch.from_descs([MAPS["stitching"]])
+    out = engine.run(maps, 2, 1.0, seed=0, prefix=[prefix])
+    episodes = decode(fmt, out.tokens[0])
+    assert len(episodes) == 4 and (out.token_episode[0][: len(prefix)] == -1).all()
+    for ep, (obs, actions, rewards) in zip(episodes, STITCH_EPISODES):  # they cross at tile 10
+        assert ep["obs"] == obs[:-1] and ep["actions"] == actions and ep["rewards"] == rewards and 10 in obs
+    res = stitching(q, fmt, EvalConfig(maps=1, episodes=5, experiment="stitching"))
+    st = res["stitching"]
+    assert st["trials"] == 5 and len(st["paths"]) == 5 and all(p[0] == 8 for p in st["paths"])
+    assert st["successes"] == sum(p[-1] == 22 for p in st["paths"]) == round(sum(res["success_rate"]))
+    assert st["stitched"] == [p == [8, 9, 10, 14, 18, 22] for p in st["paths"]]
+
+
+def test_experiments_from_the_command_line(tmp_path):
+    import icrl_fast.train as T
+
+    run = tmp_path / "run"
+    assert T.main(["--preset", "smoke", "--out", str(run), "--eval.maps", "0"]) == 0
+    assert evaluate_main([str(run), "--experiment", "non-stationary", "--maps", "3", "--episodes", "3"]) == 0
+    ns = json.loads((run / "eval-non-stationary" / "eval.json").read_text())
+    assert ns["episodes"] == 6 and ns["experiment"] == "non-stationary" and "recovery" in ns
+    assert evaluate_main([str(run), "--experiment", "stitching"]) == 0
+    st = json.loads((run / "eval-stitching" / "eval.json").read_text())
+    assert st["stitching"]["trials"] == 5 and st["num_maps"] == 1
+    assert (run / "eval-stitching" / "trajectories.png").is_file()
+    # the report collects all three evaluations into one table, a figure and the README block
+    from icrl_fast.report import failures, main as report_main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:start -->\nold\n<!-- report:end -->\noutro\n")
+    assert report_main([str(run), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro") and text.endswith("outro\n")
+    assert text.count("| run/eval-") == 2 and "stitching (paper)" in text and "5/5 trials" in text
+    assert (run / "report.png").stat().st_size > 1000 and "paper reports" in (run / "report.md").read_text()
+    assert report_main([str(tmp_path / "empty")]) == 2
+    pm = {"success": [[0, 1, 0], [0, 0, 0]], "hole": [[1, 0, 0], [0, 1, 0]], "truncated": [[0, 0, 1], [1, 0, 1]]}
+    assert failures({"per_map": pm}) == {"failed": 5, "hole": 2, "loop": 3, "never_saw_goal": 4}
