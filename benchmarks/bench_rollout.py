@@ -78,27 +78,19 @@ def paper_rollout(qnet, maps, episodes: int, seed: int) -> int:
     return steps
 
 
-def test_rollout_ours(benchmark, record, qnet):
-    engine = RolloutEngine(qnet, FMT, device=DEVICE)
+@pytest.mark.parametrize("fmt_name", ["paper", "compact"])
+def test_rollout_ours(benchmark, record, qnet, compact_qnet, fmt_name):
+    net, fmt = (qnet, FMT) if fmt_name == "paper" else compact_qnet
+    engine = RolloutEngine(net, fmt, device=DEVICE)
     steps = {}
 
     def run():
         steps["n"] = int(engine.run(MAPS, EPISODES, paper_ramp(EPISODES), seed=0).length.sum())
 
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    record(SUITE, "engine: 50 maps in lockstep, KV-cache reuse", steps["n"], "env-steps/s", "rollout", "ours")
-
-
-def test_rollout_ours_compact_format(benchmark, record, compact_qnet):
-    qnet, fmt = compact_qnet
-    engine = RolloutEngine(qnet, fmt, device=DEVICE)
-    steps = {}
-
-    def run():
-        steps["n"] = int(engine.run(MAPS, EPISODES, paper_ramp(EPISODES), seed=0).length.sum())
-
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    record(SUITE, "engine, compact format (~2 tokens/step)", steps["n"], "env-steps/s", "rollout", "ours")
+    name = "engine: 50 maps in lockstep, KV-cache reuse" if fmt_name == "paper" else \
+        "engine, compact format (~2 tokens/step)"
+    record(SUITE, name, steps["n"], "env-steps/s", "rollout", "ours")
 
 
 def test_rollout_paper(benchmark, record, qnet):

@@ -44,25 +44,30 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     assert evaluate_main([str(tmp_path / "nothing")]) == 2
 
 
-def test_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
-    cfg = smoke(steps=8)
+def interrupted_and_resumed(cfg, tmp_path, monkeypatch, at: int):
+    """Run ``cfg`` straight; run it again with Ctrl-C inside loss call ``at`` and resume. Returns the straight
+    run's final state, the resumed run's, and the checkpoint the interruption left (name, tensors)."""
     T.run(cfg, tmp_path / "straight", progress=False)
-    calls = {"n": 0}
-    real = T.dqn_loss
+    real, calls = T.dqn_loss, {"n": 0}
 
-    def interrupt_at_step_6(*a, **k):
+    def interrupt(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == at:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "dqn_loss", interrupt_at_step_6)
+    monkeypatch.setattr(T, "dqn_loss", interrupt)
     with pytest.raises(KeyboardInterrupt):
         T.run(cfg, tmp_path / "resumed", progress=False)
-    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step-000005"  # saved on Ctrl-C
+    saved = (tmp_path / "resumed" / "checkpoints" / "latest").read_text(), final_state(tmp_path / "resumed")
     monkeypatch.setattr(T, "dqn_loss", real)
     T.run(cfg, tmp_path / "resumed", resume=True, progress=False)
-    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    return final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"), saved
+
+
+def test_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
+    a, b, (name, _) = interrupted_and_resumed(smoke(steps=8), tmp_path, monkeypatch, at=6)
+    assert name == "step-000005"  # saved on Ctrl-C
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)  # weights, target weights and optimizer moments, bit for bit
 
@@ -115,28 +120,12 @@ def online(**over):
 
 
 def test_online_mode_collects_rollouts_and_resumes_bit_identically(tmp_path, monkeypatch):
-    cfg = online()
-    T.run(cfg, tmp_path / "straight", progress=False)
+    a, b, (_, saved) = interrupted_and_resumed(online(), tmp_path, monkeypatch, at=5)
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     rollouts = [r for r in records if "rollout/success" in r]
     assert [r["step"] for r in rollouts] == [0, 3, 6] and [r["rollout/contexts"] for r in rollouts] == [6, 12, 18]
     assert rollouts[0]["rollout/epsilon"] == 1.0 and rollouts[-1]["rollout/epsilon"] == pytest.approx(0.1)
-    calls = {"n": 0}
-    real = T.dqn_loss
-
-    def interrupt_at_step_5(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(T, "dqn_loss", interrupt_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        T.run(cfg, tmp_path / "resumed", progress=False)
-    assert any(k.startswith("replay/") for k in final_state(tmp_path / "resumed"))  # the replay is checkpointed
-    monkeypatch.setattr(T, "dqn_loss", real)
-    T.run(cfg, tmp_path / "resumed", resume=True, progress=False)
-    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert any(k.startswith("replay/") for k in saved)  # the replay is checkpointed
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
