@@ -104,8 +104,21 @@ class RolloutEngine:
         self.max_positions = max_positions
         self.streams = ContextStreams(fmt)
 
+    def run(self, maps: MapBatch, episodes: int, p_model, seed: int, **kwargs) -> Rollout:
+        """See ``_run``. A model on flash-attn is switched to SDPA for the rollout: flash-attn's varlen kernels take
+        no per-slot mask, and the ragged, ring-buffered cache is expressed as one (decode steps are short)."""
+        model = self.qnet.model
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl != "flash_attention_2":
+            return self._run(maps, episodes, p_model, seed, **kwargs)
+        model.set_attn_implementation("sdpa")
+        try:
+            return self._run(maps, episodes, p_model, seed, **kwargs)
+        finally:
+            model.set_attn_implementation(impl)
+
     @torch.no_grad()
-    def run(self, maps: MapBatch, episodes: int, p_model, seed: int, *, is_slippery: bool = False,
+    def _run(self, maps: MapBatch, episodes: int, p_model, seed: int, *, is_slippery: bool = False,
             progress: bool = False, switch_to: MapBatch | None = None, switch_after: int | None = None,
             prefix: list[list[int]] | None = None) -> Rollout:
         """Play ``episodes`` episodes per map; in episode ``k`` the greedy action is taken with probability

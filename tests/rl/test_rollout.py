@@ -139,3 +139,16 @@ def test_contexts_beyond_16k_tokens_evaluate_and_train():
     loss.backward()
     assert batch["input_ids"].shape[1] == 17_000 and torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in q.trainable_parameters())
+
+
+def test_a_flash_attention_model_rolls_out_through_sdpa_and_is_restored(monkeypatch):
+    """flash-attn takes no 4D mask: the engine switches the model to SDPA for the rollout and back afterwards."""
+    fmt = compact_format()
+    q = tiny(fmt)
+    seen = []
+    monkeypatch.setattr(q.model.config, "_attn_implementation", "flash_attention_2")
+    monkeypatch.setattr(q.model, "set_attn_implementation",
+                        lambda impl: (seen.append(impl), q.model.config.__setattr__("_attn_implementation", impl)))
+    out = RolloutEngine(q, fmt).run(generate_maps(2, seed=0), 2, 0.0, seed=0)
+    assert seen == ["sdpa", "flash_attention_2"] and out.length.sum() > 0
+    assert q.model.config._attn_implementation == "flash_attention_2"
