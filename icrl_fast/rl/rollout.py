@@ -9,7 +9,9 @@ training format (``ContextFormat``: compact or paper). Each step:
 2. one model call over the left-padded block ``[B, width]`` through a ``RolloutCache`` (per-context lengths,
    absolute positions, optional sliding-window ring), reading Q of the 4 action tokens at each context's new
    decision point (the last column);
-3. the batched ``FrozenLakeBatch`` steps with the chosen actions: greedy over Q with probability ``p_model[k]``
+3. the batched env steps with the chosen actions (the C++/CUDA extension's env on a CUDA device when it is
+   loaded, the Numba ``FrozenLakeBatch`` otherwise; both draw the same random streams): greedy over Q with
+   probability ``p_model[k]``
    in episode ``k``, a uniform random action otherwise (the paper's evaluation ramp, or online exploration).
 
 The result (``Rollout``) holds the outcomes per episode and every context with its per-token episode index and
@@ -91,18 +93,53 @@ class Rollout:
     paths: list[list[list[int]]]  # per map, per episode: the tiles visited
 
 
+class HostView:
+    """The rollout's env as numpy arrays on the host, whichever backend steps it: ``numba`` (``FrozenLakeBatch``)
+    or ``ext`` (``TorchFrozenLakeBatch`` on ``device``: the step runs there, its outputs are copied back).
+    ``step`` returns copies ``(obs, reward, terminated, truncated, final_obs)``; ``reset`` a copy of ``obs``."""
+
+    def __init__(self, maps: MapBatch, backend: str, device, **kwargs):
+        if backend == "ext":
+            from icrl_fast.envs.ext import TorchFrozenLakeBatch
+
+            self.env, self.torch = TorchFrozenLakeBatch(maps, device=device, **kwargs), True
+        elif backend == "numba":
+            self.env, self.torch = FrozenLakeBatch(maps, **kwargs), False
+        else:
+            raise ValueError(f"env backend must be numba or ext, got {backend!r}")
+
+    def _host(self, x):
+        return x.cpu().numpy() if self.torch else x.copy()
+
+    def reset(self, mask: np.ndarray | None = None) -> np.ndarray:
+        if mask is not None and self.torch:
+            mask = torch.from_numpy(mask).to(self.env.device)
+        return self._host(self.env.reset(mask=mask))
+
+    def step(self, actions: np.ndarray):
+        out = self.env.step(torch.from_numpy(actions).to(self.env.device) if self.torch else actions)
+        return (*map(self._host, out), self._host(self.env.final_obs))
+
+
 class RolloutEngine:
     """Acts on many maps at once with one model call per step (see the module docstring).
 
     ``window``: attend to the last ``window`` tokens only (ring buffer; contexts may then exceed the model's
     positions). ``max_positions``: without a window, a context longer than this is a ``ValueError``.
+    ``env_backend``: ``auto`` (the extension on CUDA when loaded, else Numba: ``icrl_fast.envs.ext.backend``),
+    ``numba`` or ``ext``.
     """
 
     def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, env_backend: str = "auto"):
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
         self.max_positions = max_positions
         self.streams = ContextStreams(fmt)
+        if env_backend == "auto":
+            from icrl_fast.envs.ext import backend
+
+            env_backend = backend(device)
+        self.env_backend = env_backend
 
     def run(self, maps: MapBatch, episodes: int, p_model, seed: int, **kwargs) -> Rollout:
         """See ``_run``. A model on flash-attn is switched to SDPA for the rollout: flash-attn's varlen kernels take
@@ -138,9 +175,9 @@ class RolloutEngine:
                                            [switch_to.to_desc(b) for b in range(m)])
         else:
             env_maps = maps
-        env = FrozenLakeBatch(env_maps, is_slippery=is_slippery, seed=seed)
+        env = HostView(env_maps, self.env_backend, self.device, is_slippery=is_slippery, seed=seed)
         which = np.arange(m)  # the env each context plays on (b, or b + m after a switch)
-        obs = env.reset().copy()[:m]
+        obs = env.reset()[:m]
         rng = np.random.default_rng(seed)
         st = self.streams
         prefix = prefix if prefix is not None else [[] for _ in range(m)]
@@ -189,8 +226,7 @@ class RolloutEngine:
             active = episode < episodes
             env_actions = np.zeros(len(env_maps), dtype=np.int64)
             env_actions[which] = actions
-            o, r, term, trunc = (x[which] for x in env.step(env_actions))  # copies: the env reuses its buffers
-            final_obs = env.final_obs[which]
+            o, r, term, trunc, final_obs = (x[which] for x in env.step(env_actions))
             pending, pending_ep = [], []
             for b in range(m):
                 if not active[b]:
@@ -215,7 +251,7 @@ class RolloutEngine:
                         which[b] += m
                         mask = np.zeros(len(env_maps), dtype=bool)
                         mask[which[b]] = True
-                        o[b] = env.reset(mask=mask)[which[b]]
+                        o[b] = env.reset(mask)[which[b]]
                     if more:
                         paths[b].append([int(o[b])])
                     tail, head = st.after_action(int(actions[b]), float(r[b]), True, bool(out["truncated"][b, e]),

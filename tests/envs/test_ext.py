@@ -175,3 +175,19 @@ def test_make_batch_picks_numba_on_the_cpu():
     env = make_batch(random_maps(3, seed=8), device="cpu", seed=0)
     assert isinstance(env, FrozenLakeBatch)
     assert "Numba on the CPU" in ext.describe()
+
+
+def test_the_rollout_engine_plays_identically_on_the_extension():
+    """The engine on the extension's env (what it picks on CUDA) plays exactly the Numba rollout: same streams."""
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.rl.rollout import RolloutEngine
+
+    fmt = compact_format()
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), fmt.vocab_size,
+                 fmt.action_ids, seed=0).eval()
+    maps = random_maps(6, seed=9)
+    assert RolloutEngine(q, fmt).env_backend == "numba"  # on the CPU, auto picks Numba
+    runs = [RolloutEngine(q, fmt, env_backend=b).run(maps, 4, 0.5, seed=3, is_slippery=True, switch_to=maps[::-1],
+                                                     switch_after=2) for b in ("numba", "ext")]
+    assert all((x == y).all() for x, y in zip(runs[0].tokens, runs[1].tokens))
+    assert runs[0].paths == runs[1].paths and (runs[0].success == runs[1].success).all()
