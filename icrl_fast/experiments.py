@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -70,6 +70,7 @@ def recovery(success_rate: list[float], switch: int, level: float = 0.9, window:
 
 def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dict | None = None) -> dict:
     """The behaviour-stitching test: ``cfg.episodes`` greedy trials after the two hand-written episodes."""
+    cfg = replace(cfg, ramp="greedy")  # every trial acts greedily
     maps = MapBatch.from_descs([MAPS["stitching"]])
     engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device)
     prefix = [t for obs, actions, rewards in STITCH_EPISODES for t in engine.streams.episode(obs, actions, rewards)]

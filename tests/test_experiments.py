@@ -93,3 +93,4 @@ def test_experiments_from_the_command_line(tmp_path):
     assert report_main([str(tmp_path / "empty")]) == 2
     pm = {"success": [[0, 1, 0], [0, 0, 0]], "hole": [[1, 0, 0], [0, 1, 0]], "truncated": [[0, 0, 1], [1, 0, 1]]}
     assert failures({"per_map": pm}) == {"failed": 5, "hole": 2, "loop": 3, "never_saw_goal": 4}
+    assert failures({"per_map": pm, "stitching": {}})["never_saw_goal"] == 0
