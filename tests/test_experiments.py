@@ -88,7 +88,7 @@ def test_experiments_from_the_command_line(tmp_path):
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("outro\n")
-    assert text.count("| run/eval-") == 2 and "stitching (paper)" in text and "5/5 trials" in text
+    assert text.count("| run/eval-") == 2 and "stitching (greedy)" in text and "5/5 trials" in text
     assert (run / "report.png").stat().st_size > 1000 and "paper reports" in (run / "report.md").read_text()
     assert report_main([str(tmp_path / "empty")]) == 2
     pm = {"success": [[0, 1, 0], [0, 0, 0]], "hole": [[1, 0, 0], [0, 1, 0]], "truncated": [[0, 0, 1], [1, 0, 1]]}
