@@ -438,11 +438,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     return cfg, Path(out), False
 
 
+def _interrupt_on_signals() -> None:
+    """Ctrl-C, ``kill -INT`` and ``kill -TERM`` (what torchrun and schedulers send) all save a checkpoint and stop:
+    SIGINT gets Python's handler back even where it was started ignored (a background job of a script), and
+    SIGTERM raises the same KeyboardInterrupt."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, run_dir, resume = parse_args(argv)
     from icrl_fast.envs.ext import describe
 
     print(f"icrl_fast: preset {cfg.preset}, run directory {run_dir}; {describe()}")
+    _interrupt_on_signals()
     try:
         result = run(cfg, run_dir, resume=resume)
     except KeyboardInterrupt:

@@ -142,3 +142,29 @@ def test_online_fine_tuning_starts_from_an_offline_run(tmp_path):
         cfg.model, hidden_size=48))
     with pytest.raises(ValueError, match="do not match"):
         T.run(bad, tmp_path / "bad", progress=False)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_stops(tmp_path, sig):
+    """``kill -TERM`` and ``kill -INT`` stop with a checkpoint, SIGINT even though the job started with it ignored
+    (as a background job of a script does)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "icrl_fast.train", "--preset", "smoke", "--optim.steps", "100000",
+                             "--ckpt_every", "100000", "--eval.maps", "0", "--out", str(run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted at step" in err
+    assert (run / "checkpoints" / "latest").read_text().startswith("step-")
