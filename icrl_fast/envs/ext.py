@@ -92,7 +92,7 @@ def describe() -> str:
     """One line: which env backend runs where, and why."""
     if HAS_EXT:
         return f"env backend: C++ extension on CUDA, Numba on the CPU ({EXT_REASON})"
-    return f"env backend: Numba ({EXT_REASON})"
+    return f"env backend: Numba; C++ extension: {EXT_REASON}"
 
 
 class FormatTables:
