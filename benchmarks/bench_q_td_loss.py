@@ -13,7 +13,6 @@ import gc
 
 import pytest
 import torch
-
 from icrl_kernels import q_td_loss, q_td_loss_reference
 
 SUITE = "q_td_loss"

@@ -24,13 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from icrl_fast.data.formats import ContextFormat
 from icrl_fast.envs.learners import QLearningConfig, q_learning, random_policy
 from icrl_fast.envs.maps import MapBatch
 from icrl_fast.rl.rollout import RolloutEngine
-
 
 EXPERIMENTS = ("in-distribution", "ood", "non-stationary", "stitching")
 

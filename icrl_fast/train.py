@@ -28,13 +28,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from icrl_fast import distributed
 from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
 from icrl_fast.data.dataset import DatasetConfig, OfflineDataset, build_dataset
 from icrl_fast.envs.learners import QLearningConfig
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import EvalConfig, evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import ModelConfig, QNetwork
-from icrl_fast import distributed
 from icrl_fast.rl.dqn import DQNConfig, DQNObjective, dqn_loss
 from icrl_fast.rl.replay import ContextReplay
 from icrl_fast.rl.rollout import RolloutEngine

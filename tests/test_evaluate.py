@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from icrl_fast.data.formats import compact_format, paper_format, token_contract
+from icrl_fast.data.formats import compact_format, paper_format
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import EvalConfig, evaluate, paper_ramp, wilson, write_outputs
 from icrl_fast.model.qnet import ModelConfig, QNetwork

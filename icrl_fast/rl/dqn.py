@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from icrl_kernels import q_td_loss
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from icrl_fast.data.__main__ import main as data_cli
-from icrl_fast.data.dataset import (SCHEMA_VERSION, DatasetConfig, OfflineDataset, build_dataset, sample_sets)
+from icrl_fast.data.dataset import SCHEMA_VERSION, DatasetConfig, OfflineDataset, build_dataset, sample_sets
 from icrl_fast.data.formats import decode, token_contract
 from icrl_fast.envs.learners import EpisodeLog, QLearningConfig
 

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from icrl_kernels import QTDLoss, q_td_loss, q_td_loss_reference, select_backend
 from icrl_kernels.q_td_loss import vocab_argmax
 
