@@ -4,8 +4,8 @@ Every test map gets one growing context of ``episodes`` (30) episodes. In episod
 model's greedy action (argmax of the Q-values of the 4 action tokens) with probability ``ramp[k]`` and a uniform
 random action otherwise: 0.0, 0.0, 0.1, 0.1, ..., 0.9, 0.9, then 1.0 for 10 episodes (arXiv 2501.14176). All
 maps act in lockstep through the rollout engine (``icrl_fast.rl.rollout``), one model call per step that feeds only
-the tokens each context gained since the last call and reads Q at each context's new decision point. The metric is the success rate per episode index, with 95 % Wilson intervals,
-beside three baselines on the same maps and episodes: a uniform random policy, tabular Q-learning from scratch
+the tokens each context gained since the last call and reads Q at each context's new decision point. The metric is
+the success rate per episode index, with 95 % Wilson intervals, beside three baselines on the same maps and episodes: a uniform random policy, tabular Q-learning from scratch
 (its exploration follows the same ramp: epsilon 1.0 -> 0.0 over 20 episodes), and the shortest-path optimum.
 
 Writes ``eval.json`` (a stable contract: experiment, num_maps, episodes, success_rate, ci95, baselines, config),
@@ -31,6 +31,7 @@ from icrl_fast.envs.maps import MapBatch
 from icrl_fast.rl.rollout import RolloutEngine
 
 EXPERIMENTS = ("in-distribution", "ood", "non-stationary", "stitching")
+OUTCOMES = ("success", "hole", "truncated", "length")  # per map and episode, in eval.json's per_map
 
 
 @dataclass
@@ -92,19 +93,22 @@ def evaluate(qnet, fmt: ContextFormat, maps: MapBatch, cfg: EvalConfig, device: 
     for start in range(0, len(maps), cfg.batch_maps):
         sub = maps[np.arange(start, min(start + cfg.batch_maps, len(maps)))]
         parts.append(engine.run(sub, cfg.episodes, ramp, cfg.seed + start, progress=progress))
-    res = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("success", "hole", "truncated", "length")}
-    paths = [p for part in parts for p in part.paths]
-    n = len(maps)
-    succ = res["success"].sum(0)
-    return {
-        "experiment": cfg.experiment, "num_maps": n, "episodes": cfg.episodes,
-        "success_rate": (succ / n).tolist(), "ci95": wilson(succ, n),
-        "baselines": baselines(maps, cfg.episodes, cfg.seed),
-        "config": {"eval": asdict(cfg), "ramp": ramp.tolist(), **(extra_config or {})},
-        "per_map": {"success": res["success"].astype(int).tolist(), "hole": res["hole"].astype(int).tolist(),
-                    "truncated": res["truncated"].astype(int).tolist(), "length": res["length"].tolist()},
-        "_paths": paths,
-    }
+    outcomes = {k: np.concatenate([getattr(p, k) for p in parts]) for k in OUTCOMES}
+    result = eval_result(cfg, outcomes, ramp, baselines(maps, cfg.episodes, cfg.seed), extra_config)
+    result["_paths"] = [p for part in parts for p in part.paths]
+    return result
+
+
+def eval_result(cfg: EvalConfig, outcomes: dict, ramp, base: dict, extra_config: dict | None = None) -> dict:
+    """The ``eval.json`` contract from per-map outcomes: ``outcomes`` maps each of ``OUTCOMES`` to ``[M, E]``
+    arrays (``vars(rollout)`` will do)."""
+    success = outcomes["success"]
+    n, episodes = success.shape
+    succ = success.sum(0)
+    return {"experiment": cfg.experiment, "num_maps": n, "episodes": episodes, "success_rate": (succ / n).tolist(),
+            "ci95": wilson(succ, n), "baselines": base,
+            "config": {"eval": asdict(cfg), "ramp": [float(x) for x in ramp], **(extra_config or {})},
+            "per_map": {k: np.asarray(outcomes[k]).astype(int).tolist() for k in OUTCOMES}}
 
 
 def summary_rows(result: dict) -> list[str]:

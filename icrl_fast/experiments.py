@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 
 from icrl_fast.envs.maps import MAPS, MapBatch
-from icrl_fast.evaluate import EvalConfig, baselines, make_ramp, wilson
+from icrl_fast.evaluate import EvalConfig, baselines, eval_result, make_ramp
 from icrl_fast.rl.rollout import RolloutEngine
 
 LEFT, DOWN, RIGHT, UP = range(4)
@@ -27,19 +27,6 @@ STITCH_EPISODES = (  # (observations, actions, rewards) of the two hand-written 
     ([8, 9, 10, 11], [RIGHT, RIGHT, RIGHT], [0, 0, 0]),
 )
 STITCHED_PATH = [8, 9, 10, 14, 18, 22]
-
-
-def _contract(cfg: EvalConfig, n: int, episodes: int, success: np.ndarray, ramp, base: dict, per_map: dict,
-              extra_config: dict | None) -> dict:
-    succ = success.sum(0)
-    return {"experiment": cfg.experiment, "num_maps": n, "episodes": episodes, "success_rate": (succ / n).tolist(),
-            "ci95": wilson(succ, n), "baselines": base,
-            "config": {"eval": asdict(cfg), "ramp": list(map(float, ramp)), **(extra_config or {})},
-            "per_map": per_map}
-
-
-def _per_map(out) -> dict:
-    return {k: getattr(out, k).astype(int).tolist() for k in ("success", "hole", "truncated", "length")}
 
 
 def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfig, device: str = "cpu",
@@ -51,7 +38,7 @@ def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfi
     out = engine.run(maps_a, 2 * half, ramp, cfg.seed, switch_to=maps_b, switch_after=half, progress=progress)
     a, b = baselines(maps_a, half, cfg.seed), baselines(maps_b, half, cfg.seed + 1)
     base = {k: a[k] + b[k] for k in a}  # the baselines restart from scratch on the new map, as the ramp does
-    result = _contract(cfg, len(maps_a), 2 * half, out.success, ramp, base, _per_map(out), extra_config)
+    result = eval_result(cfg, vars(out), ramp, base, extra_config)
     result["config"]["switch_after"] = half
     result["recovery"] = recovery(result["success_rate"], half)
     result["_paths"] = [p[:half] for p in out.paths]  # drawn on map A: its episodes only
@@ -76,8 +63,7 @@ def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dic
     prefix = [t for obs, actions, rewards in STITCH_EPISODES for t in engine.streams.episode(obs, actions, rewards)]
     out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=[prefix])
     paths = out.paths[0]
-    result = _contract(cfg, 1, cfg.episodes, out.success, np.ones(cfg.episodes), baselines(maps, cfg.episodes,
-                       cfg.seed), _per_map(out), extra_config)
+    result = eval_result(cfg, vars(out), np.ones(cfg.episodes), baselines(maps, cfg.episodes, cfg.seed), extra_config)
     result["stitching"] = {"successes": int(out.success.sum()), "trials": cfg.episodes, "paths": paths,
                            "stitched": [p == STITCHED_PATH for p in paths], "stitched_path": STITCHED_PATH,
                            "context_paths": [list(e[0]) for e in STITCH_EPISODES]}

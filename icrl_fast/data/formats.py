@@ -290,6 +290,12 @@ def token_contract(fmt: ContextFormat, input_ids: np.ndarray) -> tuple[np.ndarra
     return mask, np.where(mask, nxt, np.int8(-1)).astype(np.int8)
 
 
+def pad_token(fmt: ContextFormat) -> int:
+    """A padding id that adds no decision and no action: the smallest id that is neither."""
+    taken = set(fmt.decision_ids.tolist()) | set(fmt.action_ids.tolist())
+    return next(i for i in range(fmt.vocab_size) if i not in taken)
+
+
 def _match(ids, p: int, run) -> bool:
     return len(run) == 0 or (p + len(run) <= len(ids) and list(ids[p: p + len(run)]) == list(run))
 

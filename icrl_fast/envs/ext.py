@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from icrl_fast.data.formats import pad_token
 from icrl_fast.envs.frozen_lake import _MODE_CODE, parse_autoreset_mode, validate_dynamics
 from icrl_fast.envs.maps import MapBatch
-from icrl_fast.envs.rng import as_seed
+from icrl_fast.envs.rng import as_seed, choose_seed
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ["frozen_lake_ops.cpp"]
@@ -106,8 +107,7 @@ class FormatTables:
         t = lambda x: torch.as_tensor(np.ascontiguousarray(x, dtype=np.int64), device=device)  # noqa: E731
         self.runs, self.run_off = t(np.concatenate(runs) if off[-1] else np.zeros(1)), t(off)
         self.obs_table, self.obs_len, self.action_ids = t(fmt.obs_table), t(fmt.obs_len), t(fmt.action_ids)
-        taken = set(fmt.decision_ids.tolist()) | set(fmt.action_ids.tolist())
-        self.pad = next(i for i in range(fmt.vocab_size) if i not in taken)
+        self.pad = pad_token(fmt)
 
 
 class TorchFrozenLakeBatch:
@@ -153,10 +153,7 @@ class TorchFrozenLakeBatch:
             mask = torch.ones(n, dtype=torch.bool, device=self.device)
         elif not self._ready and not bool(mask.all()):
             raise ValueError("the first reset must reset every env (mask=None)")
-        if seed is not None:
-            self._seed = int(as_seed(seed))
-        elif self._seed is None:
-            self._seed = int(np.random.SeedSequence().entropy & ((1 << 64) - 1))
+        self._seed = int(choose_seed(self._seed, seed))
         if seed is not None or not self._ready:
             signed = self._seed - (1 << 64) if self._seed >= 1 << 63 else self._seed  # the op takes int64 bits
             torch.ops.icrl.seed_streams(signed, mask, self._rng)

@@ -23,7 +23,7 @@ from gymnasium.vector import AutoresetMode
 from numba import njit, prange
 
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
-from icrl_fast.envs.rng import as_seed, next_uniform, stream_state
+from icrl_fast.envs.rng import as_seed, choose_seed, next_uniform, stream_state
 
 NEXT_STEP, SAME_STEP, DISABLED = 0, 1, 2
 _DR = np.array([0, 1, 0, -1], dtype=np.int32)  # row change of left, down, right, up (gymnasium's order)
@@ -294,10 +294,7 @@ class FrozenLakeBatch:
                 raise ValueError(f"mask must be a bool array of shape ({n},), got {mask.dtype} {mask.shape}")
             if not self._ready and not mask.all():
                 raise ValueError("the first reset must reset every env (mask=None)")
-        if seed is not None:
-            self._seed = as_seed(seed)
-        elif self._seed is None:
-            self._seed = np.uint64(np.random.SeedSequence().entropy & ((1 << 64) - 1))
+        self._seed = choose_seed(self._seed, seed)
         if seed is not None or not self._ready:
             _seed_streams(self._seed, self._rng, mask)
         _reset_masked(mask, self.maps.tiles, self.maps.ncol, self.maps.starts, self.maps.n_starts, self._pos,

@@ -54,6 +54,16 @@ def next_uniform(state):
     return state, np.float64(z >> _S11) * _INV_2_53
 
 
+def choose_seed(current, seed: int | None) -> np.uint64:
+    """The seed a reset uses: ``seed`` when given, else the ``current`` one, else fresh OS entropy (as gymnasium
+    does when unseeded)."""
+    if seed is not None:
+        return as_seed(seed)
+    if current is not None:
+        return np.uint64(current)
+    return np.uint64(np.random.SeedSequence().entropy & _MASK64)
+
+
 def as_seed(seed: int, name: str = "seed") -> np.uint64:
     """Validate a user seed (a non-negative int, as gymnasium requires) and return it as ``np.uint64``."""
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):

@@ -15,14 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from icrl_fast.data.formats import ContextFormat, token_contract
+from icrl_fast.data.formats import ContextFormat, pad_token, token_contract
 from icrl_fast.rl.rollout import Rollout
-
-
-def pad_token(fmt: ContextFormat) -> int:
-    """The smallest id that is neither a decision nor an action token."""
-    taken = set(fmt.decision_ids.tolist()) | set(fmt.action_ids.tolist())
-    return next(i for i in range(fmt.vocab_size) if i not in taken)
 
 
 class ContextReplay:
@@ -49,7 +43,7 @@ class ContextReplay:
         del self.contexts[: max(0, len(self.contexts) - self.capacity)]
 
     def sample(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """``n`` slices ``[n, L]`` (``L`` = the longest drawn window, at most ``slice_len``) in the learner's contract."""
+        """``n`` slices ``[n, L]`` (``L``: the longest drawn window, at most ``slice_len``), the learner's contract."""
         if not self.contexts:
             raise ValueError("the replay is empty: collect a rollout first")
         picks = rng.integers(0, len(self.contexts), n)
