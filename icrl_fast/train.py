@@ -140,7 +140,8 @@ def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg:
         for key, value in pstate.items():
             tensors[f"optim/{pid}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
     if replay is not None:
-        tensors.update({f"replay/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in replay.state_dict().items()})
+        for k, v in replay.state_dict().items():
+            tensors[f"replay/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"state": state, "param_groups": osd["param_groups"], "scheduler": sched.state_dict(),
             "config": dataclasses.asdict(cfg)}
@@ -242,8 +243,9 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         objective = DistributedDataParallel(objective, device_ids=[world.local_rank] if device != "cpu" else None)
     metrics_file = (run_dir / "metrics.jsonl").open("a") if world.main else None
     tb = _tensorboard(run_dir) if world.main else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-    engine = RolloutEngine(qnet, fmt, window=cfg.online.window, device=device, max_positions=cfg.model.max_positions)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    engine = None if replay is None else RolloutEngine(qnet, fmt, window=cfg.online.window, device=device,
+                                                       max_positions=cfg.model.max_positions)
     bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc="training", unit="step", disable=not progress)
     t_last, tok_last = time.perf_counter(), state["tokens"]
     # --- loop ---------------------------------------------------------------------------------------------------

@@ -212,10 +212,11 @@ class RolloutEngine:
                 tokens[b] += pending[b]
                 tok_ep[b] += pending_ep[b]
                 dpos[b].append(len(tokens[b]) - 1)
-            if self.window is None and self.max_positions is not None and max(map(len, tokens)) > self.max_positions:
-                raise ValueError(f"a context reached {max(map(len, tokens))} tokens, more than the model's "
-                                 f"{self.max_positions} positions: raise the model's max_positions or set a window")
             pos, mask = cache.plan(torch.from_numpy(counts), width)
+            longest = cache.get_seq_length()  # the cache knows every live context's length: no scan of the tokens
+            if self.window is None and self.max_positions is not None and longest > self.max_positions:
+                raise ValueError(f"a context reached {longest} tokens, more than the model's "
+                                 f"{self.max_positions} positions: raise the model's max_positions or set a window")
             h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
                                  past_key_values=cache, use_cache=True)
             q[live] = self.qnet.q_values(h[:, -1]).cpu().numpy()
@@ -249,9 +250,9 @@ class RolloutEngine:
                     more = episode[b] < episodes
                     if switch_to is not None and episode[b] == switch_after:  # the next episode is on map B
                         which[b] += m
-                        mask = np.zeros(len(env_maps), dtype=bool)
-                        mask[which[b]] = True
-                        o[b] = env.reset(mask)[which[b]]
+                        fresh = np.zeros(len(env_maps), dtype=bool)
+                        fresh[which[b]] = True
+                        o[b] = env.reset(fresh)[which[b]]
                     if more:
                         paths[b].append([int(o[b])])
                     tail, head = st.after_action(int(actions[b]), float(r[b]), True, bool(out["truncated"][b, e]),
