@@ -16,7 +16,8 @@ ARGS = ["--preset", "smoke", "--optim.steps", "6", "--log_every", "1", "--eval.m
 
 
 def losses(run):
-    return [r["losses/td"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "losses/td" in r]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r["losses/td"] for r in records if "losses/td" in r]
 
 
 def weights(run):

@@ -28,7 +28,8 @@ def test_switch_moves_each_context_to_its_new_map_without_a_marker():
         assert len(episodes) == 6
         starts = [p[0] for p in out.paths[m]]
         assert starts[:3] == [0] * 3  # S is tile 0 on every map A
-        s_b = [r * len(b.to_desc(m)[0]) + c for r, row in enumerate(b.to_desc(m)) for c, t in enumerate(row) if t == "S"]
+        desc = b.to_desc(m)
+        s_b = [r * len(desc[0]) + c for r, row in enumerate(desc) for c, t in enumerate(row) if t == "S"]
         assert starts[3:] == s_b * 3  # then map B's S, three times
         ends = [p[-1] for p in out.paths[m]]
         width_b = len(b.to_desc(m)[0])

@@ -1,7 +1,7 @@
 """Simulator self-check: prove the Numba simulator against gymnasium on fresh maps and time it beside gymnasium.
 
-Handy after any install: ``python -c "from icrl_fast.envs.selfcheck import main; main()"``. The careful measurements are the
-pytest-benchmark suite ``benchmarks/bench_env.py``; this is a quick, honest summary (median of a few repeats).
+Handy after any install: ``python -c "from icrl_fast.envs.selfcheck import main; main()"``. The careful
+measurements are the pytest-benchmark suite ``benchmarks/bench_env.py``; this is a quick, honest summary (median of a few repeats).
 """
 
 from __future__ import annotations
