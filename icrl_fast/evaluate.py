@@ -40,13 +40,24 @@ class EvalConfig:
 
     maps: int = field(default=50, metadata={"help": "unseen maps (the dataset's test split, or fresh OOD maps)"})
     episodes: int = field(default=30, metadata={"help": "episodes per map in one context"})
-    experiment: str = field(default="in-distribution", metadata={"help": "in-distribution (3-5 maps) or ood (6-7)"})
+    experiment: str = field(default="in-distribution", metadata={"help": " | ".join(EXPERIMENTS)})
     seed: int = field(default=1234, metadata={"help": "seed of the exploration draws and env streams"})
     batch_maps: int = field(default=50, metadata={"help": "maps per model call"})
     ramp: str = field(default="paper", metadata={"help": "paper (P(model) 0.0 -> 1.0 over 20 episodes) or greedy "
                                                          "(the model acts from episode 0, no forced exploration)"})
     window: int | None = field(default=None, metadata={"help": "attend to the last WINDOW tokens only (ring-buffer "
                                                                 "KV cache); default: the whole context"})
+
+    def validate(self) -> None:
+        """``ValueError`` naming the bad field (``maps`` may be 0: the trainer then skips its evaluation)."""
+        if self.maps < 0 or self.episodes < 1 or self.batch_maps < 1:
+            raise ValueError(f"eval needs maps >= 0, episodes >= 1 and batch_maps >= 1, got maps={self.maps}, "
+                             f"episodes={self.episodes}, batch_maps={self.batch_maps}")
+        if self.experiment not in EXPERIMENTS or self.ramp not in ("paper", "greedy"):
+            raise ValueError(f"eval experiment must be one of {EXPERIMENTS} and ramp paper or greedy, got "
+                             f"{self.experiment!r} and {self.ramp!r}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"eval window must be >= 1 tokens (or unset), got {self.window}")
 
 
 def paper_ramp(episodes: int) -> np.ndarray:
@@ -87,6 +98,9 @@ def baselines(maps: MapBatch, episodes: int, seed: int) -> dict[str, list[float]
 def evaluate(qnet, fmt: ContextFormat, maps: MapBatch, cfg: EvalConfig, device: str = "cpu",
              max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False) -> dict:
     """Run the protocol on ``maps`` and return the ``eval.json`` contract (plus per-map outcomes)."""
+    cfg.validate()
+    if len(maps) == 0:
+        raise ValueError("there are no maps to evaluate")
     ramp = make_ramp(cfg.ramp, cfg.episodes)
     engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
     parts = []
@@ -219,14 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: the run directory for the paper protocol, "
                                                "else RUN/eval-EXPERIMENT[-greedy])")
     args = p.parse_args(argv)
+    episodes = args.episodes if args.episodes is not None else (5 if args.experiment == "stitching" else 30)
+    ecfg = EvalConfig(maps=args.maps, episodes=episodes, experiment=args.experiment, seed=args.seed,
+                      ramp=args.ramp, window=args.window)
     try:
+        ecfg.validate()
+        if args.maps < 1:
+            raise ValueError(f"--maps must be >= 1, got {args.maps}")
         qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    episodes = args.episodes or (5 if args.experiment == "stitching" else 30)
-    ecfg = EvalConfig(maps=len(maps), episodes=episodes, experiment=args.experiment, seed=args.seed,
-                      ramp=args.ramp, window=args.window)
+    ecfg.maps = len(maps)
     extra = {"run": str(args.run)}
     if args.experiment == "non-stationary":
         from icrl_fast.experiments import non_stationary

@@ -70,6 +70,17 @@ class OnlineConfig:
     init: str | None = field(default=None, metadata={"help": "a run directory whose latest networks start this "
                                                              "run (offline pre-training, then online)"})
 
+    def validate(self) -> None:
+        """``ValueError`` naming the bad field."""
+        if min(self.maps, self.episodes, self.rollout_every, self.capacity) < 1 or self.slice_len < 2:
+            raise ValueError(f"online needs maps, episodes, rollout_every, capacity >= 1 and slice_len >= 2, got "
+                             f"{self.maps}, {self.episodes}, {self.rollout_every}, {self.capacity}, {self.slice_len}")
+        if not (0.0 <= self.epsilon_start <= 1.0 and 0.0 <= self.epsilon_end <= 1.0) or self.epsilon_steps < 0:
+            raise ValueError(f"online epsilons must be probabilities and epsilon_steps >= 0, got {self.epsilon_start}, "
+                             f"{self.epsilon_end}, {self.epsilon_steps}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"online window must be >= 1 tokens (or unset), got {self.window}")
+
     def epsilon(self, step: int) -> float:
         frac = min(1.0, step / max(1, self.epsilon_steps))
         return self.epsilon_start + frac * (self.epsilon_end - self.epsilon_start)
@@ -205,6 +216,9 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     cfg.dqn.validate()
     if cfg.mode not in ("offline", "online"):
         raise ValueError(f"mode must be offline or online, got {cfg.mode!r}")
+    cfg.eval.validate()
+    if cfg.mode == "online":
+        cfg.online.validate()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     size = distributed.world_size()  # checked before joining the group, so a bad config fails fast on every rank
     if size > 1 and cfg.mode == "online":

@@ -69,7 +69,7 @@ def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
     assert st["stitched"] == [p == [8, 9, 10, 14, 18, 22] for p in st["paths"]]
 
 
-def test_experiments_from_the_command_line(tmp_path):
+def test_experiments_from_the_command_line(tmp_path, capsys):
     import icrl_fast.train as T
 
     run = tmp_path / "run"
@@ -78,6 +78,10 @@ def test_experiments_from_the_command_line(tmp_path):
     ns = json.loads((run / "eval-non-stationary" / "eval.json").read_text())
     assert ns["episodes"] == 6 and ns["experiment"] == "non-stationary" and "recovery" in ns
     assert evaluate_main([str(run), "--experiment", "stitching"]) == 0
+    for bad, message in ((["--window", "0"], "window must be >= 1"), (["--maps", "0"], "--maps must be >= 1"),
+                         (["--episodes", "0"], "episodes >= 1")):
+        assert evaluate_main([str(run), *bad]) == 2
+        assert message in capsys.readouterr().err
     st = json.loads((run / "eval-stitching" / "eval.json").read_text())
     assert st["stitching"]["trials"] == 5 and st["num_maps"] == 1
     assert (run / "eval-stitching" / "trajectories.png").is_file()

@@ -103,6 +103,18 @@ def test_cli_errors_are_clear(tmp_path):
     assert cfg.model.path == "/models/llama" and cfg.data.tokenizer == "/models/llama"  # the model's own tokenizer
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "online", "--online.maps", "0"], "online needs maps"),
+    (["--mode", "online", "--online.epsilon_end", "1.5"], "epsilons must be probabilities"),
+    (["--eval.window", "0"], "eval window must be >= 1"),
+    (["--eval.ramp", "sometimes"], "ramp paper or greedy"),
+])
+def test_bad_online_and_eval_settings_stop_before_any_work(tmp_path, capsys, flags, message):
+    assert T.main(["--preset", "smoke", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "dataset").exists()  # rejected before the dataset is built
+
+
 def test_two_runs_of_a_default_width_model_are_bit_identical(tmp_path):
     """Separate runs, same seed: identical weights (multithreaded accumulations made them drift before)."""
     cfg = smoke(steps=3)
