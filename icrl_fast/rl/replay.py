@@ -34,6 +34,9 @@ class ContextReplay:
         return len(self.contexts)
 
     def add(self, rollout: Rollout) -> None:
+        if any((ep < 0).any() for ep in rollout.token_episode):
+            raise ValueError("a rollout with a hand-written prefix (token_episode -1) has no returns for it: "
+                             "it cannot enter the replay")
         for b, ids in enumerate(rollout.tokens):
             ended = rollout.success[b] | rollout.hole[b]
             self.contexts.append({"tokens": ids, "episode": rollout.token_episode[b],

@@ -70,5 +70,10 @@ def test_fifo_capacity_and_state_round_trip():
     clone.load_state_dict(replay.state_dict())
     a, b = (r.sample(8, np.random.default_rng(3)) for r in (replay, clone))
     assert all((a[k] == b[k]).all() for k in a) and clone.added == 8
+    prefixed = RolloutEngine(QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32),
+                                      fmt.vocab_size, fmt.action_ids, seed=0).eval(), fmt).run(
+        generate_maps(1, seed=0), 1, 0.0, seed=0, prefix=[[0]])
+    with pytest.raises(ValueError, match="prefix"):
+        replay.add(prefixed)
     with pytest.raises(ValueError, match="empty"):
         ContextReplay(fmt, 2, 8).sample(1, np.random.default_rng(0))
