@@ -90,12 +90,14 @@ class RolloutCache(Cache):
         for layer in self.layers:
             layer.keep(rows)
 
-    def plan(self, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, counts: torch.Tensor, width: int, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reserve slots for ``counts[b]`` new tokens per context in a block of ``width`` columns.
 
         Returns ``position_ids [B, width]`` (absolute positions; padding repeats a valid one) and the additive
         attention mask ``[B, 1, width, view]`` over the buffer slots attention reads (0 where a query may attend,
-        the dtype's minimum elsewhere).
+        the dtype's minimum elsewhere). ``bound``: an upper bound on the longest context after this call, known to
+        the caller; given, the call never reads a device value back (no host sync: a GPU-resident rollout), and
+        attention reads ``bound`` slots instead of exactly the longest context's (the extra ones are masked).
         """
         counts = counts.to(self.device, torch.long)
         if width > self.max_block and self.window is not None:
@@ -104,7 +106,10 @@ class RolloutCache(Cache):
         first = width - counts  # first real column of each row
         real = col[None, :] >= first[:, None]
         pos = self.lengths[:, None] + col[None, :] - first[:, None]
-        need = int((self.lengths + counts).max())
+        if self.window is not None:
+            need = None  # the ring's size is fixed: nothing to know about the lengths
+        else:
+            need = bound if bound is not None else int((self.lengths + counts).max())
         if self.window is None and need > self.capacity:
             self._grow(max(need, 2 * self.capacity))
         c = self.capacity

@@ -127,13 +127,15 @@ class RolloutEngine:
     ``window``: attend to the last ``window`` tokens only (ring buffer; contexts may then exceed the model's
     positions). ``max_positions``: without a window, a context longer than this is a ``ValueError``.
     ``env_backend``: ``auto`` (the extension on CUDA when loaded, else Numba: ``icrl_fast.envs.ext.backend``),
-    ``numba`` or ``ext``.
+    ``numba`` or ``ext``. On ``ext`` the loop stays on the device (``icrl_fast.rl.device_loop``; the host reads it
+    back every ``sync_every`` steps), except for a map switch (the non-stationary experiment), which the host loop
+    plays.
     """
 
     def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
-                 max_positions: int | None = None, env_backend: str = "auto"):
+                 max_positions: int | None = None, env_backend: str = "auto", sync_every: int = 16):
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
-        self.max_positions = max_positions
+        self.max_positions, self.sync_every = max_positions, sync_every
         self.streams = ContextStreams(fmt)
         if env_backend == "auto":
             from icrl_fast.envs.ext import backend
@@ -168,6 +170,11 @@ class RolloutEngine:
         """
         m = len(maps)
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
+        if self.env_backend == "ext" and switch_to is None:  # the extension's env: the loop stays on the device
+            from icrl_fast.rl.device_loop import run_on_device
+
+            return run_on_device(self, maps, episodes, p_model, seed, is_slippery=is_slippery, progress=progress,
+                                 prefix=prefix, sync_every=self.sync_every)
         if switch_to is not None:
             if len(switch_to) != m or switch_after is None or not 0 < switch_after < episodes:
                 raise ValueError("switch_to needs one map per context and 0 < switch_after < episodes")

@@ -191,3 +191,54 @@ def test_the_rollout_engine_plays_identically_on_the_extension():
                                                      switch_after=2) for b in ("numba", "ext")]
     assert all((x == y).all() for x, y in zip(runs[0].tokens, runs[1].tokens))
     assert runs[0].paths == runs[1].paths and (runs[0].success == runs[1].success).all()
+
+
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+@pytest.mark.parametrize("window,sync_every", [(None, 1), (None, 5), (29, 16)])
+def test_the_device_resident_loop_plays_exactly_the_host_loop(fmt, window, sync_every):
+    """On the extension's env the engine's loop stays on the device (emit writes the input buffer; the host reads
+    back every ``sync_every`` steps): contexts, episode indices, decision points, Q, paths and outcomes equal the
+    host loop on the Numba env for the same seed -- exploration, slippery moves, a prefix, early finishers and
+    the ring buffer included."""
+    from icrl_fast.evaluate import paper_ramp
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.rl.rollout import RolloutEngine
+
+    q = QNetwork(ModelConfig(hidden_size=16, layers=2, heads=2, intermediate_size=32), fmt.vocab_size,
+                 fmt.action_ids, seed=0).eval()
+    maps = random_maps(7, seed=4)
+    st = ContextStreams(fmt)
+    prefix = [st.episode([0, 1], [2], [0.0]) if b % 2 else [] for b in range(len(maps))]
+    runs = [RolloutEngine(q, fmt, window=window, env_backend=b, sync_every=sync_every).run(
+        maps, 7, paper_ramp(7), seed=5, is_slippery=True, prefix=prefix) for b in ("numba", "ext")]
+    host, dev = runs
+    assert host.length.sum(1).min() < host.length.sum(1).max()  # contexts finish at different steps
+    assert host.success.any() and host.hole.any()
+    for name in ("success", "hole", "truncated", "length", "episode_return"):
+        np.testing.assert_array_equal(getattr(dev, name), getattr(host, name), err_msg=name)
+    assert dev.paths == host.paths
+    for b in range(len(maps)):
+        np.testing.assert_array_equal(dev.tokens[b], host.tokens[b])
+        np.testing.assert_array_equal(dev.token_episode[b], host.token_episode[b])
+        np.testing.assert_array_equal(dev.decision_pos[b], host.decision_pos[b])
+        np.testing.assert_allclose(dev.q[b], host.q[b], rtol=1e-5, atol=1e-6)
+
+
+def test_the_device_loop_reads_back_only_at_sync_points(monkeypatch):
+    """The cache's length is the one device value a step would need (to size the attention read); the loop tells
+    every plan an upper bound instead and reads the exact length once per sync point."""
+    from icrl_fast.model.kv_cache import RolloutCache
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.rl.rollout import RolloutEngine
+
+    fmt = compact_format()
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), fmt.vocab_size,
+                 fmt.action_ids, seed=0).eval()
+    plans, reads = [], []
+    plan, length = RolloutCache.plan, RolloutCache.get_seq_length
+    monkeypatch.setattr(RolloutCache, "plan", lambda self, c, w, bound=None: plans.append(bound) or plan(self, c, w,
+                                                                                                           bound))
+    monkeypatch.setattr(RolloutCache, "get_seq_length", lambda self, i=0: reads.append(1) or length(self, i))
+    RolloutEngine(q, fmt, env_backend="ext", sync_every=8).run(random_maps(5, seed=2), 3, 0.5, seed=1)
+    assert None not in plans  # every call told the cache its bound: no length read inside a step
+    assert len(reads) == -(-len(plans) // 8)  # one exact length read per sync point
