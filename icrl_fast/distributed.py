@@ -2,7 +2,10 @@
 trainer needs. A plain ``python -m icrl_fast.train`` is a world of one and touches no ``torch.distributed`` API.
 
 ``torchrun --nproc_per_node=N -m icrl_fast.train ...`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; the group
-uses NCCL on CUDA and gloo on the CPU. Gradients are averaged by ``DistributedDataParallel`` (see ``train.py``).
+uses NCCL on CUDA and gloo on the CPU. Gradients are averaged by ``DistributedDataParallel`` (``--parallel ddp``,
+the default: every process holds the whole model) or, with ``--parallel fsdp``, by FSDP2 (``fully_shard``: a
+pretrained model's decoder layers and embeddings are sharded over the processes, for models that do not fit one
+GPU; see ``QNetwork.shard``). Sharded tensors are gathered for checkpoints (``full``) and before the evaluation.
 """
 
 from __future__ import annotations
@@ -67,6 +70,30 @@ def setup(device: str) -> tuple[World, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(rank, size, local), device
+
+
+def mesh(world: World, device: str):
+    """The 1-D device mesh of all processes (FSDP2 shards over it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(torch.device(device).type, (world.size,))
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective: every process must call it), else ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor, present on every process) laid out like ``ref``: this process's shard when
+    ``ref`` is sharded (no communication), else ``value`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(ref, DTensor):
+        return value
+    return distribute_tensor(value.to(ref.dtype), ref.device_mesh, ref.placements, src_data_rank=None)
 
 
 def teardown(world: World) -> None:

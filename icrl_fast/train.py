@@ -105,6 +105,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between metric records"})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (every process holds the model) or "
+                                                         "fsdp (FSDP2 shards a pretrained model over the processes)"})
     deterministic: bool = field(default=True, metadata={"help": "torch deterministic algorithms: bit-identical runs "
                                                                 "for a seed (measured: no slower on this CPU)"})
 
@@ -136,20 +138,23 @@ class TrainingDiverged(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg: TrainConfig,
-                    replay: ContextReplay | None = None) -> Path:
+                    replay: ContextReplay | None = None, write: bool = True) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically (temp folder + rename), point ``checkpoints/latest`` at it,
-    and keep the two newest. An online run's replay is saved with it."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state['step']:06d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in qnet.train_state().items()}
+    and keep the two newest. An online run's replay is saved with it. A sharded model (``--parallel fsdp``) is
+    gathered whole first, which every process must join; only the one with ``write`` writes."""
+    tensors = {f"model/{k}": distributed.full(v.detach()).contiguous().cpu() for k, v in qnet.train_state().items()}
     osd = opt.state_dict()
     for pid, pstate in osd["state"].items():
         for key, value in pstate.items():
-            tensors[f"optim/{pid}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+            tensors[f"optim/{pid}/{key}"] = distributed.full(torch.as_tensor(value).detach()).contiguous().cpu()
+    root = run_dir / "checkpoints"
+    name = f"step-{state['step']:06d}"
+    if not write:
+        return root / name
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     if replay is not None:
         for k, v in replay.state_dict().items():
             tensors[f"replay/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
@@ -178,11 +183,13 @@ def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None, replay:
     meta = json.loads((ckpt / "meta.json").read_text())
     qnet.load_train_state({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     if opt is not None:
+        params = [p for group in opt.param_groups for p in group["params"]]
         state: dict = {}
         for k, v in tensors.items():
             if k.startswith("optim/"):
                 _, pid, key = k.split("/", 2)
-                state.setdefault(int(pid), {})[key] = v
+                ref = params[int(pid)]  # moments are laid out like their parameter (this process's shard)
+                state.setdefault(int(pid), {})[key] = distributed.like(v, ref) if v.shape == ref.shape else v
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     if sched is not None:
         sched.load_state_dict(meta["scheduler"])
@@ -223,6 +230,11 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     size = distributed.world_size()  # checked before joining the group, so a bad config fails fast on every rank
     if size > 1 and cfg.mode == "online":
         raise ValueError("--mode online runs in one process for now (its replay is per process); drop torchrun")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
+    if cfg.parallel == "fsdp" and cfg.model.path is None:
+        raise ValueError("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "
+                         "device: use --parallel ddp")
     if cfg.optim.batch_slices % size:
         raise ValueError(f"--optim.batch_slices ({cfg.optim.batch_slices}) must be a multiple of the number of "
                          f"processes ({size}): each process takes an equal share of the global batch")
@@ -241,6 +253,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     ds = OfflineDataset.load(data_dir)
     fmt = ds.format
     qnet = QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed)
+    if world.distributed and cfg.parallel == "fsdp":
+        qnet.shard(distributed.mesh(world, device))
     opt = torch.optim.AdamW(qnet.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     warm = max(1, cfg.optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
@@ -251,7 +265,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if resume:
         state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay)}
     objective = DQNObjective(qnet, cfg.dqn, lambda *a: dqn_loss(*a))  # dqn_loss looked up per call (tests patch it)
-    if world.distributed:
+    ddp = world.distributed and not qnet.sharded
+    if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         objective = DistributedDataParallel(objective, device_ids=[world.local_rank] if device != "cpu" else None)
@@ -285,7 +300,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                              for k, v in replay.sample(cfg.optim.batch_slices, rng).items()}
                 step_tokens += batch["input_ids"].numel() * world.size
                 last = micro == cfg.optim.grad_accum - 1  # DDP averages gradients once, on the last micro-batch
-                with objective.no_sync() if world.distributed and not last else contextlib.nullcontext():
+                with objective.no_sync() if ddp and not last else contextlib.nullcontext():
                     with autocast:
                         loss, stats = objective(batch)
                     (loss / cfg.optim.grad_accum).backward()
@@ -306,6 +321,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 now = time.perf_counter()
                 rec = {"step": state["step"], "losses/td": loss_value, "charts/q": float(stats["q"]),
                        "charts/target": float(stats["target"]) if "target" in stats else None,
+                       "losses/cql": float(stats["cql"]) if "cql" in stats else None,
                        "charts/lr": sched.get_last_lr()[0], "charts/epoch": state["epoch"],
                        "perf/tokens_per_s": (state["tokens"] - tok_last) / max(now - t_last, 1e-9)}
                 t_last, tok_last = now, state["tokens"]
@@ -313,14 +329,18 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 bar.set_postfix(loss=f"{loss_value:.3g}", q=f"{rec['charts/q']:.2f}",
                                 target=f"{rec['charts/target']:.2f}" if rec["charts/target"] is not None else "-",
                                 tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
-            if state["step"] % cfg.ckpt_every == 0 and world.main:
-                save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
+            if state["step"] % cfg.ckpt_every == 0 and (world.main or qnet.sharded):  # sharded: all gather
+                save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main)
     except KeyboardInterrupt:
         bar.close()
-        if world.main:
+        if world.main and not qnet.sharded:  # a sharded model would need every process in step to gather it
             path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
             print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
                   f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
+        elif world.main:
+            print(f"\ninterrupted at step {state['step']}: a sharded run keeps its last periodic checkpoint "
+                  f"(--ckpt_every); continue with torchrun ... -m icrl_fast.train --out {run_dir} --resume",
+                  file=sys.stderr)
         raise
     finally:
         if metrics_file is not None:
@@ -328,13 +348,19 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     bar.close()
     # --- teardown -----------------------------------------------------------------------------------------------
     result = {"step": state["step"], "tokens": state["tokens"]}
+    adapters = None
+    if qnet.sharded:  # every process takes part in gathering: the checkpoint, the adapters, the model for eval
+        save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main)
+        adapters = {k: distributed.full(v.detach()) for k, v in qnet.train_state().items()}
+        qnet.gather()
     if not world.main:
         world.barrier()  # rank 0 saves and evaluates
         distributed.teardown(world)
         return result
-    save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
+    if not qnet.sharded:
+        save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     if qnet.pretrained:
-        qnet.save_adapters(run_dir / "adapters")
+        qnet.save_adapters(run_dir / "adapters", adapters)
     if cfg.eval.maps > 0:
         maps = ds.maps[ds.test_map_ids[: cfg.eval.maps]]
         qnet.eval()

@@ -92,6 +92,33 @@ class QNetwork(nn.Module):
             self.model.gradient_checkpointing_enable()
         self.to(device)
 
+    def shard(self, mesh) -> None:
+        """FSDP2: shard a pretrained model's decoder layers (base weights and both IA3 adapters) and its embeddings
+        and final norm over ``mesh``; the LM head stays whole on every process (frozen; the fused loss reads it
+        directly). Gradients of the online adapter are reduce-scattered by FSDP2; the Polyak update and AdamW work
+        shard by shard. A from-scratch model is small enough for data parallelism (``--parallel ddp``)."""
+        if not self.pretrained:
+            raise ValueError("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "
+                             "device: use --parallel ddp")
+        from torch.distributed.fsdp import fully_shard
+
+        backbone = self._backbone(False)
+        self._sharded = [*backbone.layers, backbone]  # each keeps its dtypes (bf16 base, fp32 target adapter)
+        for module in self._sharded:
+            fully_shard(module, mesh=mesh)
+        self._ia3_pairs = self._adapter_pairs()  # FSDP2 replaced the parameters with sharded ones
+
+    @property
+    def sharded(self) -> bool:
+        return bool(getattr(self, "_sharded", None))
+
+    def gather(self) -> None:
+        """Undo the sharding for inference (a collective: every process calls it): each process then holds the
+        whole model and may run it alone (the evaluation on rank 0)."""
+        for module in getattr(self, "_sharded", []):
+            module.set_reshard_after_forward(False)
+            module.unshard()
+
     def _adapter_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         params = dict(self.model.named_parameters())
         return [(p, params[n.replace(".default", ".delayed")]) for n, p in params.items() if ".ia3_l.default" in n]
@@ -157,12 +184,13 @@ class QNetwork(nn.Module):
         state.update({f"target.{k}": v for k, v in self.target.state_dict().items()})
         return state
 
-    def save_adapters(self, path) -> None:
+    def save_adapters(self, path, state: dict[str, torch.Tensor] | None = None) -> None:
         """PEFT ``save_pretrained`` of both IA3 adapters: ``default`` (online) in ``path``, ``delayed`` (target) in
-        ``path/delayed`` -- loadable by any PEFT user with ``PeftModel.from_pretrained(base, path)``."""
+        ``path/delayed`` -- loadable by any PEFT user with ``PeftModel.from_pretrained(base, path)``. ``state``:
+        the adapters' whole tensors by parameter name (``train_state`` gathered), for a sharded model."""
         if not self.pretrained:
             raise ValueError("only a pretrained model (--model PATH) has IA3 adapters to save")
-        self.model.save_pretrained(str(path), selected_adapters=["default", "delayed"])
+        self.model.save_pretrained(str(path), selected_adapters=["default", "delayed"], state_dict=state)
 
     def load_adapters(self, path) -> None:
         """Load adapters written by ``save_adapters`` (PEFT's own state-dict loader), keeping the target in fp32."""
@@ -183,10 +211,12 @@ class QNetwork(nn.Module):
 
     def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.pretrained:
+            from icrl_fast.distributed import like
+
             params = dict(self.model.named_parameters())
             with torch.no_grad():
                 for n, v in state.items():
-                    params[n].copy_(v)
+                    params[n].copy_(like(v, params[n]))
             return
         self.model.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("online.")})
         self.target.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("target.")})

@@ -25,12 +25,18 @@ class DQNConfig:
                                                              "(the paper's code)"})
     loss: str = field(default="paper", metadata={"help": "paper (per-sequence target-normalised), mse or huber"})
     huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold"})
+    cql: float = field(default=0.0, metadata={"help": "weight of a conservative term (CQL(H) over the action "
+                                                      "tokens) that pushes down actions the data did not take; "
+                                                      "0 = the paper's loss; logged as losses/cql, and "
+                                                      "losses/td is then the sum"})
 
     def validate(self) -> None:
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.tau <= 1.0:
             raise ValueError(f"need 0 <= gamma <= 1 and 0 < tau <= 1, got gamma={self.gamma}, tau={self.tau}")
         if self.argmax not in ("actions", "vocab") or self.loss not in ("paper", "mse", "huber"):
             raise ValueError(f"argmax must be actions|vocab and loss paper|mse|huber, got {self.argmax}, {self.loss}")
+        if not self.cql >= 0.0:
+            raise ValueError(f"cql must be >= 0, got {self.cql}")
 
 
 def transitions(decision_mask: torch.Tensor, action: torch.Tensor, episode_id: torch.Tensor,
@@ -68,10 +74,16 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
                      tr["reward"], tr["done"], tr["seq_id"], action_ids=qnet.action_ids, target_weight=target_weight,
                      gamma=cfg.gamma, reward_scale=cfg.reward_scale, argmax=cfg.argmax, loss=cfg.loss,
                      huber_delta=cfg.huber_delta, backend=backend)
+    stats = {}
+    if cfg.cql > 0:
+        q_all = hidden.float() @ weight[qnet.action_ids].float().T  # [T, A]: tiny, outside the fused kernel
+        gap = (torch.logsumexp(q_all, -1) - q_all.gather(1, tr["action"][:, None]).squeeze(1)).mean()
+        loss = loss + cfg.cql * gap
+        stats["cql"] = gap.detach()
     with torch.no_grad():
         rows = weight[qnet.action_ids].float()
         q = (hidden.float() * rows[tr["action"]]).sum(-1)
-        stats = {"q": q.mean(), "transitions": torch.tensor(float(r.numel())), "done_frac": tr["done"].float().mean()}
+        stats |= {"q": q.mean(), "transitions": torch.tensor(float(r.numel())), "done_frac": tr["done"].float().mean()}
         if cfg.argmax == "actions":  # the vocab-mode target would need the [N, V] logits the kernel avoids
             best = (next_hidden.float() @ rows.T).argmax(-1)
             q_next = (next_target.float() * target_weight[qnet.action_ids].float()[best]).sum(-1)

@@ -56,3 +56,36 @@ def test_polyak_update_is_exact():
     q.polyak_update(0.1)
     for o, t in zip(online, q.target.parameters()):
         assert torch.allclose(t, 0.1 * o + 0.9, atol=1e-7)
+
+
+def test_the_conservative_term_adds_logsumexp_minus_the_taken_q_and_demotes_untaken_actions():
+    torch.manual_seed(1)
+    q = QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64), 20, [3, 4, 5, 6])
+    ids = torch.randint(7, 20, (2, 30))
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[:, ::3] = True
+    action = torch.where(mask, torch.full((2, 30), 2), -1)  # the data always took action 2
+    batch = {"input_ids": ids, "decision_mask": mask, "action": action,
+             "episode_id": torch.arange(30).repeat(2, 1) // 10, "episode_return": torch.ones(2, 30)}
+    plain, _ = dqn_loss(q, batch, DQNConfig(), backend="reference")
+    both, stats = dqn_loss(q, batch, DQNConfig(cql=0.5), backend="reference")
+    tr = transitions(mask, action, batch["episode_id"], batch["episode_return"])
+    with torch.no_grad():
+        qa = q.q_values(q.hidden(ids)[tr["row"], tr["pos"]])
+        gap = (torch.logsumexp(qa, -1) - qa[:, 2]).mean()
+    torch.testing.assert_close(stats["cql"], gap)
+    torch.testing.assert_close(both.detach(), plain.detach() + 0.5 * gap)
+    opt = torch.optim.Adam(q.trainable_parameters(), lr=3e-3)
+    for _ in range(30):  # with the term, the action the data took becomes the argmax everywhere
+        loss, _ = dqn_loss(q, batch, DQNConfig(cql=1.0), backend="reference")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert (q.q_values(q.hidden(ids)[mask]).argmax(-1) == 2).all()
+    try:
+        DQNConfig(cql=-1.0).validate()
+    except ValueError as e:
+        assert "cql" in str(e)
+    else:
+        raise AssertionError("a negative cql weight must be refused")
