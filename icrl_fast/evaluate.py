@@ -30,7 +30,7 @@ from icrl_fast.envs.learners import QLearningConfig, q_learning, random_policy
 from icrl_fast.envs.maps import MapBatch
 from icrl_fast.rl.rollout import RolloutEngine
 
-EXPERIMENTS = ("in-distribution", "ood", "non-stationary", "stitching")
+EXPERIMENTS = ("in-distribution", "ood", "non-stationary", "stitching", "imitation")
 OUTCOMES = ("success", "hole", "truncated", "length")  # per map and episode, in eval.json's per_map
 
 
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", choices=EXPERIMENTS, default="in-distribution",
                    help="in-distribution (unseen 3-5 maps), ood (6-7 maps), non-stationary (a new map after "
                         "EPISODES episodes, EPISODES more), stitching (the 4x6 map after two hand-written episodes; "
-                        "EPISODES greedy trials, default 5)")
+                        "EPISODES greedy trials, default 5), imitation (a probe: 5 successful episodes of a "
+                        "tabular learner in context, then greedy; control: an empty context)")
     p.add_argument("--ramp", choices=("paper", "greedy"), default="paper",
                    help="paper: P(model) 0.0 -> 1.0 over episodes 0-19; greedy: the model acts from episode 0")
     p.add_argument("--window", type=int, default=None, help="attend to the last WINDOW tokens (ring-buffer KV cache)")
@@ -258,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
         maps = MapBatch.from_descs([MAPS["stitching"]])
         result = stitching(qnet, fmt, ecfg, extra_config=extra)
+    elif args.experiment == "imitation":
+        from icrl_fast.experiments import imitation
+
+        result = imitation(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config=extra,
+                           progress=True)
     else:
         result = evaluate(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config=extra,
                           progress=True)

@@ -9,6 +9,12 @@
   (8 -> 4 -> 5 -> 6 -> 10 -> 14 -> 18 -> 22) and a short start into a hole (8 -> 9 -> 10 -> 11). Stitching = taking
   the second's start and the first's end: 8 -> 9 -> 10 -> 14 -> 18 -> 22. Then 5 greedy trials, each seeing the
   earlier ones. Adds ``stitching``: the success count, each trial's path and whether it was the stitched one.
+* ``imitation`` (a probe of ours, not one of the paper's experiments): does the model read its context at all?
+  Each context opens with ``shown`` successful episodes of a converged tabular Q-learner on that map (the kind of
+  episodes the offline data is full of), then the model acts greedily; the control plays the same maps greedily
+  from an empty context. A model that uses its context copies the demonstrations (up to the optimum); one that
+  ignores it stays at the control. It separates "cannot use the context" from "the ramp's context held no
+  success to use". Adds ``imitation``: the control's success per episode and how many demonstrations each map had.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from icrl_fast.envs.learners import QLearningConfig, q_learning
 from icrl_fast.envs.maps import MAPS, MapBatch
-from icrl_fast.evaluate import EvalConfig, baselines, eval_result, make_ramp
+from icrl_fast.evaluate import EvalConfig, baselines, eval_result, make_ramp, wilson
 from icrl_fast.rl.rollout import RolloutEngine
 
 LEFT, DOWN, RIGHT, UP = range(4)
@@ -68,4 +75,37 @@ def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dic
                            "stitched": [p == STITCHED_PATH for p in paths], "stitched_path": STITCHED_PATH,
                            "context_paths": [list(e[0]) for e in STITCH_EPISODES]}
     result["_paths"] = [paths]
+    return result
+
+
+def demonstrations(streams, maps: MapBatch, shown: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """Per map, the tokens of the last ``shown`` successful episodes of a tabular Q-learner trained on it (the
+    default ``QLearningConfig``: converged on >= 95 % of 3-5 maps), and how many there were."""
+    log, _ = q_learning(maps, QLearningConfig(), seed=seed)
+    prefix, counts = [], []
+    for b in range(len(maps)):
+        toks = []
+        for e in np.flatnonzero((log.map_id == b) & log.success)[-shown:]:
+            obs, actions, rewards = log.episode(e)
+            toks += streams.episode([*map(int, obs), int(log.final_obs[e])], [*map(int, actions)],
+                                    [*map(float, rewards)])
+        prefix.append(toks)
+        counts.append(min(shown, int(((log.map_id == b) & log.success).sum())))
+    return prefix, counts
+
+
+def imitation(qnet, fmt, maps: MapBatch, cfg: EvalConfig, device: str = "cpu", max_positions: int | None = None,
+              extra_config: dict | None = None, progress: bool = False, shown: int = 5) -> dict:
+    """The context-use probe (see the module docstring): ``shown`` demonstrations, then ``cfg.episodes`` greedy
+    episodes; the control without them."""
+    cfg = replace(cfg, ramp="greedy")
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
+    prefix, counts = demonstrations(engine.streams, maps, shown, cfg.seed)
+    out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=prefix, progress=progress)
+    control = engine.run(maps, cfg.episodes, 1.0, cfg.seed, progress=progress)
+    result = eval_result(cfg, vars(out), np.ones(cfg.episodes), baselines(maps, cfg.episodes, cfg.seed), extra_config)
+    result["imitation"] = {"shown": shown, "demonstrations": counts,
+                           "control": control.success.mean(0).tolist(),
+                           "control_ci95": wilson(control.success.sum(0), len(maps))}
+    result["_paths"] = out.paths
     return result

@@ -22,6 +22,7 @@ PAPER = {
     "ood": "improves in context, less than in distribution",
     "non-stationary": "recovers to almost the pre-switch level",
     "stitching": "5/5 trials reach the goal",
+    "imitation": "(our probe; not in the paper)",
 }
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 
@@ -46,7 +47,7 @@ def failures(ev: dict) -> dict:
     success, hole, trunc = (np.asarray(pm[k], dtype=bool) for k in ("success", "hole", "truncated"))
     failed = ~success
     seen_before = np.cumsum(success, axis=1) - success > 0  # a success in an earlier episode of the context
-    if "stitching" in ev:  # the context opens with a hand-written episode that reaches the goal
+    if "stitching" in ev or "imitation" in ev:  # the context opens with episodes that reach the goal
         seen_before[:] = True
     n = int(failed.sum())
     return {"failed": n, "hole": int((failed & hole).sum()), "loop": int((failed & trunc).sum()),
@@ -60,6 +61,10 @@ def row(label: str, ev: dict) -> str:
     if "stitching" in ev:
         st = ev["stitching"]
         ours = f"{st['successes']}/{st['trials']} reach the goal ({sum(st['stitched'])} by the stitched path)"
+    elif "imitation" in ev:
+        im = ev["imitation"]
+        ours = (f"greedy after {im['shown']} successful episodes in context **{float(np.mean(s)):.2f}**, from an "
+                f"empty context {float(np.mean(im['control'])):.2f} (optimal {float(np.mean(base['optimal'])):.2f})")
     elif "recovery" in ev:
         r = ev["recovery"]
         k = r["episodes_to_recover"]

@@ -8,7 +8,7 @@ import pytest
 from icrl_fast.data.formats import compact_format, decode, paper_format
 from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
 from icrl_fast.evaluate import EvalConfig, main as evaluate_main
-from icrl_fast.experiments import STITCH_EPISODES, non_stationary, recovery, stitching
+from icrl_fast.experiments import STITCH_EPISODES, demonstrations, imitation, non_stationary, recovery, stitching
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import RolloutEngine
 
@@ -69,6 +69,31 @@ def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
     assert st["stitched"] == [p == [8, 9, 10, 14, 18, 22] for p in st["paths"]]
 
 
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+def test_imitation_probe_shows_successful_episodes_then_plays_greedily(fmt):
+    maps = generate_maps(4, seed=11)
+    prefix, counts = demonstrations(RolloutEngine(tiny(fmt), fmt).streams, maps, 3, seed=2)
+    assert counts == [3, 3, 3, 3]
+    moves = {0: (0, -1), 1: (1, 0), 2: (0, 1), 3: (-1, 0)}  # left, down, right, up
+    for b in range(len(maps)):  # each demonstration decodes to an episode that, walked on the map, reaches G
+        desc, ncol = maps.to_desc(b), int(maps.ncol[b])
+        episodes = decode(fmt, prefix[b])
+        assert len(episodes) == 3
+        for ep in episodes:
+            assert ep["rewards"][-1] == 1.0 and sum(ep["rewards"]) == 1.0
+            r, c = divmod(ep["obs"][0], ncol)
+            assert desc[r][c] == "S"
+            for k, a in enumerate(ep["actions"]):
+                assert r * ncol + c == ep["obs"][k]
+                r = min(max(r + moves[a][0], 0), len(desc) - 1)
+                c = min(max(c + moves[a][1], 0), ncol - 1)
+            assert desc[r][c] == "G"
+    res = imitation(tiny(fmt), fmt, maps, EvalConfig(maps=4, episodes=2, experiment="imitation"), shown=3)
+    im = res["imitation"]
+    assert res["experiment"] == "imitation" and res["config"]["eval"]["ramp"] == "greedy"
+    assert im["demonstrations"] == counts and len(im["control"]) == 2 and res["num_maps"] == 4
+
+
 def test_experiments_from_the_command_line(tmp_path, capsys):
     import icrl_fast.train as T
 
@@ -78,6 +103,9 @@ def test_experiments_from_the_command_line(tmp_path, capsys):
     ns = json.loads((run / "eval-non-stationary" / "eval.json").read_text())
     assert ns["episodes"] == 6 and ns["experiment"] == "non-stationary" and "recovery" in ns
     assert evaluate_main([str(run), "--experiment", "stitching"]) == 0
+    assert evaluate_main([str(run), "--experiment", "imitation", "--maps", "3", "--episodes", "2"]) == 0
+    im = json.loads((run / "eval-imitation" / "eval.json").read_text())
+    assert im["imitation"]["shown"] == 5 and len(im["imitation"]["control"]) == 2
     for bad, message in ((["--window", "0"], "window must be >= 1"), (["--maps", "0"], "--maps must be >= 1"),
                          (["--episodes", "0"], "episodes >= 1")):
         assert evaluate_main([str(run), *bad]) == 2
@@ -93,7 +121,7 @@ def test_experiments_from_the_command_line(tmp_path, capsys):
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("outro\n")
-    assert text.count("| run/eval-") == 2 and "stitching (greedy)" in text and "5/5 trials" in text
+    assert text.count("| run/eval-") == 3 and "stitching (greedy)" in text and "successful episodes in" in text and "5/5 trials" in text
     assert (run / "report.png").stat().st_size > 1000 and "paper reports" in (run / "report.md").read_text()
     assert report_main([str(tmp_path / "empty")]) == 2
     pm = {"success": [[0, 1, 0], [0, 0, 0]], "hole": [[1, 0, 0], [0, 1, 0]], "truncated": [[0, 0, 1], [1, 0, 1]]}
