@@ -7,7 +7,8 @@ import pytest
 
 from icrl_fast.data.formats import compact_format, decode, paper_format
 from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
-from icrl_fast.evaluate import EvalConfig, main as evaluate_main
+from icrl_fast.evaluate import EvalConfig
+from icrl_fast.evaluate import main as evaluate_main
 from icrl_fast.experiments import STITCH_EPISODES, demonstrations, imitation, non_stationary, recovery, stitching
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import RolloutEngine
@@ -114,7 +115,8 @@ def test_experiments_from_the_command_line(tmp_path, capsys):
     assert st["stitching"]["trials"] == 5 and st["num_maps"] == 1
     assert (run / "eval-stitching" / "trajectories.png").is_file()
     # the report collects all three evaluations into one table, a figure and the README block
-    from icrl_fast.report import failures, main as report_main
+    from icrl_fast.report import failures
+    from icrl_fast.report import main as report_main
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- report:start -->\nold\n<!-- report:end -->\noutro\n")
