@@ -242,3 +242,32 @@ def test_the_device_loop_reads_back_only_at_sync_points(monkeypatch):
     RolloutEngine(q, fmt, env_backend="ext", sync_every=8).run(random_maps(5, seed=2), 3, 0.5, seed=1)
     assert None not in plans  # every call told the cache its bound: no length read inside a step
     assert len(reads) == -(-len(plans) // 8)  # one exact length read per sync point
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_env_equals_numba_and_the_rollout_stays_on_the_device():
+    """On a GPU machine, after ``ICRL_BUILD_EXT=1 pip install -e . --no-build-isolation`` (the CUDA kernels need
+    the built extension; the JIT build here is CPU-only): the CUDA env equals the Numba simulator step for step,
+    and the engine on CUDA picks it and plays exactly what its host loop plays."""
+    from icrl_fast.evaluate import paper_ramp
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.rl.rollout import RolloutEngine
+
+    assert torch.cuda.is_available()
+    maps = random_maps(1000, seed=1)
+    kw = dict(is_slippery=True, success_rate=0.6, max_episode_steps=9, seed=7)
+    ref, ours = FrozenLakeBatch(maps, **kw), ext.TorchFrozenLakeBatch(maps, device="cuda", **kw)
+    np.testing.assert_array_equal(ours.reset().cpu().numpy(), ref.reset())
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        a = rng.integers(0, 4, len(maps))
+        for x, y in zip(ours.step(torch.from_numpy(a).cuda()), ref.step(a)):
+            np.testing.assert_array_equal(x.cpu().numpy(), y)
+    fmt = compact_format()
+    q = QNetwork(ModelConfig(hidden_size=16, layers=2, heads=2, intermediate_size=32), fmt.vocab_size,
+                 fmt.action_ids, device="cuda", seed=0).eval()
+    assert RolloutEngine(q, fmt, device="cuda").env_backend == "ext"
+    small = random_maps(16, seed=4)
+    host, dev = (RolloutEngine(q, fmt, device="cuda", env_backend=b).run(small, 6, paper_ramp(6), seed=5)
+                 for b in ("numba", "ext"))
+    assert dev.paths == host.paths and (dev.success == host.success).all()
