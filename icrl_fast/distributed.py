@@ -47,6 +47,11 @@ class World:
         dist.all_reduce(t)
         return float(t) / self.size
 
+    def key(self) -> tuple[int, ...]:
+        """What makes this process's random streams its own: ``(rank,)`` under torchrun, nothing in a world of one
+        (so a single process draws exactly what it always drew)."""
+        return (self.rank,) if self.distributed else ()
+
     def shard(self, indices: np.ndarray) -> np.ndarray:
         """This rank's share of a global batch (every ``size``-th item from ``rank``)."""
         return indices[self.rank:: self.size]
@@ -70,6 +75,15 @@ def setup(device: str) -> tuple[World, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(rank, size, local), device
+
+
+def gather_objects(world: World, obj) -> list:
+    """``obj`` of every process, in rank order (a collective); ``[obj]`` in a world of one."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def mesh(world: World, device: str):

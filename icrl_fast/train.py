@@ -139,15 +139,23 @@ class TrainingDiverged(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg: TrainConfig,
-                    replay: ContextReplay | None = None, write: bool = True) -> Path:
+                    replay: ContextReplay | None = None, write: bool = True,
+                    world: distributed.World | None = None) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically (temp folder + rename), point ``checkpoints/latest`` at it,
-    and keep the two newest. An online run's replay is saved with it. A sharded model (``--parallel fsdp``) is
-    gathered whole first, which every process must join; only the one with ``write`` writes."""
+    and keep the two newest. An online run's replay is saved with it (under torchrun: every process's replay, as
+    ``replay/rankR/``). A sharded model (``--parallel fsdp``) or a distributed replay is gathered first, which every
+    process must join; only the one with ``write`` writes."""
     tensors = {f"model/{k}": distributed.full(v.detach()).contiguous().cpu() for k, v in qnet.train_state().items()}
     osd = opt.state_dict()
     for pid, pstate in osd["state"].items():
         for key, value in pstate.items():
             tensors[f"optim/{pid}/{key}"] = distributed.full(torch.as_tensor(value).detach()).contiguous().cpu()
+    if replay is not None:
+        states = distributed.gather_objects(world or distributed.World(), replay.state_dict())
+        for r, rstate in enumerate(states):
+            for k, v in rstate.items():
+                tensors[f"replay/{k}" if len(states) == 1 else f"replay/rank{r}/{k}"] = \
+                    torch.from_numpy(np.ascontiguousarray(v))
     root = run_dir / "checkpoints"
     name = f"step-{state['step']:06d}"
     if not write:
@@ -156,9 +164,6 @@ def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg:
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if replay is not None:
-        for k, v in replay.state_dict().items():
-            tensors[f"replay/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"state": state, "param_groups": osd["param_groups"], "scheduler": sched.state_dict(),
             "config": dataclasses.asdict(cfg)}
@@ -173,9 +178,10 @@ def save_checkpoint(run_dir: Path, qnet: QNetwork, opt, sched, state: dict, cfg:
     return final
 
 
-def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None, replay: ContextReplay | None = None) -> dict:
-    """Restore the newest checkpoint of ``run_dir`` into the networks (and optimizer, scheduler, replay); return
-    its state."""
+def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None, replay: ContextReplay | None = None,
+                    rank: int = 0) -> dict:
+    """Restore the newest checkpoint of ``run_dir`` into the networks (and optimizer, scheduler, replay: this
+    process's, ``rank``, when the run was distributed); return its state."""
     latest = run_dir / "checkpoints" / "latest"
     if not latest.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/latest): nothing to resume or evaluate")
@@ -195,7 +201,8 @@ def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None, replay:
     if sched is not None:
         sched.load_state_dict(meta["scheduler"])
     if replay is not None:
-        replay.load_state_dict({k[7:]: v.numpy() for k, v in tensors.items() if k.startswith("replay/")})
+        head = f"replay/rank{rank}/" if any(k.startswith("replay/rank") for k in tensors) else "replay/"
+        replay.load_state_dict({k[len(head):]: v.numpy() for k, v in tensors.items() if k.startswith(head)})
     return meta["state"]
 
 
@@ -229,8 +236,9 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         cfg.online.validate()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     size = distributed.world_size()  # checked before joining the group, so a bad config fails fast on every rank
-    if size > 1 and cfg.mode == "online":
-        raise ValueError("--mode online runs in one process for now (its replay is per process); drop torchrun")
+    if size > 1 and cfg.mode == "online" and cfg.online.maps < size:
+        raise ValueError(f"--online.maps ({cfg.online.maps}) must be at least the number of processes ({size}): "
+                         "each process plays its share of the maps")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.parallel == "fsdp" and cfg.model.path is None:
@@ -264,9 +272,10 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if replay is not None and cfg.online.init and not resume:
         init_networks(Path(cfg.online.init), qnet)
     if resume:
-        state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay)}
+        state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay, rank=world.rank)}
     objective = DQNObjective(qnet, cfg.dqn, lambda *a: dqn_loss(*a))  # dqn_loss looked up per call (tests patch it)
     ddp = world.distributed and not qnet.sharded
+    collective = qnet.sharded or (replay is not None and world.distributed)  # checkpoints gather from every rank
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -287,7 +296,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             if replay is not None and state["step"] % cfg.online.rollout_every == 0 \
                     and state["last_rollout"] != state["step"]:  # once per step, also across an interruption
                 t0 = time.perf_counter()
-                _log(metrics_file, tb, collect(engine, ds, replay, cfg, state["step"]))
+                _log(metrics_file, tb, collect(engine, ds, replay, cfg, state["step"], world))
                 state["last_rollout"] = state["step"]
                 t_last += time.perf_counter() - t0  # tokens/s counts training time only
             step_tokens = 0
@@ -296,9 +305,9 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                     idx = batch_indices(len(ds), data_pos, cfg.optim.batch_slices, cfg.seed)
                     batch = to_batch(ds, world.shard(idx), device)
                 else:
-                    rng = np.random.default_rng([cfg.seed, 4, state["step"], micro])
-                    batch = {k: torch.from_numpy(v).to(device)
-                             for k, v in replay.sample(cfg.optim.batch_slices, rng).items()}
+                    rng = np.random.default_rng([cfg.seed, 4, state["step"], micro, *world.key()])
+                    batch = {k: torch.from_numpy(v).to(device)  # each process samples its share from its replay
+                             for k, v in replay.sample(cfg.optim.batch_slices // world.size, rng).items()}
                 step_tokens += batch["input_ids"].numel() * world.size
                 last = micro == cfg.optim.grad_accum - 1  # DDP averages gradients once, on the last micro-batch
                 with objective.no_sync() if ddp and not last else contextlib.nullcontext():
@@ -330,16 +339,17 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 bar.set_postfix(loss=f"{loss_value:.3g}", q=f"{rec['charts/q']:.2f}",
                                 target=f"{rec['charts/target']:.2f}" if rec["charts/target"] is not None else "-",
                                 tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
-            if state["step"] % cfg.ckpt_every == 0 and (world.main or qnet.sharded):  # sharded: all gather
-                save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main)
+            if state["step"] % cfg.ckpt_every == 0 and (world.main or collective):
+                save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main, world=world)
     except KeyboardInterrupt:
         bar.close()
-        if world.main and not qnet.sharded:  # a sharded model would need every process in step to gather it
+        if world.main and not collective:  # gathering would need every process in step
             path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
             print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
                   f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
         elif world.main:
-            print(f"\ninterrupted at step {state['step']}: a sharded run keeps its last periodic checkpoint "
+            print(f"\ninterrupted at step {state['step']}: a sharded or online torchrun run keeps its last periodic "
+                  "checkpoint "
                   f"(--ckpt_every); continue with torchrun ... -m icrl_fast.train --out {run_dir} --resume",
                   file=sys.stderr)
         raise
@@ -350,15 +360,16 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     # --- teardown -----------------------------------------------------------------------------------------------
     result = {"step": state["step"], "tokens": state["tokens"]}
     adapters = None
-    if qnet.sharded:  # every process takes part in gathering: the checkpoint, the adapters, the model for eval
-        save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main)
+    if collective:  # every process takes part in gathering: the checkpoint (and a sharded model's adapters and
+        save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main, world=world)  # weights)
+    if qnet.sharded:
         adapters = {k: distributed.full(v.detach()) for k, v in qnet.train_state().items()}
         qnet.gather()
     if not world.main:
         world.barrier()  # rank 0 saves and evaluates
         distributed.teardown(world)
         return result
-    if not qnet.sharded:
+    if not collective:
         save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     if qnet.pretrained:
         qnet.save_adapters(run_dir / "adapters", adapters)
@@ -390,22 +401,26 @@ def init_networks(source: Path, qnet: QNetwork) -> None:
         raise ValueError(f"cannot start from {source}: its networks do not match this model ({e})") from None
 
 
-def collect(engine: RolloutEngine, ds: OfflineDataset, replay: ContextReplay, cfg: TrainConfig, step: int) -> dict:
-    """One online rollout of the current network on training maps into the replay; returns its metrics."""
-    on = cfg.online
+def collect(engine: RolloutEngine, ds: OfflineDataset, replay: ContextReplay, cfg: TrainConfig, step: int,
+            world: distributed.World | None = None) -> dict:
+    """One online rollout of the current network on training maps into the replay; returns its metrics. Under
+    torchrun every process plays its share of the maps (its own exploration stream) into its own replay."""
+    on, world = cfg.online, world or distributed.World()
     rng = np.random.default_rng([cfg.seed, 3, step])
     ids = rng.choice(ds.train_map_ids, size=min(on.maps, len(ds.train_map_ids)), replace=False)
+    ids = world.shard(np.sort(ids))
     eps = on.epsilon(step)
-    seed = int(np.random.SeedSequence([cfg.seed, 5, step]).generate_state(1)[0])
+    seed = int(np.random.SeedSequence([cfg.seed, 5, step, *world.key()]).generate_state(1)[0])
     t0 = time.perf_counter()
     was_training = engine.qnet.training
     engine.qnet.eval()
     try:
-        out = engine.run(ds.maps[np.sort(ids)], on.episodes, 1.0 - eps, seed)
+        out = engine.run(ds.maps[ids], on.episodes, 1.0 - eps, seed)
     finally:
         engine.qnet.train(was_training)
     replay.add(out)
-    return {"step": step, "rollout/success": float(out.success.mean()), "rollout/epsilon": eps,
+    return {"step": step, "rollout/success": world.mean(torch.tensor(float(out.success.mean()))),
+            "rollout/epsilon": eps,
             "rollout/contexts": len(replay),
             "perf/rollout_env_steps_per_s": float(out.length.sum()) / max(time.perf_counter() - t0, 1e-9)}
 

@@ -56,3 +56,43 @@ def test_a_global_batch_is_shared_evenly_and_must_divide():
             T.run(cfg, __import__("pathlib").Path("/nonexistent"), progress=False)
     finally:
         os.environ.pop("WORLD_SIZE")
+
+
+ONLINE = ["--preset", "smoke", "--mode", "online", "--online.maps", "4", "--online.episodes", "3",
+          "--online.rollout_every", "2", "--online.slice_len", "96", "--optim.steps", "4", "--ckpt_every", "2",
+          "--log_every", "1", "--eval.maps", "0"]
+
+
+def torchrun(*argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "icrl_fast.train", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_online_mode_under_torchrun_rolls_out_per_rank_and_resumes(tmp_path):
+    """Each process plays its share of the maps into its own replay; checkpoints hold every process's replay, and
+    a resume from one (each process taking its own back) reproduces the straight run."""
+    import shutil
+
+    full = tmp_path / "full"
+    torchrun(*ONLINE, "--out", str(full))
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "rollout/success" in r] == [0, 2]
+    assert all(r["rollout/contexts"] in (2, 4) for r in records if "rollout/contexts" in r)  # 2 maps per rank
+    w = weights(full)
+    ranks = [{k.split("/", 2)[2]: v for k, v in w.items() if k.startswith(f"replay/rank{r}/")} for r in (0, 1)]
+    assert ranks[0] and ranks[0].keys() == ranks[1].keys() and "replay/tokens" not in w
+    assert not torch.equal(ranks[0]["tokens"][:50], ranks[1]["tokens"][:50])  # different maps per rank
+
+    half = tmp_path / "half"
+    shutil.copytree(full, half, ignore=shutil.ignore_patterns("step-000004", "tensorboard"))
+    (half / "checkpoints" / "latest").write_text("step-000002")
+    kept = [line for line, r in zip((full / "metrics.jsonl").read_text().splitlines(), records)
+            if r["step"] < 2 or (r["step"] == 2 and "losses/td" in r)]  # the step-2 rollout comes after the save
+    (half / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    torchrun("--out", str(half), "--resume")
+    torch.testing.assert_close(torch.tensor(losses(half)), torch.tensor(losses(full)), rtol=1e-5, atol=1e-6)
+    for k, v in weights(half).items():
+        torch.testing.assert_close(v, w[k], rtol=1e-5, atol=1e-6)
