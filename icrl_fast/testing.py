@@ -46,3 +46,34 @@ def save_tiny_llama(path: str | Path, *, hidden_size: int = 32, layers: int = 2,
     LlamaForCausalLM(conf).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def torchrun_train(*argv: str, nproc: int = 2, timeout: float = 600) -> None:
+    """``torchrun --standalone --nproc_per_node=NPROC -m icrl_fast.train ARGV`` on the CPU (gloo), one thread per
+    process, from this checkout; a failure raises with the tail of its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "icrl_fast.train", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"torchrun exited with {done.returncode}:\n{done.stderr[-3000:]}")
+
+
+def run_losses(run: Path) -> list[float]:
+    """The logged TD losses of a run directory, in order."""
+    import json
+
+    return [r["losses/td"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())
+            if "losses/td" in r]
+
+
+def latest_checkpoint(run: Path) -> dict:
+    """The tensors of a run directory's latest checkpoint."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(run) / "checkpoints"
+    return load_file(str(ckpt / (ckpt / "latest").read_text().strip() / "state.safetensors"))

@@ -2,35 +2,21 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import icrl_fast.train as T
 from icrl_fast.distributed import World
+from icrl_fast.testing import latest_checkpoint as weights
+from icrl_fast.testing import run_losses as losses
+from icrl_fast.testing import torchrun_train as torchrun
 
 ARGS = ["--preset", "smoke", "--optim.steps", "6", "--log_every", "1", "--eval.maps", "0"]
 
 
-def losses(run):
-    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return [r["losses/td"] for r in records if "losses/td" in r]
-
-
-def weights(run):
-    name = (run / "checkpoints" / "latest").read_text()
-    return load_file(str(run / "checkpoints" / name / "state.safetensors"))
-
-
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "icrl_fast.train", *ARGS, "--out", str(tmp_path / "ddp")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(*ARGS, "--out", str(tmp_path / "ddp"))
     assert T.main([*ARGS, "--out", str(tmp_path / "one")]) == 0
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(a) == len(b) == 6
@@ -61,14 +47,6 @@ def test_a_global_batch_is_shared_evenly_and_must_divide():
 ONLINE = ["--preset", "smoke", "--mode", "online", "--online.maps", "4", "--online.episodes", "3",
           "--online.rollout_every", "2", "--online.slice_len", "96", "--optim.steps", "4", "--ckpt_every", "2",
           "--log_every", "1", "--eval.maps", "0"]
-
-
-def torchrun(*argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "icrl_fast.train", *argv]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_online_mode_under_torchrun_rolls_out_per_rank_and_resumes(tmp_path):

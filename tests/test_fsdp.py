@@ -3,15 +3,14 @@ process trains on the same global batch; its checkpoints are whole tensors, resu
 evaluation come out of the gathered model."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
-from safetensors.torch import load_file
 
 import icrl_fast.train as T
+from icrl_fast.testing import latest_checkpoint as latest
+from icrl_fast.testing import run_losses as losses
 from icrl_fast.testing import save_tiny_llama
+from icrl_fast.testing import torchrun_train as torchrun
 
 
 def args(model, out, steps):
@@ -20,23 +19,6 @@ def args(model, out, steps):
             "--data.learner.episodes", "60", "--optim.steps", str(steps), "--optim.batch_slices", "2",
             "--optim.grad_accum", "2", "--optim.lr", "0.05", "--eval.maps", "2", "--eval.episodes", "2",
             "--eval.batch_maps", "2", "--ckpt_every", "2", "--log_every", "1"]
-
-
-def torchrun(*argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "icrl_fast.train", *argv]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def losses(run):
-    return [r["losses/td"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "losses/td" in r]
-
-
-def latest(run):
-    return load_file(str(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "state.safetensors"))
 
 
 def test_fsdp_over_two_processes_trains_what_one_process_trains(tmp_path):
