@@ -23,16 +23,26 @@ def test_transitions_pair_consecutive_decisions_within_a_slice():
     assert tr["action"].tolist() == [2, 1, 0] and tr["seq_id"].tolist() == [0, 0, 0]
 
 
-def test_dqn_loss_uses_the_lm_head_of_the_action_tokens_and_trains():
-    torch.manual_seed(0)
+def model_and_batch(seed: int, rows: int, length: int, episode_len: int, action=None):
+    """A small Q-network (vocabulary 20, actions 3-6) and a batch with a decision every 3rd token; ``action``: one
+    action the data always took (else random ones, written into the tokens after each decision)."""
+    torch.manual_seed(seed)
     q = QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64), 20, [3, 4, 5, 6])
-    ids = torch.randint(7, 20, (3, 24))
-    mask = torch.zeros(3, 24, dtype=torch.bool)
+    ids = torch.randint(7, 20, (rows, length))
+    mask = torch.zeros(rows, length, dtype=torch.bool)
     mask[:, ::3] = True
-    action = torch.where(mask, torch.randint(0, 4, (3, 24)), -1)
-    ids[:, 1::3] = 3 + action[:, ::3].clamp_min(0)
-    batch = {"input_ids": ids, "decision_mask": mask, "action": action,
-             "episode_id": torch.arange(24).repeat(3, 1) // 9, "episode_return": torch.ones(3, 24)}
+    taken = torch.randint(0, 4, (rows, length)) if action is None else torch.full((rows, length), action)
+    act = torch.where(mask, taken, -1)
+    if action is None:
+        ids[:, 1::3] = 3 + act[:, ::3].clamp_min(0)
+    return q, {"input_ids": ids, "decision_mask": mask, "action": act,
+               "episode_id": torch.arange(length).repeat(rows, 1) // episode_len,
+               "episode_return": torch.ones(rows, length)}
+
+
+def test_dqn_loss_uses_the_lm_head_of_the_action_tokens_and_trains():
+    q, batch = model_and_batch(0, 3, 24, 9)
+    ids = batch["input_ids"]
     h = q.hidden(ids)
     logits = q.model(input_ids=ids).logits
     assert torch.allclose(q.q_values(h), logits[..., [3, 4, 5, 6]], atol=1e-5)
@@ -59,14 +69,8 @@ def test_polyak_update_is_exact():
 
 
 def test_the_conservative_term_adds_logsumexp_minus_the_taken_q_and_demotes_untaken_actions():
-    torch.manual_seed(1)
-    q = QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64), 20, [3, 4, 5, 6])
-    ids = torch.randint(7, 20, (2, 30))
-    mask = torch.zeros(2, 30, dtype=torch.bool)
-    mask[:, ::3] = True
-    action = torch.where(mask, torch.full((2, 30), 2), -1)  # the data always took action 2
-    batch = {"input_ids": ids, "decision_mask": mask, "action": action,
-             "episode_id": torch.arange(30).repeat(2, 1) // 10, "episode_return": torch.ones(2, 30)}
+    q, batch = model_and_batch(1, 2, 30, 10, action=2)  # the data always took action 2
+    ids, mask, action = batch["input_ids"], batch["decision_mask"], batch["action"]
     plain, _ = dqn_loss(q, batch, DQNConfig(), backend="reference")
     both, stats = dqn_loss(q, batch, DQNConfig(cql=0.5), backend="reference")
     tr = transitions(mask, action, batch["episode_id"], batch["episode_return"])
