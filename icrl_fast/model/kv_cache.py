@@ -106,12 +106,10 @@ class RolloutCache(Cache):
         first = width - counts  # first real column of each row
         real = col[None, :] >= first[:, None]
         pos = self.lengths[:, None] + col[None, :] - first[:, None]
-        if self.window is not None:
-            need = None  # the ring's size is fixed: nothing to know about the lengths
-        else:
+        if self.window is None:  # the buffer grows and attention reads its used prefix (a ring's size is fixed)
             need = bound if bound is not None else int((self.lengths + counts).max())
-        if self.window is None and need > self.capacity:
-            self._grow(max(need, 2 * self.capacity))
+            if need > self.capacity:
+                self._grow(max(need, 2 * self.capacity))
         c = self.capacity
         self.slots = torch.where(real, 1 + pos % c, torch.zeros_like(pos))
         self.slot_pos.scatter_(1, self.slots, torch.where(real, pos, torch.full_like(pos, -1)))

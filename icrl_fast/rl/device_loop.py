@@ -39,27 +39,21 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
                   progress: bool, prefix: list[list[int]] | None, sync_every: int = 16):
     """``RolloutEngine.run`` on the extension's env, device-resident (see the module docstring)."""
     from icrl_fast.envs.ext import FormatTables, TorchFrozenLakeBatch
-    from icrl_fast.model.kv_cache import RolloutCache
     from icrl_fast.rl.rollout import Rollout
 
-    if sync_every < 1:
-        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     dev, st, fmt, m = torch.device(engine.device), engine.streams, engine.fmt, len(maps)
     env = TorchFrozenLakeBatch(maps, device=dev, is_slippery=is_slippery, seed=seed)
     tables = FormatTables(fmt, dev)
     obs0 = env.reset().cpu().numpy().copy()  # the one read-back before the loop: the first blocks are built on the host
     rng = np.random.default_rng(seed)
-    prefix = prefix if prefix is not None else [[] for _ in range(m)]
-    first = [list(prefix[b]) + st.first_block(int(o)) for b, o in enumerate(obs0)]
+    first, prefix = engine.first_blocks(obs0, prefix)
     width = st.max_block()
     width0 = max(map(len, first))
     ids = torch.full((m, width0), tables.pad, dtype=torch.long)
     for b, blk in enumerate(first):
         ids[b, width0 - len(blk):] = torch.tensor(blk, dtype=torch.long)
     ids, counts = ids.to(dev), torch.tensor([len(b) for b in first], dtype=torch.long, device=dev)
-    dtype = engine.qnet.head_weight().dtype
-    cache = RolloutCache(engine.qnet.num_layers, m, window=engine.window, max_block=max(width, width0), device=dev,
-                         dtype=dtype if dtype.is_floating_point else torch.float32)
+    cache = engine.new_cache(m, width0)
 
     # Constant tables on the device.
     p_model_t = torch.as_tensor(np.append(p_model, p_model[-1]), dtype=torch.float64, device=dev)
@@ -85,7 +79,7 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
     tape_ids, tape_counts, tape_keep, tape_head, tape_ep, tape_ended, tape_landed, tape_obs = ([] for _ in range(8))
 
     live = rows_all  # the contexts still in the cache, in cache-row order
-    bound = int(max(map(len, first)))  # host-side upper bound on the longest context after the next call
+    bound = 0  # host-side upper bound on the longest context after the next call (set at each sync point)
     steps_done, draws_u, draws_a = 0, None, None
     bar = tqdm(total=m * episodes, desc="rollout", unit="episode", leave=False, disable=not progress)
     while True:
@@ -97,13 +91,11 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
                 break
             keep = np.flatnonzero(alive[live.cpu().numpy()])
             if len(keep) < len(live):
-                cache.keep(torch.from_numpy(keep).to(dev))
-                live = live[torch.from_numpy(keep).to(dev)]
-                ids, counts = ids[torch.from_numpy(keep).to(dev)], counts[torch.from_numpy(keep).to(dev)]
+                rows = torch.from_numpy(keep).to(dev)
+                cache.keep(rows)
+                live, ids, counts = live[rows], ids[rows], counts[rows]
             longest = cache.get_seq_length()
-            if engine.window is None and engine.max_positions is not None and longest > engine.max_positions:
-                raise ValueError(f"a context reached {longest} tokens, more than the model's "
-                                 f"{engine.max_positions} positions: raise the model's max_positions or set a window")
+            engine.check_length(longest)
             bound = longest + int(ids.shape[1])
             u, a = _host_draws(rng, m, sync_every)
             draws_u, draws_a = torch.as_tensor(u, device=dev), torch.as_tensor(a, device=dev)
@@ -121,8 +113,7 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
         ended = term | trunc
         landed = torch.where(ended, env.final_obs, o)
         tile = tiles[rows_all, (landed // ncol_t) * maxcol + landed % ncol_t]
-        col = episode.clamp(max=episodes)
-        e_col = torch.where(active, col, torch.full_like(col, episodes))[:, None]
+        e_col = torch.where(active, episode, torch.full_like(episode, episodes))[:, None]  # finished: the spare column
         length.scatter_add_(1, e_col, torch.ones_like(e_col))
         ret.scatter_add_(1, e_col, r.float()[:, None])
         done = ended & active
@@ -132,8 +123,9 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
         out["truncated"][rows_all, e_col[:, 0]] |= trunc & active & ~goal & ~hole
         env.emit_tokens(tables, actions, no_first, ids_full, counts_full)
         last = done & (episode + 1 >= episodes)  # the context is complete: keep only this episode's tail
-        head_n = torch.where(done & ~last, head_const + obs_len[o], torch.zeros_like(counts_full))
-        keep_n = torch.where(last, counts_full - (head_const + obs_len[o]), counts_full)
+        head_len = head_const + obs_len[o]  # the next episode's opening block, emitted after an episode ends
+        head_n = torch.where(done & ~last, head_len, torch.zeros_like(counts_full))
+        keep_n = torch.where(last, counts_full - head_len, counts_full)
         tape_ids.append(ids_full.clone())
         tape_counts.append(counts_full.clone())
         tape_keep.append(torch.where(active, keep_n, torch.zeros_like(keep_n)))

@@ -134,6 +134,8 @@ class RolloutEngine:
 
     def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
                  max_positions: int | None = None, env_backend: str = "auto", sync_every: int = 16):
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
         self.max_positions, self.sync_every = max_positions, sync_every
         self.streams = ContextStreams(fmt)
@@ -142,6 +144,25 @@ class RolloutEngine:
 
             env_backend = backend(device)
         self.env_backend = env_backend
+
+    def first_blocks(self, obs, prefix: list[list[int]] | None) -> tuple[list[list[int]], list[list[int]]]:
+        """Each context's first block (its ``prefix``, then the first episode's opening at observation ``obs[b]``)
+        and the prefix, one empty list per context when there is none."""
+        prefix = prefix if prefix is not None else [[] for _ in range(len(obs))]
+        return [list(prefix[b]) + self.streams.first_block(int(o)) for b, o in enumerate(obs)], prefix
+
+    def new_cache(self, contexts: int, first_width: int) -> RolloutCache:
+        """The rollout cache for ``contexts`` contexts whose first block is at most ``first_width`` tokens."""
+        dtype = self.qnet.head_weight().dtype
+        return RolloutCache(self.qnet.num_layers, contexts, window=self.window,
+                            max_block=max(self.streams.max_block(), first_width), device=self.device,
+                            dtype=dtype if dtype.is_floating_point else torch.float32)
+
+    def check_length(self, longest: int) -> None:
+        """Without a window, a context may not outgrow the model's positions."""
+        if self.window is None and self.max_positions is not None and longest > self.max_positions:
+            raise ValueError(f"a context reached {longest} tokens, more than the model's "
+                             f"{self.max_positions} positions: raise the model's max_positions or set a window")
 
     def run(self, maps: MapBatch, episodes: int, p_model, seed: int, **kwargs) -> Rollout:
         """See ``_run``. A model on flash-attn is switched to SDPA for the rollout: flash-attn's varlen kernels take
@@ -187,8 +208,7 @@ class RolloutEngine:
         obs = env.reset()[:m]
         rng = np.random.default_rng(seed)
         st = self.streams
-        prefix = prefix if prefix is not None else [[] for _ in range(m)]
-        pending = [list(prefix[b]) + st.first_block(int(o)) for b, o in enumerate(obs)]
+        pending, prefix = self.first_blocks(obs, prefix)
         pending_ep = [[-1] * len(prefix[b]) + [0] * (len(p) - len(prefix[b])) for b, p in enumerate(pending)]
         episode = np.zeros(m, dtype=np.int64)
         out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
@@ -199,10 +219,7 @@ class RolloutEngine:
         tok_ep: list[list[int]] = [[] for _ in range(m)]
         dpos: list[list[int]] = [[] for _ in range(m)]
         q_read: list[list[np.ndarray]] = [[] for _ in range(m)]
-        dtype = self.qnet.head_weight().dtype
-        cache = RolloutCache(self.qnet.num_layers, m, window=self.window,
-                             max_block=max(st.max_block(), max(map(len, pending))),
-                             device=self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
+        cache = self.new_cache(m, max(map(len, pending)))
         bar = tqdm(total=m * episodes, desc="rollout", unit="episode", leave=False, disable=not progress)
         live = np.arange(m)  # the maps still playing, in cache-row order (finished ones are dropped)
         q = np.zeros((m, 4), dtype=np.float32)
@@ -220,10 +237,7 @@ class RolloutEngine:
                 tok_ep[b] += pending_ep[b]
                 dpos[b].append(len(tokens[b]) - 1)
             pos, mask = cache.plan(torch.from_numpy(counts), width)
-            longest = cache.get_seq_length()  # the cache knows every live context's length: no scan of the tokens
-            if self.window is None and self.max_positions is not None and longest > self.max_positions:
-                raise ValueError(f"a context reached {longest} tokens, more than the model's "
-                                 f"{self.max_positions} positions: raise the model's max_positions or set a window")
+            self.check_length(cache.get_seq_length())  # the cache knows every live context's length
             h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
                                  past_key_values=cache, use_cache=True)
             q[live] = self.qnet.q_values(h[:, -1]).cpu().numpy()
