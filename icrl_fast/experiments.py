@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from icrl_fast.data.formats import encode_episodes
 from icrl_fast.envs.learners import QLearningConfig, q_learning
 from icrl_fast.envs.maps import MAPS, MapBatch
 from icrl_fast.evaluate import EvalConfig, baselines, eval_result, make_ramp, wilson
@@ -78,19 +79,16 @@ def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dic
     return result
 
 
-def demonstrations(streams, maps: MapBatch, shown: int, seed: int) -> tuple[list[list[int]], list[int]]:
+def demonstrations(fmt, maps: MapBatch, shown: int, seed: int) -> tuple[list[list[int]], list[int]]:
     """Per map, the tokens of the last ``shown`` successful episodes of a tabular Q-learner trained on it (the
-    default ``QLearningConfig``: converged on >= 95 % of 3-5 maps), and how many there were."""
+    default ``QLearningConfig``: converged on >= 95 % of 3-5 maps), encoded as the offline data is, and how many
+    there were."""
     log, _ = q_learning(maps, QLearningConfig(), seed=seed)
     prefix, counts = [], []
     for b in range(len(maps)):
-        toks = []
-        for e in np.flatnonzero((log.map_id == b) & log.success)[-shown:]:
-            obs, actions, rewards = log.episode(e)
-            toks += streams.episode([*map(int, obs), int(log.final_obs[e])], [*map(int, actions)],
-                                    [*map(float, rewards)])
-        prefix.append(toks)
-        counts.append(min(shown, int(((log.map_id == b) & log.success).sum())))
+        demos = np.flatnonzero((log.map_id == b) & log.success)[-shown:]
+        prefix.append(encode_episodes(fmt, log, demos)[0].tolist())
+        counts.append(len(demos))
     return prefix, counts
 
 
@@ -100,7 +98,7 @@ def imitation(qnet, fmt, maps: MapBatch, cfg: EvalConfig, device: str = "cpu", m
     episodes; the control without them."""
     cfg = replace(cfg, ramp="greedy")
     engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
-    prefix, counts = demonstrations(engine.streams, maps, shown, cfg.seed)
+    prefix, counts = demonstrations(fmt, maps, shown, cfg.seed)
     out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=prefix, progress=progress)
     control = engine.run(maps, cfg.episodes, 1.0, cfg.seed, progress=progress)
     result = eval_result(cfg, vars(out), np.ones(cfg.episodes), baselines(maps, cfg.episodes, cfg.seed), extra_config)

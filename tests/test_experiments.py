@@ -73,7 +73,7 @@ def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
 @pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
 def test_imitation_probe_shows_successful_episodes_then_plays_greedily(fmt):
     maps = generate_maps(4, seed=11)
-    prefix, counts = demonstrations(RolloutEngine(tiny(fmt), fmt).streams, maps, 3, seed=2)
+    prefix, counts = demonstrations(fmt, maps, 3, seed=2)
     assert counts == [3, 3, 3, 3]
     moves = {0: (0, -1), 1: (1, 0), 2: (0, 1), 3: (-1, 0)}  # left, down, right, up
     for b in range(len(maps)):  # each demonstration decodes to an episode that, walked on the map, reaches G
@@ -123,7 +123,8 @@ def test_experiments_from_the_command_line(tmp_path, capsys):
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("outro\n")
-    assert text.count("| run/eval-") == 3 and "stitching (greedy)" in text and "successful episodes in" in text and "5/5 trials" in text
+    assert text.count("| run/eval-") == 3 and "stitching (greedy)" in text and "successful episodes in" in text
+    assert "5/5 trials" in text
     assert (run / "report.png").stat().st_size > 1000 and "paper reports" in (run / "report.md").read_text()
     assert report_main([str(tmp_path / "empty")]) == 2
     pm = {"success": [[0, 1, 0], [0, 0, 0]], "hole": [[1, 0, 0], [0, 1, 0]], "truncated": [[0, 0, 1], [1, 0, 1]]}

@@ -76,7 +76,7 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
                      huber_delta=cfg.huber_delta, backend=backend)
     stats = {}
     if cfg.cql > 0:
-        q_all = hidden.float() @ weight[qnet.action_ids].float().T  # [T, A]: tiny, outside the fused kernel
+        q_all = qnet.q_values(hidden)  # [T, A] fp32: tiny, outside the fused kernel
         gap = (torch.logsumexp(q_all, -1) - q_all.gather(1, tr["action"][:, None]).squeeze(1)).mean()
         loss = loss + cfg.cql * gap
         stats["cql"] = gap.detach()
