@@ -34,7 +34,7 @@ from icrl_fast.data.dataset import DatasetConfig, OfflineDataset, build_dataset
 from icrl_fast.envs.learners import QLearningConfig
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import EvalConfig, evaluate, summary_rows, write_outputs
-from icrl_fast.model.qnet import ModelConfig, QNetwork
+from icrl_fast.model.qnet import SHARD_NEEDS_PRETRAINED, ModelConfig, QNetwork
 from icrl_fast.rl.dqn import DQNConfig, DQNObjective, dqn_loss
 from icrl_fast.rl.replay import ContextReplay
 from icrl_fast.rl.rollout import RolloutEngine
@@ -242,8 +242,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.parallel == "fsdp" and cfg.model.path is None:
-        raise ValueError("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "
-                         "device: use --parallel ddp")
+        raise ValueError(SHARD_NEEDS_PRETRAINED)  # before joining the group: every rank fails fast
     if cfg.optim.batch_slices % size:
         raise ValueError(f"--optim.batch_slices ({cfg.optim.batch_slices}) must be a multiple of the number of "
                          f"processes ({size}): each process takes an equal share of the global batch")
@@ -276,6 +275,12 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     objective = DQNObjective(qnet, cfg.dqn, lambda *a: dqn_loss(*a))  # dqn_loss looked up per call (tests patch it)
     ddp = world.distributed and not qnet.sharded
     collective = qnet.sharded or (replay is not None and world.distributed)  # checkpoints gather from every rank
+
+    def checkpoint():
+        """Rank 0 writes; where the checkpoint gathers from every process, every process takes part."""
+        if world.main or collective:
+            return save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main, world=world)
+
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -339,18 +344,17 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 bar.set_postfix(loss=f"{loss_value:.3g}", q=f"{rec['charts/q']:.2f}",
                                 target=f"{rec['charts/target']:.2f}" if rec["charts/target"] is not None else "-",
                                 tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
-            if state["step"] % cfg.ckpt_every == 0 and (world.main or collective):
-                save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main, world=world)
+            if state["step"] % cfg.ckpt_every == 0:
+                checkpoint()
     except KeyboardInterrupt:
         bar.close()
         if world.main and not collective:  # gathering would need every process in step
-            path = save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
+            path = checkpoint()
             print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
                   f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
         elif world.main:
             print(f"\ninterrupted at step {state['step']}: a sharded or online torchrun run keeps its last periodic "
-                  "checkpoint "
-                  f"(--ckpt_every); continue with torchrun ... -m icrl_fast.train --out {run_dir} --resume",
+                  f"checkpoint (--ckpt_every); continue with torchrun ... -m icrl_fast.train --out {run_dir} --resume",
                   file=sys.stderr)
         raise
     finally:
@@ -360,17 +364,14 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     # --- teardown -----------------------------------------------------------------------------------------------
     result = {"step": state["step"], "tokens": state["tokens"]}
     adapters = None
-    if collective:  # every process takes part in gathering: the checkpoint (and a sharded model's adapters and
-        save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main, world=world)  # weights)
-    if qnet.sharded:
+    checkpoint()  # before the other ranks leave: a gathering checkpoint needs them
+    if qnet.sharded:  # every process takes part in gathering the adapters and then the whole model for the eval
         adapters = {k: distributed.full(v.detach()) for k, v in qnet.train_state().items()}
         qnet.gather()
     if not world.main:
         world.barrier()  # rank 0 saves and evaluates
         distributed.teardown(world)
         return result
-    if not collective:
-        save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay)
     if qnet.pretrained:
         qnet.save_adapters(run_dir / "adapters", adapters)
     if cfg.eval.maps > 0:

@@ -43,6 +43,10 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
 
 
+SHARD_NEEDS_PRETRAINED = ("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "
+                          "device: use --parallel ddp")
+
+
 class QNetwork(nn.Module):
     """Online and target networks around one transformers Llama (see the module docstring)."""
 
@@ -90,6 +94,7 @@ class QNetwork(nn.Module):
             self.target = copy.deepcopy(self.model).requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        self._sharded: list[nn.Module] = []  # the FSDP2 units, once ``shard`` ran
         self.to(device)
 
     def shard(self, mesh) -> None:
@@ -98,8 +103,7 @@ class QNetwork(nn.Module):
         directly). Gradients of the online adapter are reduce-scattered by FSDP2; the Polyak update and AdamW work
         shard by shard. A from-scratch model is small enough for data parallelism (``--parallel ddp``)."""
         if not self.pretrained:
-            raise ValueError("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "
-                             "device: use --parallel ddp")
+            raise ValueError(SHARD_NEEDS_PRETRAINED)
         from torch.distributed.fsdp import fully_shard
 
         backbone = self._backbone(False)
@@ -110,12 +114,12 @@ class QNetwork(nn.Module):
 
     @property
     def sharded(self) -> bool:
-        return bool(getattr(self, "_sharded", None))
+        return bool(self._sharded)
 
     def gather(self) -> None:
         """Undo the sharding for inference (a collective: every process calls it): each process then holds the
         whole model and may run it alone (the evaluation on rank 0)."""
-        for module in getattr(self, "_sharded", []):
+        for module in self._sharded:
             module.set_reshard_after_forward(False)
             module.unshard()
 
