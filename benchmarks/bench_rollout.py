@@ -150,3 +150,28 @@ def test_step_vs_context_full_reencode(benchmark, record, qnet, length):
             add_note(SUITE, f"cached step cost 4096 vs 256 tokens: {ours[1] / ours[0]:.2f}x (target <= 2x)")
         if None not in full:
             add_note(SUITE, f"full re-encode cost 4096 vs 256 tokens: {full[1] / full[0]:.1f}x")
+
+
+ENV_COUNTS = [1024, 16384] if DEVICE == "cuda" else [1024]  # 16,384 contexts of the default model: GPU only
+
+
+@pytest.mark.parametrize("envs", ENV_COUNTS)
+@pytest.mark.parametrize("backend", ["numba", "ext"])
+def test_rollout_env_backend(benchmark, record, compact_qnet, backend, envs):
+    """One episode on ``envs`` maps through the engine: the Numba env (host loop, a copy to and from the host every
+    step) vs the C++/CUDA extension (the device-resident loop: env step + token emission on the model's device)."""
+    from icrl_fast.envs import ext
+
+    if backend == "ext" and not ext.load(build=True):
+        pytest.skip(f"the C++ extension is not available: {ext.EXT_REASON}")
+    qnet, fmt = compact_qnet
+    maps = generate_maps(envs, seed=12)
+    engine = RolloutEngine(qnet, fmt, device=DEVICE, env_backend=backend)
+    steps = {}
+
+    def run():
+        steps["n"] = int(engine.run(maps, 1, 0.5, seed=0).length.sum())
+
+    benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
+    record(SUITE, f"{envs} maps x 1 episode, env backend {backend}", steps["n"], "env-steps/s",
+           f"env backend, {envs} envs", "ours" if backend == "ext" else "reference")
