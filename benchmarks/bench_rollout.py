@@ -10,7 +10,8 @@
   row runs our engine in the compact format (~2 tokens per step instead of ~20: what the default model trains on).
 * ``step-vs-context``: the cost of one rollout step (50 contexts, up to 8 new tokens each, ragged) after the
   contexts already hold L tokens, vs a full re-encode of the L-token contexts (what a cache-less agent pays), at
-  L = 256 and 4,096. Target (issue #6): ours(4096) <= 2x ours(256), where the re-encode grows >= 10x.
+  L = 256 and 4,096. Target (issue #6): ours(4096) <= 2x ours(256), where the re-encode grows >= 10x. On CUDA
+  with flash-attn installed ours also runs on flash-attn's kv-cache kernel (``cache_seqlens``, no mask).
 
 Run: ``python -m pytest benchmarks/bench_rollout.py``.
 """
@@ -24,6 +25,7 @@ from icrl_fast.data.formats import HFVocab, compact_format, paper_format
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import paper_ramp
+from icrl_fast.model.attention import HAS_FLASH, register_kvcache_attention
 from icrl_fast.model.kv_cache import RolloutCache
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import ContextStreams, RolloutEngine
@@ -104,31 +106,44 @@ def test_rollout_paper(benchmark, record, qnet):
            "env-steps/s", "rollout", "reference")
 
 
-def prefilled(qnet, length: int, batch: int = 50, chunk: int = 256) -> RolloutCache:
-    cache = RolloutCache(qnet.num_layers, batch, device=DEVICE, initial_capacity=length + 512)
+def prefilled(qnet, length: int, batch: int = 50, chunk: int = 256, seqlens: bool = False) -> RolloutCache:
+    cache = RolloutCache(qnet.num_layers, batch, device=DEVICE, initial_capacity=length + 512, seqlens=seqlens)
     g = torch.Generator().manual_seed(length)
     for _ in range(length // chunk):
         ids = torch.randint(0, FMT.vocab_size, (batch, chunk), generator=g).to(DEVICE)
         pos, mask = cache.plan(torch.full((batch,), chunk), chunk)
-        qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    **cache.attention_kwargs())
     return cache
 
 
+# the masked cache (SDPA) everywhere; flash-attn's kv-cache kernel with cache_seqlens where it runs (CUDA + flash-attn)
+ATTENTION = ["sdpa"] + (["kvcache"] if DEVICE == "cuda" and HAS_FLASH else [])
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("length", [256, 4096])
-def test_step_vs_context_ours(benchmark, record, qnet, length):
-    with torch.no_grad():
-        cache = prefilled(qnet, length)
-        g = torch.Generator().manual_seed(1)
+def test_step_vs_context_ours(benchmark, record, qnet, length, attention):
+    impl = qnet.model.config._attn_implementation
+    qnet.model.set_attn_implementation(register_kvcache_attention() if attention == "kvcache" else "sdpa")
+    try:
+        with torch.no_grad():
+            cache = prefilled(qnet, length, seqlens=attention == "kvcache")
+            g = torch.Generator().manual_seed(1)
 
-        def step():
-            counts = torch.randint(1, 9, (50,), generator=g)
-            ids = torch.randint(0, FMT.vocab_size, (50, 8), generator=g).to(DEVICE)
-            pos, mask = cache.plan(counts, 8)
-            h = qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            qnet.q_values(h[:, -1]).cpu()
+            def step():
+                counts = torch.randint(1, 9, (50,), generator=g)
+                ids = torch.randint(0, FMT.vocab_size, (50, 8), generator=g).to(DEVICE)
+                pos, mask = cache.plan(counts, 8)
+                h = qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                                **cache.attention_kwargs())
+                qnet.q_values(h[:, -1]).cpu()
 
-        benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
-    record(SUITE, f"cached step at {length} tokens", 50, "steps/s", f"step-vs-context L={length}", "ours")
+            benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    finally:
+        qnet.model.set_attn_implementation(impl)
+    name = f"cached step at {length} tokens" + (" (flash kv-cache, cache_seqlens)" if attention == "kvcache" else "")
+    record(SUITE, name, 50, "steps/s", f"step-vs-context L={length}", "ours")
 
 
 @pytest.mark.parametrize("length", [256, 4096])

@@ -1,15 +1,21 @@
 """The one attention dispatch point: flash-attn when importable on CUDA, PyTorch SDPA otherwise (or ``eager``).
 
-Also the explicit, opt-in Liger patch (RMSNorm, RoPE, SwiGLU) for Llama on CUDA. Nothing is patched on import.
+Also the rollout's KV-cache attention (``KVCACHE``: flash-attn's ``flash_attn_with_kvcache`` with per-context
+``cache_seqlens``, its pure-torch reference where flash-attn is absent) and the explicit, opt-in Liger patch
+(RMSNorm, RoPE, SwiGLU) for Llama on CUDA. Nothing is patched on import.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+KVCACHE = "icrl_kvcache"  # the rollout's flash path as a transformers attention implementation (a name with
+# "flash" in it would make transformers look for a flash-attn build of that name)
 
 
 def attn_implementation(device: str, requested: str = "auto") -> str:
@@ -40,3 +46,76 @@ def apply_liger(enabled: bool, device: str) -> bool:
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False)
     return True
+
+
+def flash_attn_with_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                                      cache_seqlens: torch.Tensor, softmax_scale: float | None = None,
+                                      causal: bool = True) -> torch.Tensor:
+    """Pure-torch ``flash_attn.flash_attn_with_kvcache`` for the arguments the rollout uses (no new k/v, no rotary,
+    no paging, no window): the CPU fallback and the oracle of the flash path.
+
+    ``q [B, Sq, H, D]``; ``k_cache``, ``v_cache [B, Sk, Hk, D]`` (``H`` a multiple of ``Hk``: grouped-query
+    attention); ``cache_seqlens int [B]``: context ``b`` uses keys ``0 .. cache_seqlens[b] - 1``. ``causal``
+    aligns the mask to the bottom right, as flash-attn does: query ``i`` sees keys ``j <= cache_seqlens[b] - Sq + i``.
+    A query that sees no key gets zeros. Returns ``[B, Sq, H, D]`` in ``q``'s dtype (computed in fp32).
+    """
+    b, sq, h, d = q.shape
+    sk, hk = k_cache.shape[1], k_cache.shape[2]
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    k = k_cache.float().repeat_interleave(h // hk, dim=2)
+    v = v_cache.float().repeat_interleave(h // hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * scale
+    j = torch.arange(sk, device=q.device)
+    seqlens = cache_seqlens.to(q.device, torch.long)
+    ok = j[None, None, :] < seqlens[:, None, None]  # [B, 1, Sk]
+    if causal:
+        i = torch.arange(sq, device=q.device)
+        ok = ok & (j[None, None, :] <= (seqlens[:, None] - sq + i[None, :])[:, :, None])  # [B, Sq, Sk]
+    ok = ok.expand(b, sq, sk)[:, None]
+    probs = torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v).to(q.dtype)
+
+
+def _with_kvcache():
+    if HAS_FLASH:
+        from flash_attn import flash_attn_with_kvcache
+
+        return flash_attn_with_kvcache
+    return flash_attn_with_kvcache_reference
+
+
+def kvcache_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None,
+                      scaling: float | None = None, dropout: float = 0.0, cache_seqlens: torch.Tensor | None = None,
+                      **kwargs):
+    """The ``KVCACHE`` attention implementation (a transformers attention function) over a ``RolloutCache``.
+
+    ``query [B, H, S, D]`` is a left-padded block whose real tokens were just written to the cache;
+    ``key``/``value [B, Hk, 1 + C, D]`` are the cache's buffers as its layers return them: slot 0 is the padding
+    slot, slot ``1 + p`` holds position ``p`` (``window=None``, so positions are contiguous). ``cache_seqlens
+    int32 [B]`` are the lengths *after* this block. flash-attn's bottom-right causal alignment then gives query
+    column ``S - n_b + i`` (new token ``i`` of context ``b``) exactly the keys ``0 .. len_b - n_b + i``; padding
+    columns get earlier keys or none, and are never read. No mask is built: the cost is O(context) per query with
+    no ``[B, S, C]`` mask. Returns ``[B, S, H, D]`` and no weights, like transformers' other implementations.
+    """
+    if cache_seqlens is None:
+        raise ValueError(f"the {KVCACHE} attention needs cache_seqlens (a RolloutCache in seqlens mode)")
+    out = _with_kvcache()(query.transpose(1, 2), key.transpose(1, 2)[:, 1:], value.transpose(1, 2)[:, 1:],
+                          cache_seqlens=cache_seqlens, softmax_scale=scaling, causal=True)
+    return out, None
+
+
+def register_kvcache_attention() -> str:
+    """Make ``KVCACHE`` a transformers attention implementation (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KVCACHE, kvcache_attention)
+    return KVCACHE
+
+
+def rollout_attention(impl: str | None, window: int | None) -> str | None:
+    """The attention implementation a rollout runs under, for a model on ``impl``: flash-attn 2 models use
+    ``KVCACHE`` (per-context ``cache_seqlens``) without a window and SDPA with one (a ring buffer's positions are
+    not contiguous, which flash-attn's kv-cache kernel needs); every other model keeps its own (None: no switch)."""
+    if impl != "flash_attention_2":
+        return None
+    return register_kvcache_attention() if window is None else "sdpa"

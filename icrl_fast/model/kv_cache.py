@@ -15,8 +15,11 @@ slots ``1 + position % C`` of *that* context (padding goes to the spare slot 0, 
 
 The cache hands transformers a ready 4D additive mask (``plan``) built from the absolute position held in every
 slot, which is how ragged lengths, the window and padding are all expressed through the model's own (SDPA or
-eager) attention. transformers' ``DynamicCache`` instead grows with ``torch.cat`` (a copy of the whole cache per
-call: quadratic over a growing context) and has one length for the whole batch.
+eager) attention. ``seqlens=True`` (flash-attn models, no window) builds no mask: the per-context lengths go to
+flash-attn's ``flash_attn_with_kvcache`` as ``cache_seqlens`` (``attention_kwargs``; see
+``icrl_fast.model.attention.kvcache_attention``), which reads the contiguous slots ``1 .. length`` directly.
+transformers' ``DynamicCache`` instead grows with ``torch.cat`` (a copy of the whole cache per call: quadratic
+over a growing context) and has one length for the whole batch.
 """
 
 from __future__ import annotations
@@ -65,9 +68,13 @@ class RolloutCache(Cache):
     """
 
     def __init__(self, num_layers: int, batch: int, *, window: int | None = None, max_block: int = 64,
-                 initial_capacity: int = 256, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 initial_capacity: int = 256, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 seqlens: bool = False):
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 tokens, got {window}")
+        if seqlens and window is not None:
+            raise ValueError("seqlens mode (flash-attn's cache_seqlens) needs contiguous positions: no window")
+        self.seqlens = seqlens
         self.window, self.max_block = window, max_block
         self.capacity = window + max_block - 1 if window is not None else initial_capacity
         self.device, self.mask_dtype = torch.device(device), dtype
@@ -98,6 +105,7 @@ class RolloutCache(Cache):
         the dtype's minimum elsewhere). ``bound``: an upper bound on the longest context after this call, known to
         the caller; given, the call never reads a device value back (no host sync: a GPU-resident rollout), and
         attention reads ``bound`` slots instead of exactly the longest context's (the extra ones are masked).
+        In seqlens mode the mask is ``None`` (pass ``attention_kwargs()`` to the model instead).
         """
         counts = counts.to(self.device, torch.long)
         if width > self.max_block and self.window is not None:
@@ -117,6 +125,8 @@ class RolloutCache(Cache):
         self.lengths = self.lengths + counts
         self.view = c + 1 if self.window is not None else 1 + need
         pos = torch.where(real, pos, (self.lengths - 1).clamp(min=0)[:, None].expand_as(pos))
+        if self.seqlens:
+            return pos, None
         keys = self.slot_pos[:, None, : self.view]  # [B, 1, view]
         ok = (keys >= 0) & (keys <= pos[:, :, None])
         if self.window is not None:
@@ -124,6 +134,11 @@ class RolloutCache(Cache):
         mask = torch.zeros(ok.shape, dtype=self.mask_dtype, device=self.device)
         mask.masked_fill_(~ok, torch.finfo(self.mask_dtype).min)
         return pos, mask[:, None]
+
+    def attention_kwargs(self) -> dict:
+        """Extra model keyword arguments of this call: ``cache_seqlens`` (int32, the lengths after ``plan``) in
+        seqlens mode, nothing otherwise (the mask carries everything)."""
+        return {"cache_seqlens": self.lengths.to(torch.int32)} if self.seqlens else {}
 
     def _grow(self, capacity: int) -> None:
         grown = torch.full((self.slot_pos.shape[0], capacity + 1), -1, dtype=torch.long, device=self.device)

@@ -102,7 +102,8 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
         elif engine.window is None:
             bound += int(ids.shape[1])
         pos, mask = cache.plan(counts, int(ids.shape[1]), bound=bound if engine.window is None else None)
-        h = engine.qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        h = engine.qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                               **cache.attention_kwargs())
         q_full[live] = engine.qnet.q_values(h[:, -1])
         active = episode < episodes
         tape_q.append(q_full.clone())

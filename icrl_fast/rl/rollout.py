@@ -29,6 +29,7 @@ from tqdm import tqdm
 from icrl_fast.data.formats import ContextFormat
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
+from icrl_fast.model.attention import KVCACHE, rollout_attention
 from icrl_fast.model.kv_cache import RolloutCache
 
 
@@ -156,7 +157,8 @@ class RolloutEngine:
         dtype = self.qnet.head_weight().dtype
         return RolloutCache(self.qnet.num_layers, contexts, window=self.window,
                             max_block=max(self.streams.max_block(), first_width), device=self.device,
-                            dtype=dtype if dtype.is_floating_point else torch.float32)
+                            dtype=dtype if dtype.is_floating_point else torch.float32,
+                            seqlens=getattr(self.qnet.model.config, "_attn_implementation", None) == KVCACHE)
 
     def check_length(self, longest: int) -> None:
         """Without a window, a context may not outgrow the model's positions."""
@@ -165,13 +167,15 @@ class RolloutEngine:
                              f"{self.max_positions} positions: raise the model's max_positions or set a window")
 
     def run(self, maps: MapBatch, episodes: int, p_model, seed: int, **kwargs) -> Rollout:
-        """See ``_run``. A model on flash-attn is switched to SDPA for the rollout: flash-attn's varlen kernels take
-        no per-slot mask, and the ragged, ring-buffered cache is expressed as one (decode steps are short)."""
+        """See ``_run``. A model on flash-attn 2 rolls out on flash-attn's kv-cache kernel with per-context
+        ``cache_seqlens`` (``icrl_fast.model.attention.KVCACHE``), or on SDPA with a window (the ring's mask), and
+        is switched back afterwards (``rollout_attention``)."""
         model = self.qnet.model
         impl = getattr(model.config, "_attn_implementation", None)
-        if impl != "flash_attention_2":
+        use = rollout_attention(impl, self.window)
+        if use is None:
             return self._run(maps, episodes, p_model, seed, **kwargs)
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(use)
         try:
             return self._run(maps, episodes, p_model, seed, **kwargs)
         finally:
@@ -239,7 +243,7 @@ class RolloutEngine:
             pos, mask = cache.plan(torch.from_numpy(counts), width)
             self.check_length(cache.get_seq_length())  # the cache knows every live context's length
             h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
-                                 past_key_values=cache, use_cache=True)
+                                 past_key_values=cache, use_cache=True, **cache.attention_kwargs())
             q[live] = self.qnet.q_values(h[:, -1]).cpu().numpy()
             for b in live:
                 q_read[b].append(q[b].copy())

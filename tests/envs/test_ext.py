@@ -194,8 +194,9 @@ def test_the_rollout_engine_plays_identically_on_the_extension():
 
 
 @pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
-@pytest.mark.parametrize("window,sync_every", [(None, 1), (None, 5), (29, 16)])
-def test_the_device_resident_loop_plays_exactly_the_host_loop(fmt, window, sync_every):
+@pytest.mark.parametrize("window,sync_every,kvcache", [(None, 1, False), (None, 5, False), (29, 16, False),
+                                                        (None, 5, True)])
+def test_the_device_resident_loop_plays_exactly_the_host_loop(fmt, window, sync_every, kvcache):
     """On the extension's env the engine's loop stays on the device (emit writes the input buffer; the host reads
     back every ``sync_every`` steps): contexts, episode indices, decision points, Q, paths and outcomes equal the
     host loop on the Numba env for the same seed -- exploration, slippery moves, a prefix, early finishers and
@@ -206,6 +207,10 @@ def test_the_device_resident_loop_plays_exactly_the_host_loop(fmt, window, sync_
 
     q = QNetwork(ModelConfig(hidden_size=16, layers=2, heads=2, intermediate_size=32), fmt.vocab_size,
                  fmt.action_ids, seed=0).eval()
+    if kvcache:  # flash-attn's cache_seqlens path (its reference here): the device loop's length bound, no mask
+        from icrl_fast.model.attention import register_kvcache_attention
+
+        q.model.set_attn_implementation(register_kvcache_attention())
     maps = random_maps(7, seed=4)
     st = ContextStreams(fmt)
     prefix = [st.episode([0, 1], [2], [0.0]) if b % 2 else [] for b in range(len(maps))]

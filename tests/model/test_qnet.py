@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from icrl_fast.model.attention import attn_implementation
+from icrl_fast.model.attention import attn_implementation, flash_attn_with_kvcache_reference
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 
 
@@ -53,3 +53,35 @@ def test_bad_model_paths_and_dtypes_are_clear_errors(tmp_path):
         QNetwork(ModelConfig(path=str(tmp_path / "missing")), 40, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="dtype"):
         QNetwork(ModelConfig(dtype="float8"), 40, [0, 1, 2, 3])
+
+
+def kvcache_loop(q, k, v, seqlens, scale, causal):
+    b, sq, h, d = q.shape
+    group = h // k.shape[2]
+    want = torch.zeros(b, sq, h, d, dtype=torch.float64)
+    for bi in range(b):
+        for i in range(sq):
+            last = int(seqlens[bi]) - sq + i if causal else int(seqlens[bi]) - 1  # the last key query i sees
+            for hi in range(h):
+                if last >= 0:
+                    kk, vv = k[bi, : last + 1, hi // group].double(), v[bi, : last + 1, hi // group].double()
+                    want[bi, i, hi] = torch.softmax(kk @ q[bi, i, hi].double() * scale, dim=0) @ vv
+    return want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_kvcache_reference_follows_flash_attn_contract(dtype, causal):
+    """flash_attn_with_kvcache semantics, checked against a float64 loop: per-context lengths, bottom-right causal
+    alignment of a multi-token query block, grouped-query heads, a query that sees no key (zeros)."""
+    g = torch.Generator().manual_seed(0)
+    b, sq, h, hk, d, sk = 3, 5, 6, 2, 8, 13
+    q, k, v = (torch.randn(*s, generator=g).to(dtype) for s in ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)))
+    k[1, 7:], v[1, 7:] = 1e4, 1e4  # beyond context 1's length: must never be read
+    seqlens = torch.tensor([13, 7, 3], dtype=torch.int32)
+    out = flash_attn_with_kvcache_reference(q, k, v, cache_seqlens=seqlens, softmax_scale=0.3, causal=causal)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), kvcache_loop(q, k, v, seqlens, 0.3, causal), rtol=tol, atol=tol)
+    if causal:
+        assert (out[2, :2] == 0).all()  # context 2 has 3 keys: queries 0 and 1 of the 5-token block see none

@@ -7,6 +7,7 @@ import torch
 from icrl_fast.data.formats import compact_format, decode, paper_format, token_contract
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import paper_ramp
+from icrl_fast.model.attention import KVCACHE, kvcache_attention, register_kvcache_attention
 from icrl_fast.model.kv_cache import RolloutCache, sliding_window_mask
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import RolloutEngine
@@ -141,14 +142,48 @@ def test_contexts_beyond_16k_tokens_evaluate_and_train():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in q.trainable_parameters())
 
 
-def test_a_flash_attention_model_rolls_out_through_sdpa_and_is_restored(monkeypatch):
-    """flash-attn takes no 4D mask: the engine switches the model to SDPA for the rollout and back afterwards."""
+@pytest.mark.parametrize("window,expected", [(None, KVCACHE), (23, "sdpa")])
+def test_a_flash_attention_model_rolls_out_on_the_kvcache_path_and_is_restored(monkeypatch, window, expected):
+    """flash-attn takes no 4D mask: without a window the engine switches a flash model to the kv-cache attention
+    (per-context cache_seqlens; flash-attn's kernel, its torch reference here), with a ring to SDPA, and back."""
     fmt = compact_format()
     q = tiny(fmt)
     seen = []
     monkeypatch.setattr(q.model.config, "_attn_implementation", "flash_attention_2")
     monkeypatch.setattr(q.model, "set_attn_implementation",
                         lambda impl: (seen.append(impl), q.model.config.__setattr__("_attn_implementation", impl)))
-    out = RolloutEngine(q, fmt).run(generate_maps(2, seed=0), 2, 0.0, seed=0)
-    assert seen == ["sdpa", "flash_attention_2"] and out.length.sum() > 0
+    maps = generate_maps(4, seed=0)
+    out = RolloutEngine(q, fmt, window=window).run(maps, 4, paper_ramp(4), seed=0)
+    assert seen == [expected, "flash_attention_2"] and out.length.sum() > 0
     assert q.model.config._attn_implementation == "flash_attention_2"
+    monkeypatch.undo()  # back on SDPA: the reference full forward
+    assert_engine_equals_full_forward(q, fmt, out, window)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+def test_the_kvcache_attention_reads_q_equal_to_the_masked_cache_and_a_full_forward(fmt, monkeypatch):
+    """The seqlens path (no mask; flash_attn_with_kvcache's contract, served by its reference on the CPU) reads the
+    same Q as the masked SDPA path and as one full forward: ragged blocks, early finishers, mixed map sizes."""
+    q = tiny(fmt)
+    maps = generate_maps(7, seed=0, height=(2, 7), width=(2, 7), min_hops=1)
+    masked = RolloutEngine(q, fmt).run(maps, 6, paper_ramp(6), seed=0)
+    masks = []
+    plan = RolloutCache.plan
+    monkeypatch.setattr(RolloutCache, "plan", lambda self, *a, **k: masks.append(plan(self, *a, **k)) or masks[-1])
+    q.model.set_attn_implementation(register_kvcache_attention())
+    flash = RolloutEngine(q, fmt).run(maps, 6, paper_ramp(6), seed=0)
+    assert masks and all(mask is None for _, mask in masks)  # no [B, S, C] mask was built
+    assert masked.length.sum(1).min() < masked.length.sum(1).max()
+    for b in range(len(maps)):
+        np.testing.assert_array_equal(flash.tokens[b], masked.tokens[b])
+        np.testing.assert_allclose(flash.q[b], masked.q[b], rtol=1e-5, atol=1e-6)
+    q.model.set_attn_implementation("sdpa")  # the reference full forward
+    assert_engine_equals_full_forward(q, fmt, flash, None)
+
+
+def test_seqlens_mode_needs_contiguous_positions_and_the_kvcache_attention_its_lengths():
+    with pytest.raises(ValueError, match="no window"):
+        RolloutCache(2, 3, window=8, seqlens=True)
+    x = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        kvcache_attention(None, x, x, x)
