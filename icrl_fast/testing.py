@@ -48,9 +48,9 @@ def save_tiny_llama(path: str | Path, *, hidden_size: int = 32, layers: int = 2,
     return path
 
 
-def torchrun_train(*argv: str, nproc: int = 2, timeout: float = 600) -> None:
+def torchrun_train(*argv: str, nproc: int = 2, timeout: float = 600) -> str:
     """``torchrun --standalone --nproc_per_node=NPROC -m icrl_fast.train ARGV`` on the CPU (gloo), one thread per
-    process, from this checkout; a failure raises with the tail of its stderr."""
+    process, from this checkout; returns its stdout; a failure raises with the tail of its stderr."""
     import os
     import subprocess
     import sys
@@ -61,6 +61,7 @@ def torchrun_train(*argv: str, nproc: int = 2, timeout: float = 600) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise AssertionError(f"torchrun exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return done.stdout
 
 
 def run_losses(run: Path) -> list[float]:

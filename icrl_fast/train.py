@@ -514,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, run_dir, resume = parse_args(argv)
     from icrl_fast.envs.ext import describe
 
-    print(f"icrl_fast: preset {cfg.preset}, run directory {run_dir}; {describe()}")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 speaks
+    if main_rank:
+        print(f"icrl_fast: preset {cfg.preset}, run directory {run_dir}; {describe()}")
     _interrupt_on_signals()
     try:
         result = run(cfg, run_dir, resume=resume)
@@ -526,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {result['step']} steps, {result['tokens']:,} tokens; run directory {run_dir}")
+    if main_rank:
+        print(f"done: {result['step']} steps, {result['tokens']:,} tokens; run directory {run_dir}")
     return 0
 
 

@@ -16,7 +16,8 @@ ARGS = ["--preset", "smoke", "--optim.steps", "6", "--log_every", "1", "--eval.m
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    torchrun(*ARGS, "--out", str(tmp_path / "ddp"))
+    stdout = torchrun(*ARGS, "--out", str(tmp_path / "ddp"))
+    assert stdout.count("done: 6 steps") == 1 and stdout.count("icrl_fast: preset") == 1  # rank 0 speaks alone
     assert T.main([*ARGS, "--out", str(tmp_path / "one")]) == 0
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(a) == len(b) == 6
