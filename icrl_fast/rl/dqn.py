@@ -29,6 +29,9 @@ class DQNConfig:
                                                       "tokens) that pushes down actions the data did not take; "
                                                       "0 = the paper's loss; logged as losses/cql, and "
                                                       "losses/td is then the sum"})
+    cql_on: str = field(default="all", metadata={"help": "decisions the conservative term covers: 'all', or "
+                                                         "'success' (only those of episodes that reached the goal: "
+                                                         "the data's action is pushed up where it led to the goal)"})
 
     def validate(self) -> None:
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.tau <= 1.0:
@@ -37,6 +40,8 @@ class DQNConfig:
             raise ValueError(f"argmax must be actions|vocab and loss paper|mse|huber, got {self.argmax}, {self.loss}")
         if not self.cql >= 0.0:
             raise ValueError(f"cql must be >= 0, got {self.cql}")
+        if self.cql_on not in ("all", "success"):
+            raise ValueError(f"cql_on must be all|success, got {self.cql_on!r}")
 
 
 def transitions(decision_mask: torch.Tensor, action: torch.Tensor, episode_id: torch.Tensor,
@@ -44,8 +49,9 @@ def transitions(decision_mask: torch.Tensor, action: torch.Tensor, episode_id: t
     """Transitions of a batch of slices ``[B, L]`` (the token contract of ``icrl_fast.data``).
 
     Returns flat tensors over the T transitions: ``row``, ``pos``, ``next_pos`` (int64), ``action`` (int64),
-    ``reward`` (float32: the episode return on an episode's last action, else 0), ``done`` (bool), and
-    ``seq_id`` (= row, for the per-sequence normalisation).
+    ``reward`` (float32: the episode return on an episode's last action, else 0), ``done`` (bool),
+    ``seq_id`` (= row, for the per-sequence normalisation) and ``success`` (bool: the decision's episode reached
+    the goal).
     """
     rows, pos = decision_mask.nonzero(as_tuple=True)  # row-major: decisions of a row are consecutive and ordered
     same_row = rows[1:] == rows[:-1]  # pair decision k with k + 1 of the same slice; a row's last one has no target
@@ -55,7 +61,7 @@ def transitions(decision_mask: torch.Tensor, action: torch.Tensor, episode_id: t
     done = episode_id[r, p] != episode_id[r, pn]
     reward = torch.where(done, episode_return[r, p].float(), torch.zeros((), dtype=torch.float32))
     return {"row": r, "pos": p, "next_pos": pn, "action": action[r, p].long(), "reward": reward, "done": done,
-            "seq_id": r}
+            "seq_id": r, "success": episode_return[r, p] > 0}
 
 
 def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str | None = None):
@@ -77,7 +83,9 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
     stats = {}
     if cfg.cql > 0:
         q_all = qnet.q_values(hidden)  # [T, A] fp32: tiny, outside the fused kernel
-        gap = (torch.logsumexp(q_all, -1) - q_all.gather(1, tr["action"][:, None]).squeeze(1)).mean()
+        gaps = torch.logsumexp(q_all, -1) - q_all.gather(1, tr["action"][:, None]).squeeze(1)
+        covered = tr["success"] if cfg.cql_on == "success" else torch.ones_like(tr["success"])
+        gap = (gaps * covered).sum() / covered.sum().clamp(min=1)  # 0 when no covered decision is in the batch
         loss = loss + cfg.cql * gap
         stats["cql"] = gap.detach()
     with torch.no_grad():

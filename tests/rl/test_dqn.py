@@ -21,6 +21,7 @@ def test_transitions_pair_consecutive_decisions_within_a_slice():
     assert tr["done"].tolist() == [False, True, False]
     assert tr["reward"].tolist() == [0.0, 1.0, 0.0]  # the episode's return on its last action
     assert tr["action"].tolist() == [2, 1, 0] and tr["seq_id"].tolist() == [0, 0, 0]
+    assert tr["success"].tolist() == [True, True, False]  # the decision's own episode reached the goal
 
 
 def model_and_batch(seed: int, rows: int, length: int, episode_len: int, action=None):
@@ -93,3 +94,29 @@ def test_the_conservative_term_adds_logsumexp_minus_the_taken_q_and_demotes_unta
         assert "cql" in str(e)
     else:
         raise AssertionError("a negative cql weight must be refused")
+
+
+def test_the_success_only_conservative_term_covers_only_decisions_of_successful_episodes():
+    q, batch = model_and_batch(2, 2, 30, 10)
+    batch["episode_return"] = (batch["episode_id"] % 2 == 0).float()  # episodes 0 and 2 succeed, 1 fails
+    tr = transitions(batch["decision_mask"], batch["action"], batch["episode_id"], batch["episode_return"])
+    ok = tr["success"]
+    assert 0 < ok.sum() < len(ok)
+    plain, _ = dqn_loss(q, batch, DQNConfig(), backend="reference")
+    both, stats = dqn_loss(q, batch, DQNConfig(cql=0.5, cql_on="success"), backend="reference")
+    with torch.no_grad():
+        qa = q.q_values(q.hidden(batch["input_ids"])[tr["row"], tr["pos"]])
+        gaps = torch.logsumexp(qa, -1) - qa.gather(1, tr["action"][:, None]).squeeze(1)
+    torch.testing.assert_close(stats["cql"], gaps[ok].mean())
+    assert not torch.isclose(gaps[ok].mean(), gaps.mean())  # the failed episode's decisions are left out
+    torch.testing.assert_close(both.detach(), plain.detach() + 0.5 * gaps[ok].mean())
+    batch["episode_return"] = torch.zeros_like(batch["episode_return"])  # nothing succeeded: no term at all
+    none, stats = dqn_loss(q, batch, DQNConfig(cql=0.5, cql_on="success"), backend="reference")
+    plain, _ = dqn_loss(q, batch, DQNConfig(), backend="reference")
+    assert stats["cql"] == 0 and torch.equal(none.detach(), plain.detach())
+    try:
+        DQNConfig(cql_on="winners").validate()
+    except ValueError as e:
+        assert "cql_on" in str(e)
+    else:
+        raise AssertionError("an unknown cql_on must be refused")
