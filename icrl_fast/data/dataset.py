@@ -40,12 +40,13 @@ from tqdm import tqdm
 
 from icrl_fast.config import from_dict
 from icrl_fast.data.formats import ContextFormat, encode_episodes, make_format, token_contract
-from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, q_learning, random_policy
+from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, copier, q_learning, random_policy
 from icrl_fast.envs.maps import MapBatch, generate_maps
 
 SCHEMA_VERSION = 1
 QUALITY_WEIGHT = {"high": (1.0, 5.0), "mid": (1.0, 1.0), "low": (5.0, 1.0)}  # (failed, successful)
 FILES = ("tokens.safetensors", "tables.safetensors")
+SOURCES = ("q_learning", "random", "copier")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class DatasetConfig:
     min_hops: int = 4
     """Every start is at least this many moves from its nearest goal."""
     source: str = "q_learning"
-    """Who plays the episodes: ``q_learning`` or ``random``."""
+    """Who plays the episodes: ``q_learning`` (the paper), ``random``, or ``copier`` (a hand-written in-context
+    learner, ``icrl_fast.envs.learners.copier``: its sets keep the play order, from each map's first episode)."""
     learner: QLearningConfig = field(default_factory=QLearningConfig)
     """Learner settings; ``learner.episodes`` is the number of episodes per map."""
     quality: str = "mid"
@@ -90,8 +92,11 @@ class DatasetConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if isinstance(self.test_maps, bool) or not isinstance(self.test_maps, int) or self.test_maps < 0:
             raise ValueError(f"test_maps must be an int >= 0, got {self.test_maps!r}")
-        if self.source not in ("q_learning", "random"):
-            raise ValueError(f"source must be 'q_learning' or 'random', got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "copier" and self.quality != "mid":
+            raise ValueError("the copier's sets keep its play order: quality weighting (high/low) does not apply; "
+                             "use quality 'mid'")
         if self.quality not in QUALITY_WEIGHT:
             raise ValueError(f"quality must be one of {sorted(QUALITY_WEIGHT)}, got {self.quality!r}")
         lo, hi = self.set_size
@@ -115,7 +120,11 @@ class DatasetConfig:
 
 def sample_sets(log: EpisodeLog, n_maps: int, cfg: DatasetConfig, rng: np.random.Generator):
     """Draw the sets of every map. Returns ``(set_map int32 [S], order int64 [total episodes], set_of int32 [.])``:
-    the sets in their (shuffled) stream order, and for each episode occurrence its index in ``log`` and its set."""
+    the sets in their (shuffled) stream order, and for each episode occurrence its index in ``log`` and its set.
+
+    The paper's sources: each set draws its episodes from the whole log of its map, weighted by ``quality``, in
+    random order. The copier: a set is a run of consecutive episodes in play order, the first from episode 0 (a
+    context shows the copier learning the map), the next ones following on while the map's episodes last."""
     w_fail, w_success = QUALITY_WEIGHT[cfg.quality]
     per_map = cfg.learner.episodes
     lo, hi = cfg.set_size
@@ -123,6 +132,15 @@ def sample_sets(log: EpisodeLog, n_maps: int, cfg: DatasetConfig, rng: np.random
     success = log.success.reshape(n_maps, per_map)
     sets = []
     for b in range(n_maps):
+        if cfg.source == "copier":
+            first = 0
+            for _ in range(n_sets):
+                k = int(rng.integers(lo, hi + 1))
+                if first + k > per_map:
+                    break
+                sets.append((b, b * per_map + first + np.arange(k)))
+                first += k
+            continue
         w = np.where(success[b], w_success, w_fail)
         p = w / w.sum()
         for _ in range(n_sets):
@@ -158,6 +176,8 @@ def build_dataset(cfg: DatasetConfig, out: str | os.PathLike, *, overwrite: bool
     bar.update()
     if cfg.source == "q_learning":
         log, _ = q_learning(train, cfg.learner, seed=cfg.seed + 1)
+    elif cfg.source == "copier":
+        log = copier(train, cfg.learner, seed=cfg.seed + 1)
     else:
         log = random_policy(train, cfg.learner.episodes, seed=cfg.seed + 1,
                             max_episode_steps=cfg.learner.max_episode_steps)

@@ -1,4 +1,5 @@
-"""Batched tabular learners that produce the offline data: epsilon-greedy Q-learning and a random policy.
+"""Batched tabular learners that produce the offline data: epsilon-greedy Q-learning, a random policy, and the
+``copier``: a hand-written in-context learner (see :func:`copier`).
 
 One Numba ``prange`` kernel runs *every* episode of one map per iteration, all maps in parallel, on the same
 dynamics core as the simulator (:func:`~icrl_fast.envs.frozen_lake.transition`, ``slip_branch``); map ``b``
@@ -106,14 +107,40 @@ def _greedy(q, b, s, st):
     return st, 0
 
 
+@njit(inline="always", cache=True)
+def _copier_action(winner, avoid, b, s, st):
+    """The copier's action at ``s``: the last successful episode's (``winner[b, s] >= 0``), else uniform among the
+    actions not known to end in a hole or bump a wall (all four if none is left); returns ``(state, action)``."""
+    if winner[b, s] >= 0:
+        return st, np.int64(winner[b, s])
+    n_ok = 0
+    for a in range(4):
+        if not avoid[b, s, a]:
+            n_ok += 1
+    st, z = next_u64(st)
+    if n_ok == 0:
+        return st, np.int64(z & np.uint64(3))
+    k = np.int64(z % np.uint64(n_ok))
+    for a in range(4):
+        if not avoid[b, s, a]:
+            if k == 0:
+                return st, np.int64(a)
+            k -= 1
+    return st, np.int64(0)
+
+
+NO_UPDATE, Q_LEARNING, COPIER = 0, 1, 2  # what _learn_kernel's acting policy learns from its episodes
+
+
 @njit(parallel=True, cache=True)
 def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps, alpha, gamma, eps_start, eps_end,
-                  eps_decay, learn, slippery, success_rate, reward_of_tile, q, obs_log, act_log, rew_log, ep_len,
-                  ep_ret, ep_term, ep_trunc, ep_final):
+                  eps_decay, learn, slippery, success_rate, reward_of_tile, q, winner, avoid, obs_log, act_log,
+                  rew_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final):
     for b in prange(tiles.shape[0]):
         st = stream_state(seed, np.uint64(b))
         w = ncol[b]
         cursor = 0
+        current = np.full(tiles.shape[1] * tiles.shape[2], -1, dtype=np.int8)  # copier: this episode's last exits
         for e in range(episodes):
             if eps_decay > 0 and e < eps_decay:
                 eps = eps_start + (eps_end - eps_start) * e / eps_decay
@@ -128,6 +155,8 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
                 if u < eps:
                     st, z = next_u64(st)
                     a = np.int64(z & np.uint64(3))
+                elif learn == COPIER:
+                    st, a = _copier_action(winner, avoid, b, s, st)
                 else:
                     st, a = _greedy(q, b, s, st)
                 branch = 1
@@ -144,7 +173,11 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
                 rew_log[b, cursor] = reward
                 cursor += 1
                 ret += reward
-                if learn:
+                if learn == COPIER:
+                    current[s] = a
+                    if s2 == s or (done and reward <= 0.0):  # a wall bump or a hole: never worth repeating
+                        avoid[b, s, a] = True
+                if learn == Q_LEARNING:
                     target = reward
                     if not done:
                         best = q[b, s2, 0]
@@ -154,6 +187,10 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
                     q[b, s, a] += alpha * (target - q[b, s, a])
                 s = s2
                 if done or t >= max_steps:
+                    if learn == COPIER:
+                        if done and reward > 0.0:  # following each state's last exit replays it without loops
+                            winner[b, :] = current
+                        current[:] = -1
                     ep_len[b, e] = t
                     ep_ret[b, e] = ret
                     ep_term[b, e] = done
@@ -162,7 +199,7 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
                     break
 
 
-def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: bool, is_slippery: bool,
+def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slippery: bool,
          success_rate: float, reward_schedule) -> tuple[EpisodeLog, np.ndarray]:
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
@@ -171,6 +208,8 @@ def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: bool, is_slippe
     n, e_count, cap = len(maps), cfg.episodes, cfg.episodes * cfg.max_episode_steps
     cells = maps.tiles.shape[1] * maps.tiles.shape[2]
     q = np.zeros((n, cells, 4), dtype=np.float64)
+    winner = np.full((n, cells), -1, dtype=np.int8)
+    avoid = np.zeros((n, cells, 4), dtype=np.bool_)
     obs_log = np.empty((n, cap), dtype=np.int16)  # untouched pages cost nothing: only logged steps are written
     act_log = np.empty((n, cap), dtype=np.int8)
     rew_log = np.empty((n, cap), dtype=np.float32)
@@ -183,7 +222,7 @@ def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: bool, is_slippe
     _learn_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), e_count,
                   cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma), float(cfg.epsilon_start),
                   float(cfg.epsilon_end), eps_decay, learn, bool(is_slippery), success_rate, reward_of_tile, q,
-                  obs_log, act_log, rew_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final)
+                  winner, avoid, obs_log, act_log, rew_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final)
     steps_per_map = ep_len.sum(axis=1)
     keep = np.arange(cap)[None, :] < steps_per_map[:, None]
     start = np.concatenate([[0], np.cumsum(ep_len.ravel())[:-1]]).astype(np.int64)
@@ -202,7 +241,7 @@ def q_learning(maps: MapBatch, config: QLearningConfig = QLearningConfig(), *, s
     ``[B, max_rows * max_cols, 4]`` (rows indexed by observation ``r * ncol + c`` of each map).
     Defaults to the paper's non-slippery env.
     """
-    return _run(maps, config, seed, True, is_slippery, success_rate, reward_schedule)
+    return _run(maps, config, seed, Q_LEARNING, is_slippery, success_rate, reward_schedule)
 
 
 def random_policy(maps: MapBatch, episodes: int, *, seed: int, max_episode_steps: int = 100,
@@ -210,7 +249,20 @@ def random_policy(maps: MapBatch, episodes: int, *, seed: int, max_episode_steps
     """Log ``episodes`` uniformly random episodes per map (the low-quality source)."""
     cfg = QLearningConfig(episodes=episodes, epsilon_start=1.0, epsilon_end=1.0, epsilon_decay_episodes=0,
                           max_episode_steps=max_episode_steps)
-    return _run(maps, cfg, seed, False, is_slippery, success_rate, reward_schedule)[0]
+    return _run(maps, cfg, seed, NO_UPDATE, is_slippery, success_rate, reward_schedule)[0]
+
+
+def copier(maps: MapBatch, config: QLearningConfig = QLearningConfig(), *, seed: int, is_slippery: bool = False,
+           success_rate: float = 1.0 / 3.0, reward_schedule=(1, 0, 0)) -> EpisodeLog:
+    """Log episodes of a hand-written in-context learner, what ICRL should learn to do from its context alone.
+
+    In each episode it acts uniformly at random with probability epsilon (``config``'s schedule; start 1, end 0
+    over 20 episodes is close to the paper's evaluation ramp), otherwise: from a state the last *successful* episode
+    left, it takes the action that episode last took there (so it replays the success, loops erased); elsewhere it
+    explores uniformly among the actions not yet seen to end in a hole or bump a wall. On the non-slippery env one
+    success is enough to succeed ever after (when it acts). ``alpha`` and ``gamma`` are unused.
+    """
+    return _run(maps, config, seed, COPIER, is_slippery, success_rate, reward_schedule)[0]
 
 
 @njit(parallel=True, cache=True)

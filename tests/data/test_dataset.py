@@ -148,3 +148,32 @@ def test_cli_builds_and_describes_a_dataset(tmp_path, capsys):
                      "--set-size", "5", "10", "--quiet"]) == 2
     assert "less than one slice" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob("y.tmp-*"))
+
+
+def test_copier_sets_keep_play_order_from_each_maps_first_episode(tmp_path):
+    learner = QLearningConfig(episodes=50, epsilon_start=1.0, epsilon_end=0.0, epsilon_decay_episodes=10)
+    cfg = DatasetConfig(train_maps=10, test_maps=2, source="copier", learner=learner, set_size=(12, 20),
+                        sets_per_map=3, slice_len=256, format="compact")
+    n = 10 * 50
+    log = EpisodeLog(obs=np.zeros(n, np.int16), actions=np.zeros(n, np.int8), rewards=np.zeros(n, np.float32),
+                     map_id=np.repeat(np.arange(10, dtype=np.int32), 50), start=np.arange(n, dtype=np.int64),
+                     length=np.ones(n, np.int32), returns=np.zeros(n, np.float32), terminated=np.ones(n, bool),
+                     truncated=np.zeros(n, bool), final_obs=np.zeros(n, np.int16))
+    set_map, order, set_of = sample_sets(log, 10, cfg, np.random.default_rng(0))
+    runs: dict[int, list[tuple[int, int]]] = {}  # map -> (first episode, length) of each set
+    for s in range(set_map.size):
+        idx = order[set_of == s]
+        assert (np.diff(idx) == 1).all() and 12 <= len(idx) <= 20  # consecutive episodes, in play order
+        assert int(idx[0]) // 50 == int(idx[-1]) // 50 == set_map[s]  # of the set's map
+        runs.setdefault(int(set_map[s]), []).append((int(idx[0]) % 50, len(idx)))
+    assert len(runs) == 10 and {len(r) for r in runs.values()} == {2, 3}  # a third set fits when 50 allow it
+    for r in map(sorted, runs.values()):  # a map's first set opens at its episode 0; the next ones follow on
+        assert r[0][0] == 0 and all(a + k == b for (a, k), (b, _) in zip(r, r[1:]))
+        assert r[-1][0] + r[-1][1] <= 50
+    assert len(set(set_map[:10].tolist())) > 1  # the sets are shuffled into the stream
+    ds = build_dataset(cfg, tmp_path / "c", progress=False)  # and the build plays them with the copier
+    assert ds.manifest["config"]["source"] == "copier" and ds.episodes["return"].mean() > 0.4
+    with pytest.raises(ValueError, match="quality"):
+        DatasetConfig(source="copier", quality="high").validate()
+    with pytest.raises(ValueError, match="source must be one of"):
+        DatasetConfig(source="oracle").validate()

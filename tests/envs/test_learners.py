@@ -5,7 +5,7 @@ import numba
 import numpy as np
 import pytest
 
-from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, greedy_solves, q_learning, random_policy
+from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, copier, greedy_solves, q_learning, random_policy
 from icrl_fast.envs.maps import MapBatch, generate_maps
 
 
@@ -84,3 +84,30 @@ def test_bad_input_is_a_clear_error():
         q_learning(["SFG"], seed=0)
     with pytest.raises(ValueError, match="q must be"):
         greedy_solves(maps, np.zeros((2, 3, 4)))
+
+
+def test_the_copier_replays_its_last_success_and_never_repeats_a_known_dead_end():
+    maps = generate_maps(150, seed=5)
+    cfg = QLearningConfig(episodes=30, epsilon_start=1.0, epsilon_end=0.0, epsilon_decay_episodes=10)
+    log = copier(maps, cfg, seed=2)
+    assert replay_in_gymnasium(maps, log, range(0, log.num_episodes, 37)) > 100
+    success = log.success.reshape(len(maps), 30)
+    first = np.where(success.any(1), success.argmax(1), 30)
+    single = np.flatnonzero(maps.n_starts == 1)  # (from another start tile the last success may not pass by)
+    assert len(single) > 100
+    for b in single:  # once it acts on its own (epsilon 0 from episode 10), one success is enough
+        assert success[b, max(first[b] + 1, 10):].all(), b
+    assert 0.1 < success[:, :2].mean() < 0.25 and success[:, 20:].mean() > 0.9  # random, then solved
+    dead: set[tuple[int, int, int]] = set()
+    for e in range(log.num_episodes):  # an epsilon-0 step before any success avoids every known dead end
+        b, k = int(log.map_id[e]), e % 30
+        obs, acts, _ = log.episode(e)
+        for t, (s, a) in enumerate(zip(obs.tolist(), acts.tolist())):
+            if k >= 10 and first[b] >= k and len({x for x in range(4) if (b, s, x) in dead}) < 4:
+                assert (b, s, a) not in dead, (e, t)
+            bumped = t + 1 < len(obs) and int(obs[t + 1]) == s
+            fell = t + 1 == len(obs) and log.terminated[e] and log.returns[e] == 0
+            if bumped or fell:
+                dead.add((b, s, a))
+    np.testing.assert_array_equal(copier(maps, cfg, seed=2).actions, log.actions)  # the seed fixes it
+    assert not np.array_equal(copier(maps, cfg, seed=3).actions, log.actions)
