@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from icrl_fast.data.dataset import QUALITY_WEIGHT, DatasetConfig, OfflineDataset, build_dataset
+from icrl_fast.data.dataset import QUALITY_WEIGHT, SOURCES, DatasetConfig, OfflineDataset, build_dataset
 from icrl_fast.data.formats import FORMATS
 from icrl_fast.envs.learners import QLearningConfig
 
@@ -30,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--height", type=int, nargs=2, default=d.height, metavar=("LO", "HI"), help="map height range")
     b.add_argument("--width", type=int, nargs=2, default=d.width, metavar=("LO", "HI"), help="map width range")
     b.add_argument("--min-hops", type=int, default=d.min_hops, help="min moves from every start to its nearest goal")
-    b.add_argument("--source", choices=("q_learning", "random"), default=d.source, help="who plays the episodes")
+    b.add_argument("--source", choices=SOURCES, default=d.source, help="who plays the episodes")
     b.add_argument("--episodes-per-map", type=int, default=ql.episodes, help="episodes the learner plays per map")
+    b.add_argument("--epsilon-decay-episodes", type=int, default=ql.epsilon_decay_episodes,
+                   help="the learner's epsilon falls linearly over this many episodes")
+    b.add_argument("--epsilon-end", type=float, default=ql.epsilon_end, help="the learner's final epsilon")
     b.add_argument("--quality", choices=sorted(QUALITY_WEIGHT), default=d.quality,
                    help="high/mid/low: successful episodes drawn 5x/1x/0.2x as often as failed ones")
     b.add_argument("--set-size", type=int, nargs=2, default=d.set_size, metavar=("LO", "HI"), help="episodes per set")
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = DatasetConfig(
             train_maps=args.train_maps, test_maps=args.test_maps, height=tuple(args.height), width=tuple(args.width),
-            min_hops=args.min_hops, source=args.source, learner=QLearningConfig(episodes=args.episodes_per_map),
+            min_hops=args.min_hops, source=args.source,
+            learner=QLearningConfig(episodes=args.episodes_per_map, epsilon_end=args.epsilon_end,
+                                    epsilon_decay_episodes=args.epsilon_decay_episodes),
             quality=args.quality, set_size=tuple(args.set_size), sets_per_map=args.sets_per_map, format=args.format,
             tokenizer=args.tokenizer, max_obs=args.max_obs, slice_len=args.slice_len, seed=args.seed)
         ds = build_dataset(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)

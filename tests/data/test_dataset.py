@@ -148,6 +148,14 @@ def test_cli_builds_and_describes_a_dataset(tmp_path, capsys):
                      "--set-size", "5", "10", "--quiet"]) == 2
     assert "less than one slice" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob("y.tmp-*"))
+    copier = ["build", "--out", str(tmp_path / "c"), "--train-maps", "6", "--test-maps", "2", "--episodes-per-map",
+              "40", "--source", "copier", "--epsilon-end", "0", "--epsilon-decay-episodes", "10", "--slice-len", "256",
+              "--format", "compact", "--quiet"]
+    assert data_cli(copier) == 0
+    learner = OfflineDataset.load(tmp_path / "c").manifest["config"]["learner"]
+    assert (learner["epsilon_end"], learner["epsilon_decay_episodes"], learner["episodes"]) == (0.0, 10, 40)
+    assert data_cli([*copier[:2], str(tmp_path / "d"), *copier[3:], "--quality", "low"]) == 2
+    assert "use quality 'mid'" in capsys.readouterr().err
 
 
 def test_copier_sets_keep_play_order_from_each_maps_first_episode(tmp_path):
