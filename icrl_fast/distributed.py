@@ -62,19 +62,25 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's rank among the processes ``torchrun`` started (0 without torchrun; torchrun always sets
+    ``RANK`` beside ``WORLD_SIZE``)."""
+    return int(os.environ["RANK"]) if world_size() > 1 else 0
+
+
 def setup(device: str) -> tuple[World, str]:
     """Join the process group ``torchrun`` describes (if any); returns the world and this process's device."""
     size = world_size()
     if size == 1:
         return World(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return World(rank, size, local), device
+    return World(rank(), size, local), device
 
 
 def gather_objects(world: World, obj) -> list:

@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, run_dir, resume = parse_args(argv)
     from icrl_fast.envs.ext import describe
 
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 speaks
+    main_rank = distributed.rank() == 0  # under torchrun only rank 0 speaks
     if main_rank:
         print(f"icrl_fast: preset {cfg.preset}, run directory {run_dir}; {describe()}")
     _interrupt_on_signals()
