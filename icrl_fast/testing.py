@@ -65,11 +65,11 @@ def torchrun_train(*argv: str, nproc: int = 2, timeout: float = 600) -> str:
 
 
 def run_losses(run: Path) -> list[float]:
-    """The logged TD losses of a run directory, in order."""
+    """The logged training losses (``losses/total``, the mean over processes) of a run directory, in order."""
     import json
 
-    return [r["losses/td"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())
-            if "losses/td" in r]
+    return [r["losses/total"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())
+            if "losses/total" in r]
 
 
 def latest_checkpoint(run: Path) -> dict:

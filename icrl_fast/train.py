@@ -35,9 +35,11 @@ from icrl_fast.envs.learners import QLearningConfig
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import EvalConfig, evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import SHARD_NEEDS_PRETRAINED, ModelConfig, QNetwork
-from icrl_fast.rl.dqn import DQNConfig, DQNObjective, dqn_loss
+from icrl_fast.rl.dqn import DQNConfig, dqn_loss
+from icrl_fast.rl.objectives import ObjectiveConfig, Objectives
 from icrl_fast.rl.replay import ContextReplay
 from icrl_fast.rl.rollout import RolloutEngine
+from icrl_fast.rl.sources import ProtocolConfig, ProtocolSource
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -52,6 +54,22 @@ class OptimConfig:
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps (then constant)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0: off)"})
+    schedule: str = field(default="constant", metadata={"help": "after warm-up: constant (the paper) or cosine (to "
+                                                                "min_lr_frac x lr at the last step)"})
+    min_lr_frac: float = field(default=0.1, metadata={"help": "cosine schedule's final lr as a fraction of lr"})
+
+    def validate(self) -> None:
+        if self.schedule not in ("constant", "cosine") or not 0.0 <= self.min_lr_frac <= 1.0:
+            raise ValueError(f"optim schedule must be constant or cosine and min_lr_frac in [0, 1], got "
+                             f"{self.schedule!r}, {self.min_lr_frac}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+        warm = max(1, self.warmup_steps)
+        if step < warm or self.schedule == "constant":
+            return min(1.0, (step + 1) / warm)
+        frac = min(1.0, (step - warm) / max(1, self.steps - warm))
+        return self.min_lr_frac + (1.0 - self.min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 @dataclass
@@ -95,8 +113,12 @@ class TrainConfig:
     data: DatasetConfig = field(default_factory=DatasetConfig)
     data_path: str | None = field(default=None, metadata={"help": "an existing dataset folder (default: build one "
                                                                   "into the run directory)"})
-    mode: str = field(default="offline", metadata={"help": "offline (the paper: the dataset's slices) or online "
+    mode: str = field(default="offline", metadata={"help": "offline (the paper: the dataset's slices), protocol "
+                                                           "(the simulator plays the evaluation protocol with the "
+                                                           "context teacher, per map, on the fly) or online "
                                                            "(rollouts with the KV-cache engine into a replay)"})
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dqn: DQNConfig = field(default_factory=DQNConfig)
@@ -116,6 +138,12 @@ def preset(name: str) -> TrainConfig:
     if name == "default":  # cql + success-weighted data: measured best of this CPU's budget (README, Results)
         return TrainConfig(preset="default", data=DatasetConfig(format="compact", slice_len=1024, quality="high"),
                            dqn=DQNConfig(cql=1.0))
+    if name == "protocol":  # in-context RL taught on protocol contexts (README, Teaching the model)
+        return TrainConfig(
+            preset="protocol", mode="protocol", data=DatasetConfig(format="compact", slice_len=1024),
+            objective=ObjectiveConfig(td=0.0, imitation=1.0, observation=0.5),
+            model=ModelConfig(layers=2),
+            optim=OptimConfig(steps=3000, lr=2e-3, warmup_steps=30, schedule="cosine"), log_every=50, ckpt_every=500)
     if name == "smoke":
         return TrainConfig(
             preset="smoke", data=DatasetConfig(train_maps=24, test_maps=6, format="compact", slice_len=256,
@@ -130,7 +158,7 @@ def preset(name: str) -> TrainConfig:
             dqn=DQNConfig(argmax="vocab"),
             optim=OptimConfig(steps=956, batch_slices=1, grad_accum=10, lr=1e-2, warmup_steps=10, clip=0.0),
             eval=EvalConfig(batch_maps=10), ckpt_every=50)
-    raise ValueError(f"unknown preset {name!r}; choose default, smoke or paper")
+    raise ValueError(f"unknown preset {name!r}; choose default, protocol, smoke or paper")
 
 
 class TrainingDiverged(RuntimeError):
@@ -229,8 +257,14 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     """Train (or resume) and evaluate; returns the final metrics. Raises ``TrainingDiverged`` on a NaN loss."""
     # --- setup ------------------------------------------------------------------------------------------------
     cfg.dqn.validate()
-    if cfg.mode not in ("offline", "online"):
-        raise ValueError(f"mode must be offline or online, got {cfg.mode!r}")
+    cfg.optim.validate()
+    cfg.objective.validate()
+    if cfg.mode not in ("offline", "protocol", "online"):
+        raise ValueError(f"mode must be offline, protocol or online, got {cfg.mode!r}")
+    if cfg.mode != "protocol" and (cfg.objective.imitation or cfg.objective.observation):
+        raise ValueError("the imitation and observation objectives need the teacher's labels of --mode protocol")
+    if cfg.mode == "protocol":
+        cfg.protocol.validate()
     cfg.eval.validate()
     if cfg.mode == "online":
         cfg.online.validate()
@@ -264,15 +298,19 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if world.distributed and cfg.parallel == "fsdp":
         qnet.shard(distributed.mesh(world, device))
     opt = torch.optim.AdamW(qnet.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    warm = max(1, cfg.optim.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.optim.lr_factor)
     state = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0, "last_rollout": -1}
     replay = ContextReplay(fmt, cfg.online.capacity, cfg.online.slice_len) if cfg.mode == "online" else None
     if replay is not None and cfg.online.init and not resume:
         init_networks(Path(cfg.online.init), qnet)
     if resume:
         state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay, rank=world.rank)}
-    objective = DQNObjective(qnet, cfg.dqn, lambda *a: dqn_loss(*a))  # dqn_loss looked up per call (tests patch it)
+    source = None
+    if cfg.mode == "protocol":
+        source = ProtocolSource(cfg.protocol, fmt, ds.maps[ds.test_map_ids], seed=cfg.seed, height=cfg.data.height,
+                                width=cfg.data.width, min_hops=cfg.data.min_hops, progress=progress)
+    objective = Objectives(qnet, cfg.objective, cfg.dqn,
+                           lambda *a, **k: dqn_loss(*a, **k))  # dqn_loss looked up per call (tests patch it)
     ddp = world.distributed and not qnet.sharded
     collective = qnet.sharded or (replay is not None and world.distributed)  # checkpoints gather from every rank
 
@@ -306,7 +344,10 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 t_last += time.perf_counter() - t0  # tokens/s counts training time only
             step_tokens = 0
             for micro in range(cfg.optim.grad_accum):                       # so an interrupted step is redone
-                if replay is None:
+                if source is not None:
+                    batch = {k: torch.from_numpy(v).to(device) for k, v in source.batch(
+                        state["step"], micro, cfg.optim.grad_accum, world.key()).items() if k != "length"}
+                elif replay is None:
                     idx = batch_indices(len(ds), data_pos, cfg.optim.batch_slices, cfg.seed)
                     batch = to_batch(ds, world.shard(idx), device)
                 else:
@@ -334,15 +375,15 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             bar.update()
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.steps:
                 now = time.perf_counter()
-                rec = {"step": state["step"], "losses/td": loss_value, "charts/q": float(stats["q"]),
-                       "charts/target": float(stats["target"]) if "target" in stats else None,
-                       "losses/cql": float(stats["cql"]) if "cql" in stats else None,
+                rec = {"step": state["step"], "losses/total": loss_value, **_stat_record(stats),
                        "charts/lr": sched.get_last_lr()[0], "charts/epoch": state["epoch"],
+                       "perf/tokens": state["tokens"],
                        "perf/tokens_per_s": (state["tokens"] - tok_last) / max(now - t_last, 1e-9)}
                 t_last, tok_last = now, state["tokens"]
                 _log(metrics_file, tb, rec)
-                bar.set_postfix(loss=f"{loss_value:.3g}", q=f"{rec['charts/q']:.2f}",
-                                target=f"{rec['charts/target']:.2f}" if rec["charts/target"] is not None else "-",
+                bar.set_postfix(loss=f"{loss_value:.3g}", **{k.split("/")[-1][:5]: f"{v:.3g}" for k, v in rec.items()
+                                                             if k.startswith(("losses/", "charts/agree", "charts/q"))
+                                                             and k != "losses/total"},
                                 tok_s=f"{rec['perf/tokens_per_s']:,.0f}")
             if state["step"] % cfg.ckpt_every == 0:
                 checkpoint()
@@ -426,6 +467,14 @@ def collect(engine: RolloutEngine, ds: OfflineDataset, replay: ContextReplay, cf
             "perf/rollout_env_steps_per_s": float(out.length.sum()) / max(time.perf_counter() - t0, 1e-9)}
 
 
+def _stat_record(stats: dict) -> dict:
+    """Metric names for an objective's stats: ``losses/*`` and ``charts/*`` keep theirs; the TD statistics become
+    ``charts/q``, ``charts/target`` and ``losses/cql`` (host-device sync: logged steps only)."""
+    names = {"q": "charts/q", "target": "charts/target", "cql": "losses/cql", "transitions": "charts/transitions",
+             "done_frac": "charts/done_frac"}
+    return {names.get(k, k): float(v) for k, v in stats.items()}
+
+
 def _tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -470,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p = argparse.ArgumentParser(prog="python -m icrl_fast.train", description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [--preset NAME] [--out DIR] [--resume] [--SECTION.FIELD VALUE ...]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
-    p.add_argument("--preset", choices=("default", "smoke", "paper"), default="default", help="starting config")
+    p.add_argument("--preset", choices=("default", "protocol", "smoke", "paper"), default="default", help="starting config")
     p.add_argument("--out", default=None, help="run directory (default: a fresh folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--model", dest="model.path", metavar="PATH", default=argparse.SUPPRESS,

@@ -69,7 +69,7 @@ def test_online_mode_under_torchrun_rolls_out_per_rank_and_resumes(tmp_path):
     shutil.copytree(full, half, ignore=shutil.ignore_patterns("step-000004", "tensorboard"))
     (half / "checkpoints" / "latest").write_text("step-000002")
     kept = [line for line, r in zip((full / "metrics.jsonl").read_text().splitlines(), records)
-            if r["step"] < 2 or (r["step"] == 2 and "losses/td" in r)]  # the step-2 rollout comes after the save
+            if r["step"] < 2 or (r["step"] == 2 and "losses/total" in r)]  # the step-2 rollout comes after the save
     (half / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     torchrun("--out", str(half), "--resume")
     torch.testing.assert_close(torch.tensor(losses(half)), torch.tensor(losses(full)), rtol=1e-5, atol=1e-6)

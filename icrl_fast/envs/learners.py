@@ -299,3 +299,189 @@ def greedy_solves(maps: MapBatch, q: np.ndarray, max_episode_steps: int = 100) -
     solved = np.empty(len(maps), dtype=np.bool_)
     _greedy_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, q, max_episode_steps, solved)
     return solved
+
+
+# ------------------------------------------------------------------------------------------- the context teacher
+# What the teacher knows is what the context shows: per map, for every (state, action) whether it was tried, whether
+# it is known bad (bumped a wall: the next observation is the same; or ended the episode without reward: a hole),
+# the exits of the episode being played, and the exits of the last successful episode. ``teacher_choices`` turns
+# that into the set of actions it prefers at a state; ``teacher_observe`` folds one step into it.
+@njit(inline="always", cache=True)
+def teacher_choices(winner, tried, avoid, s):
+    """Bit mask (bit ``a`` for action ``a``) of the teacher's preferred actions at state ``s``.
+
+    Copy: the action the last successful episode last took at ``s``. Else explore: the actions untried at ``s`` that
+    are not known to end in a hole or bump a wall; else any action not known bad; else all four.
+    """
+    if winner[s] >= 0:
+        return np.int64(1) << np.int64(winner[s])
+    untried = np.int64(0)
+    ok = np.int64(0)
+    for a in range(4):
+        if not avoid[s, a]:
+            ok |= np.int64(1) << a
+            if not tried[s, a]:
+                untried |= np.int64(1) << a
+    if untried:
+        return untried
+    if ok:
+        return ok
+    return np.int64(15)
+
+
+@njit(inline="always", cache=True)
+def pick_from_mask(mask, st):
+    """Uniform among the set bits of ``mask`` (1..15); returns ``(state, action)``."""
+    n = 0
+    for a in range(4):
+        if (mask >> a) & 1:
+            n += 1
+    st, z = next_u64(st)
+    k = np.int64(z % np.uint64(n))
+    for a in range(4):
+        if (mask >> a) & 1:
+            if k == 0:
+                return st, np.int64(a)
+            k -= 1
+    return st, np.int64(0)
+
+
+@njit(inline="always", cache=True)
+def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended):
+    """Fold step ``s --a--> s2`` (``reward``, ``done``: terminated; ``ended``: the episode ends here, terminated or
+    cut) into the teacher's knowledge."""
+    tried[s, a] = True
+    current[s] = a
+    if s2 == s or (done and reward <= 0.0):
+        avoid[s, a] = True
+    if ended:
+        if done and reward > 0.0:  # following each state's last exit replays the success without its loops
+            winner[:] = current
+        current[:] = -1
+
+
+@njit(parallel=True, cache=True)
+def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_steps, slippery, success_rate,
+                     reward_of_tile, obs_log, act_log, rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final):
+    cells = tiles.shape[1] * tiles.shape[2]
+    for b in prange(tiles.shape[0]):
+        st = stream_state(seed, np.uint64(b))
+        w = ncol[b]
+        winner = np.full(cells, -1, dtype=np.int8)
+        current = np.full(cells, -1, dtype=np.int8)
+        tried = np.zeros((cells, 4), dtype=np.bool_)
+        avoid = np.zeros((cells, 4), dtype=np.bool_)
+        cursor = 0
+        for e in range(p_teacher.shape[0]):
+            st, u = next_uniform(st)
+            s = starts[b, start_slot(u, n_starts[b])]
+            ret = 0.0
+            t = 0
+            while True:
+                label = teacher_choices(winner, tried, avoid, s)
+                st, u = next_uniform(st)
+                if u < p_teacher[e]:
+                    st, a = pick_from_mask(label, st)
+                else:
+                    st, z = next_u64(st)
+                    a = np.int64(z & np.uint64(3))
+                branch = 1
+                if slippery:
+                    st, u = next_uniform(st)
+                    branch = slip_branch(u, slippery, success_rate)
+                r = s // w
+                r2, c2, tile, from_terminal = transition(tiles, b, nrow[b], w, r, s - r * w, a, branch)
+                s2 = r2 * w + c2
+                reward, done = landing(tile, from_terminal, reward_of_tile)
+                t += 1
+                obs_log[b, cursor] = s
+                act_log[b, cursor] = a
+                rew_log[b, cursor] = reward
+                lab_log[b, cursor] = label
+                cursor += 1
+                ret += reward
+                ended = done or t >= max_steps
+                teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended)
+                s = s2
+                if ended:
+                    ep_len[b, e] = t
+                    ep_ret[b, e] = ret
+                    ep_term[b, e] = done
+                    ep_trunc[b, e] = t >= max_steps
+                    ep_final[b, e] = s
+                    break
+
+
+def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: int = 100, is_slippery: bool = False,
+                  success_rate: float = 1.0 / 3.0, reward_schedule=(1, 0, 0)) -> tuple[EpisodeLog, np.ndarray]:
+    """Play the evaluation protocol with the context teacher on every map: one context of ``len(p_teacher)``
+    episodes per map; in episode ``k`` each action is the teacher's (uniform among its choices) with probability
+    ``p_teacher[k]``, else uniform random (the paper's ramp: ``icrl_fast.evaluate.paper_ramp``).
+
+    Returns the :class:`EpisodeLog` (episodes of map ``b`` contiguous, in play order) and ``labels`` uint8 ``[S]``:
+    per step, the bit mask of the teacher's choices at that step's observation, given the context before it -- also
+    where a random action was executed (the imitation target). Map ``b`` draws from stream ``(seed, b)``.
+    """
+    if not isinstance(maps, MapBatch):
+        raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
+    p_teacher = np.ascontiguousarray(p_teacher, dtype=np.float64)
+    if p_teacher.ndim != 1 or p_teacher.size < 1 or ((p_teacher < 0) | (p_teacher > 1)).any():
+        raise ValueError(f"p_teacher must be a non-empty 1-D array of probabilities, got {p_teacher!r}")
+    if max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+    success_rate, reward_of_tile, _ = validate_dynamics(success_rate, reward_schedule, max_episode_steps)
+    n, e_count = len(maps), p_teacher.size
+    cap = e_count * max_episode_steps
+    obs_log = np.empty((n, cap), dtype=np.int16)
+    act_log = np.empty((n, cap), dtype=np.int8)
+    rew_log = np.empty((n, cap), dtype=np.float32)
+    lab_log = np.empty((n, cap), dtype=np.uint8)
+    ep_len = np.empty((n, e_count), dtype=np.int32)
+    ep_ret = np.empty((n, e_count), dtype=np.float32)
+    ep_term = np.empty((n, e_count), dtype=np.bool_)
+    ep_trunc = np.empty((n, e_count), dtype=np.bool_)
+    ep_final = np.empty((n, e_count), dtype=np.int16)
+    _protocol_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), p_teacher,
+                     int(max_episode_steps), bool(is_slippery), success_rate, reward_of_tile, obs_log, act_log,
+                     rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final)
+    keep = np.arange(cap)[None, :] < ep_len.sum(axis=1)[:, None]
+    start = np.concatenate([[0], np.cumsum(ep_len.ravel())[:-1]]).astype(np.int64)
+    log = EpisodeLog(obs=obs_log[keep], actions=act_log[keep], rewards=rew_log[keep],
+                     map_id=np.repeat(np.arange(n, dtype=np.int32), e_count), start=start, length=ep_len.ravel(),
+                     returns=ep_ret.ravel(), terminated=ep_term.ravel(), truncated=ep_trunc.ravel(),
+                     final_obs=ep_final.ravel())
+    return log, lab_log[keep]
+
+
+@njit(cache=True)
+def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, final_obs, cells, labels):
+    e = 0
+    n_ep = map_id.shape[0]
+    while e < n_ep:
+        winner = np.full(cells, -1, dtype=np.int8)
+        current = np.full(cells, -1, dtype=np.int8)
+        tried = np.zeros((cells, 4), dtype=np.bool_)
+        avoid = np.zeros((cells, 4), dtype=np.bool_)
+        m = map_id[e]
+        while e < n_ep and map_id[e] == m:
+            for t in range(start[e], start[e] + length[e]):
+                s = np.int64(obs[t])
+                labels[t] = teacher_choices(winner, tried, avoid, s)
+                last = t == start[e] + length[e] - 1
+                s2 = np.int64(final_obs[e]) if last else np.int64(obs[t + 1])
+                teacher_observe(winner, current, tried, avoid, s, np.int64(actions[t]), s2, np.float64(rewards[t]),
+                                last and terminated[e], last)
+            e += 1
+
+
+def teacher_labels(log: EpisodeLog, cells: int = 64) -> np.ndarray:
+    """The teacher's choice masks (uint8 ``[S]``, bit ``a`` = action ``a``) at every step of ``log``, read from the
+    context alone: each map's episodes (contiguous in ``log``, in play order) are one context. Any behaviour's log
+    can be labelled -- the model's own rollouts too (DAgger). ``cells``: observations per map (at least the largest
+    observation + 1)."""
+    if log.obs.size and int(log.obs.max()) >= cells:
+        raise ValueError(f"observations go up to {int(log.obs.max())}; cells must exceed that, got {cells}")
+    labels = np.empty(log.obs.shape[0], dtype=np.uint8)
+    _label_kernel(log.obs, log.actions, log.rewards, log.map_id, log.start, log.length, log.terminated,
+                  log.final_obs, int(cells), labels)
+    return labels

@@ -64,13 +64,16 @@ def transitions(decision_mask: torch.Tensor, action: torch.Tensor, episode_id: t
             "seq_id": r, "success": episode_return[r, p] > 0}
 
 
-def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str | None = None):
-    """TD loss of one batch of slices; returns ``(loss, stats)`` with stats as detached scalars."""
+def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str | None = None,
+             hidden: torch.Tensor | None = None):
+    """TD loss of one batch of slices; returns ``(loss, stats)`` with stats as detached scalars. ``hidden``: the
+    online network's final hidden states of ``batch["input_ids"]`` when the caller already has them (shared with
+    other objectives)."""
     tr = transitions(batch["decision_mask"], batch["action"], batch["episode_id"], batch["episode_return"])
     if tr["row"].numel() == 0:
         raise ValueError("the batch has no transition (no two decisions in one slice): use longer slices")
     ids = batch["input_ids"]
-    h_all = qnet.hidden(ids)
+    h_all = qnet.hidden(ids) if hidden is None else hidden
     with torch.no_grad():
         ht_all = qnet.hidden(ids, target=True)
     r, p, pn = tr["row"], tr["pos"], tr["next_pos"]

@@ -1,0 +1,146 @@
+"""Context sources: where a training batch's token contexts come from.
+
+* ``offline`` -- the paper's 4,096-token cross-map slices of a built dataset (``icrl_fast.data``);
+* ``protocol`` -- :class:`ProtocolSource`: the Numba simulator plays the evaluation protocol itself, one fresh map
+  per context (test maps excluded by content), ``episodes`` episodes with the paper's ramp mixing the context
+  teacher (``icrl_fast.envs.learners.play_protocol``) with uniform random actions, generated on the fly. Every
+  decision carries the teacher's choice (``label``), also where a random action was executed.
+
+A batch is the learner's token contract (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
+``episode_return``, ``terminated``, ``truncated``; ``[B, L]``) plus, from the protocol source, ``label`` (uint8 bit
+mask of the teacher's choices at decisions, 0 elsewhere) and ``outcome_mask`` (bool: positions from an action token
+up to the next decision, whose next token -- what the environment answered -- the observation loss predicts).
+Contexts are right-padded with a token that is neither a decision nor an action; causal attention never lets a real
+token see padding, so no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from icrl_fast.data.formats import ContextFormat, encode_episodes, episode_token_lengths, pad_token, token_contract
+from icrl_fast.envs.learners import play_protocol
+from icrl_fast.envs.maps import MapBatch, generate_maps
+
+
+@dataclass
+class ProtocolConfig:
+    """The protocol context source (``--mode protocol``)."""
+
+    pool_maps: int = field(default=20000, metadata={"help": "fresh training maps the contexts are drawn from (test "
+                                                            "maps removed by content)"})
+    episodes: int = field(default=30, metadata={"help": "episodes per context (the evaluation's 30)"})
+    contexts: int = field(default=8, metadata={"help": "contexts (one map each) per micro-batch"})
+    bucket: int = field(default=8, metadata={"help": "micro-batches generated together and grouped by length (less "
+                                                     "padding)"})
+    ramp: str = field(default="paper", metadata={"help": "P(teacher) per episode: paper (the evaluation's ramp, "
+                                                         "0.0 -> 1.0 over 20 episodes) or teacher (always)"})
+    max_len: int = field(default=2048, metadata={"help": "contexts longer than this are cut (tokens)"})
+
+    def validate(self) -> None:
+        if min(self.pool_maps, self.episodes, self.contexts, self.bucket) < 1 or self.max_len < 8:
+            raise ValueError(f"protocol needs pool_maps, episodes, contexts, bucket >= 1 and max_len >= 8, got "
+                             f"{self.pool_maps}, {self.episodes}, {self.contexts}, {self.bucket}, {self.max_len}")
+        if self.ramp not in ("paper", "teacher"):
+            raise ValueError(f"protocol ramp must be paper or teacher, got {self.ramp!r}")
+
+    def p_teacher(self) -> np.ndarray:
+        from icrl_fast.evaluate import paper_ramp
+
+        return paper_ramp(self.episodes) if self.ramp == "paper" else np.ones(self.episodes)
+
+
+def exclude_maps(pool: MapBatch, excluded: MapBatch) -> MapBatch:
+    """``pool`` without the maps that equal (same size and tiles) any map of ``excluded``."""
+    def key(maps, b):
+        r, c = int(maps.nrow[b]), int(maps.ncol[b])
+        return r, c, maps.tiles[b, :r, :c].tobytes()
+
+    banned = {key(excluded, b) for b in range(len(excluded))}
+    keep = np.array([key(pool, b) not in banned for b in range(len(pool))])
+    return pool[np.flatnonzero(keep)]
+
+
+def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """bool ``[B, L]``: positions from an action token up to (not including) the next decision, whose next token is
+    a real one -- where the observation loss predicts the environment's answer (compact format: the token after
+    the action; paper format: the reward and observation runs up to the next decision)."""
+    is_action = np.isin(input_ids, fmt.action_ids)
+    event = np.where(is_action, 1, np.where(decision_mask, -1, 0))
+    idx = np.where(event != 0, np.arange(event.shape[1])[None, :], 0)
+    np.maximum.accumulate(idx, axis=1, out=idx)
+    filled = np.take_along_axis(event, idx, axis=1)
+    return (filled == 1) & (np.arange(event.shape[1])[None, :] < (length[:, None] - 1))
+
+
+class ProtocolSource:
+    """Batches of protocol contexts, a pure function of ``(seed, step, micro-batch, rank)``: a resumed run draws the
+    same batches. The ``bucket`` micro-batches of one chunk are played together and grouped by length."""
+
+    def __init__(self, cfg: ProtocolConfig, fmt: ContextFormat, test_maps: MapBatch, *, seed: int,
+                 height=(3, 5), width=(3, 5), min_hops: int = 4, progress: bool = False):
+        cfg.validate()
+        self.cfg, self.fmt, self.seed = cfg, fmt, seed
+        pool = generate_maps(cfg.pool_maps, seed=seed + 101, height=height, width=width, min_hops=min_hops)
+        self.pool = exclude_maps(pool, test_maps)
+        self.p_teacher = cfg.p_teacher()
+        self.pad = pad_token(fmt)
+        self._chunk: tuple[tuple, list[dict]] | None = None
+        if progress:
+            print(f"protocol source: {len(self.pool)} training maps ({cfg.pool_maps - len(self.pool)} equal to a test "
+                  f"map removed), {cfg.episodes} episodes per context, ramp {cfg.ramp}")
+
+    def batch(self, step: int, micro: int = 0, grad_accum: int = 1, rank_key: tuple = ()) -> dict[str, np.ndarray]:
+        """Micro-batch ``micro`` of optimizer step ``step`` (numpy arrays, ``[contexts, L]``)."""
+        k = step * grad_accum + micro
+        chunk, i = divmod(k, self.cfg.bucket)
+        key = (chunk, *rank_key)
+        if self._chunk is None or self._chunk[0] != key:
+            self._chunk = (key, self._make_chunk(key))
+        return self._chunk[1][i]
+
+    def _make_chunk(self, key: tuple) -> list[dict]:
+        cfg, fmt = self.cfg, self.fmt
+        n = cfg.contexts * cfg.bucket
+        rng = np.random.default_rng([self.seed, 6, *key])
+        maps = self.pool[rng.choice(len(self.pool), size=n, replace=len(self.pool) < n)]
+        seed = int(np.random.SeedSequence([self.seed, 7, *key]).generate_state(1)[0])
+        log, labels = play_protocol(maps, self.p_teacher, seed=seed)
+        ids, ep_of_token = encode_episodes(fmt, log, np.arange(log.num_episodes))
+        tok_len = episode_token_lengths(fmt, log.obs, log.length, log.start, log.rewards,
+                                        log.truncated & ~log.terminated)
+        per_map_tokens = tok_len.reshape(n, cfg.episodes).sum(1)
+        tok_start = np.concatenate([[0], np.cumsum(per_map_tokens)])
+        step_start = np.concatenate([[0], np.cumsum(log.length.reshape(n, cfg.episodes).sum(1))])
+        contexts = []
+        for b in range(n):
+            row = ids[tok_start[b]: tok_start[b + 1]][: cfg.max_len]
+            ep = ep_of_token[tok_start[b]: tok_start[b + 1]][: cfg.max_len]
+            contexts.append((row, ep, labels[step_start[b]: step_start[b + 1]]))
+        order = np.argsort([len(c[0]) for c in contexts], kind="stable")  # group similar lengths
+        groups = [order[g * cfg.contexts: (g + 1) * cfg.contexts] for g in range(cfg.bucket)]
+        perm = rng.permutation(cfg.bucket)  # do not feed short contexts first, long ones last
+        return [self._collate([contexts[j] for j in groups[g]], log) for g in perm]
+
+    def _collate(self, contexts: list, log) -> dict[str, np.ndarray]:
+        fmt = self.fmt
+        length = np.array([len(c[0]) for c in contexts])
+        width = int(length.max())
+        ids = np.full((len(contexts), width), self.pad, dtype=np.int32)
+        ep = np.full((len(contexts), width), -1, dtype=np.int64)
+        for r, (row, e, _) in enumerate(contexts):
+            ids[r, : len(row)] = row
+            ep[r, : len(row)] = e
+        mask, action = token_contract(fmt, ids)
+        label = np.zeros(ids.shape, dtype=np.uint8)
+        for r, (_, _, lab) in enumerate(contexts):
+            pos = np.flatnonzero(mask[r])
+            label[r, pos] = lab[: pos.size]  # decisions are the steps, in order (a cut context keeps a prefix)
+        real = ep >= 0
+        safe = np.where(real, ep, 0)
+        return {"input_ids": ids, "decision_mask": mask, "action": action, "episode_id": np.where(real, ep, -1),
+                "episode_return": np.where(real, log.returns[safe], 0.0).astype(np.float32),
+                "terminated": real & log.terminated[safe], "truncated": real & log.truncated[safe],
+                "label": label, "outcome_mask": outcome_mask(fmt, ids, mask, length), "length": length}
