@@ -1,6 +1,8 @@
 // CUDA kernels of the batched Frozen Lake: one thread per env, calling the same __host__ __device__ functions as
 // the CPU loop (frozen_lake.h). Launchers take raw pointers and a stream, so this file needs no torch headers:
-// CI compiles it with nvcc alone (compile-only) so it cannot rot on machines without a GPU.
+// CI compiles it with nvcc alone (compile-only) so it cannot rot on machines without a GPU. Every launcher returns
+// cudaGetLastError() right after its launch (a bad configuration or a missing sm_XX image shows there, at the
+// launch, not at a later sync); the torch binding turns a failure into a c10::Error (C10_CUDA_CHECK).
 #include <cuda_runtime.h>
 
 #include "frozen_lake.h"
@@ -42,21 +44,30 @@ __global__ void emit_kernel(Format f, const int64_t* actions, StepOut o, const b
 
 }  // namespace
 
-void launch_step(const Batch& b, const Dynamics& d, const int64_t* actions, const StepOut& o, cudaStream_t s) {
-  if (b.B > 0) step_kernel<<<blocks(b.B), THREADS, 0, s>>>(b, d, actions, o);
+cudaError_t launch_step(const Batch& b, const Dynamics& d, const int64_t* actions, const StepOut& o,
+                        cudaStream_t s) {
+  if (b.B == 0) return cudaSuccess;
+  step_kernel<<<blocks(b.B), THREADS, 0, s>>>(b, d, actions, o);
+  return cudaGetLastError();
 }
 
-void launch_reset(const Batch& b, const bool* mask, const StepOut& o, cudaStream_t s) {
-  if (b.B > 0) reset_kernel<<<blocks(b.B), THREADS, 0, s>>>(b, mask, o);
+cudaError_t launch_reset(const Batch& b, const bool* mask, const StepOut& o, cudaStream_t s) {
+  if (b.B == 0) return cudaSuccess;
+  reset_kernel<<<blocks(b.B), THREADS, 0, s>>>(b, mask, o);
+  return cudaGetLastError();
 }
 
-void launch_seed(uint64_t seed, const bool* mask, uint64_t* rng, int64_t n, cudaStream_t s) {
-  if (n > 0) seed_kernel<<<blocks(n), THREADS, 0, s>>>(seed, mask, rng, n);
+cudaError_t launch_seed(uint64_t seed, const bool* mask, uint64_t* rng, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  seed_kernel<<<blocks(n), THREADS, 0, s>>>(seed, mask, rng, n);
+  return cudaGetLastError();
 }
 
-void launch_emit(const Format& f, const int64_t* actions, const StepOut& o, const bool* first, int64_t pad,
-                 int64_t* out, int64_t width, int64_t* counts, int64_t n, cudaStream_t s) {
-  if (n > 0) emit_kernel<<<blocks(n), THREADS, 0, s>>>(f, actions, o, first, pad, out, width, counts, n);
+cudaError_t launch_emit(const Format& f, const int64_t* actions, const StepOut& o, const bool* first, int64_t pad,
+                        int64_t* out, int64_t width, int64_t* counts, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  emit_kernel<<<blocks(n), THREADS, 0, s>>>(f, actions, o, first, pad, out, width, counts, n);
+  return cudaGetLastError();
 }
 
 }  // namespace icrl

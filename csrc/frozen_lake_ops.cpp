@@ -11,14 +11,15 @@
 #include "frozen_lake.h"
 
 #ifdef ICRL_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-namespace icrl {
-void launch_step(const Batch&, const Dynamics&, const int64_t*, const StepOut&, cudaStream_t);
-void launch_reset(const Batch&, const bool*, const StepOut&, cudaStream_t);
-void launch_seed(uint64_t, const bool*, uint64_t*, int64_t, cudaStream_t);
-void launch_emit(const Format&, const int64_t*, const StepOut&, const bool*, int64_t, int64_t*, int64_t, int64_t*,
-                 int64_t, cudaStream_t);
+#include <c10/cuda/CUDAStream.h>
+namespace icrl {  // each returns cudaGetLastError() after its launch (frozen_lake_cuda.cu), checked by C10_CUDA_CHECK
+cudaError_t launch_step(const Batch&, const Dynamics&, const int64_t*, const StepOut&, cudaStream_t);
+cudaError_t launch_reset(const Batch&, const bool*, const StepOut&, cudaStream_t);
+cudaError_t launch_seed(uint64_t, const bool*, uint64_t*, int64_t, cudaStream_t);
+cudaError_t launch_emit(const Format&, const int64_t*, const StepOut&, const bool*, int64_t, int64_t*, int64_t,
+                        int64_t*, int64_t, cudaStream_t);
 }  // namespace icrl
 #endif
 
@@ -95,7 +96,7 @@ void step(const Tensor& actions, const Tensor& tiles, const Tensor& nrow, const 
 #ifdef ICRL_WITH_CUDA
   if (tiles.is_cuda()) {  // action values are not validated on the GPU (that would need a device sync)
     const c10::cuda::CUDAGuard guard(tiles.device());
-    icrl::launch_step(b, d, a, o, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_CHECK(icrl::launch_step(b, d, a, o, c10::cuda::getCurrentCUDAStream()));
     return;
   }
 #endif
@@ -119,7 +120,7 @@ void reset(const Tensor& mask, const Tensor& tiles, const Tensor& nrow, const Te
 #ifdef ICRL_WITH_CUDA
   if (tiles.is_cuda()) {
     const c10::cuda::CUDAGuard guard(tiles.device());
-    icrl::launch_reset(b, m, o, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_CHECK(icrl::launch_reset(b, m, o, c10::cuda::getCurrentCUDAStream()));
     return;
   }
 #endif
@@ -142,7 +143,8 @@ void seed_streams(int64_t seed, const Tensor& mask, Tensor rng) {
 #ifdef ICRL_WITH_CUDA
   if (rng.is_cuda()) {
     const c10::cuda::CUDAGuard guard(rng.device());
-    icrl::launch_seed(static_cast<uint64_t>(seed), m, r, rng.size(0), c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_CHECK(
+        icrl::launch_seed(static_cast<uint64_t>(seed), m, r, rng.size(0), c10::cuda::getCurrentCUDAStream()));
     return;
   }
 #endif
@@ -179,8 +181,9 @@ void emit(const Tensor& actions, const Tensor& obs, const Tensor& reward, const 
 #ifdef ICRL_WITH_CUDA
   if (obs.is_cuda()) {
     const c10::cuda::CUDAGuard guard(obs.device());
-    icrl::launch_emit(f, actions.data_ptr<int64_t>(), o, first.data_ptr<bool>(), pad, out.data_ptr<int64_t>(), W,
-                      counts.data_ptr<int64_t>(), B, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_CHECK(icrl::launch_emit(f, actions.data_ptr<int64_t>(), o, first.data_ptr<bool>(), pad,
+                                     out.data_ptr<int64_t>(), W, counts.data_ptr<int64_t>(), B,
+                                     c10::cuda::getCurrentCUDAStream()));
     return;
   }
 #endif

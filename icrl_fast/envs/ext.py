@@ -9,10 +9,13 @@ Where it comes from, in order:
 1. ``icrl_fast/_C*.so``, built by ``setup.py`` at install time (``ICRL_BUILD_EXT=1 pip install -e .
    --no-build-isolation``; see ``setup.py``);
 2. a just-in-time build of ``csrc/`` with ``torch.utils.cpp_extension`` when asked (``load(build=True)``, or the
-   environment variable ``ICRL_JIT_EXT=1``) -- what the tests do, so CI builds and tests the C++ on every run.
+   environment variable ``ICRL_JIT_EXT=1``) -- what the tests do, so CI builds and tests the C++ on every run. With
+   a CUDA build of torch and nvcc (``CUDA_HOME``) the CUDA kernels are built in (``-DICRL_WITH_CUDA``); otherwise
+   the ops have CPU kernels only.
 
-``HAS_EXT`` / ``EXT_REASON`` say whether it is loaded and why (not); ``backend(device)`` is the choice the rollout
-code makes: the extension on CUDA when loaded, the Numba simulator elsewhere.
+``HAS_EXT`` / ``EXT_REASON`` say whether it is loaded and why (not); ``kernel_keys()`` the dispatch keys its ops
+have kernels for; ``backend(device)`` is the choice the rollout code makes: the extension on CUDA when its ops have
+a CUDA kernel, the Numba simulator elsewhere (a CPU-only build is never picked for a CUDA device).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from icrl_fast.envs.rng import as_seed, choose_seed
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ["frozen_lake_ops.cpp"]
+CUDA_SOURCES = ["frozen_lake_cuda.cu"]  # built in only with a CUDA torch and nvcc
+OPS = ("step", "reset", "seed_streams", "emit")
 HAS_EXT = False
 EXT_REASON = "not loaded yet"
 
@@ -59,9 +64,15 @@ def load(build: bool | None = None, verbose: bool = False) -> bool:
             try:
                 from torch.utils.cpp_extension import load as jit_load
 
-                jit_load(name="icrl_fast_C", sources=[str(CSRC / s) for s in SOURCES], is_python_module=False,
-                         extra_cflags=["-O3"], verbose=verbose)
-                HAS_EXT, EXT_REASON = True, "JIT-built from csrc/ (CPU ops)"
+                cuda = _can_build_cuda()
+                sources = SOURCES + (CUDA_SOURCES if cuda else [])
+                flags = ["-O3"] + (["-DICRL_WITH_CUDA"] if cuda else [])
+                jit_load(name="icrl_fast_C_cuda" if cuda else "icrl_fast_C", sources=[str(CSRC / s) for s in sources],
+                         is_python_module=False, extra_cflags=flags,
+                         extra_cuda_cflags=["-O3", "-std=c++17", "-DICRL_WITH_CUDA"] if cuda else None,
+                         verbose=verbose)
+                HAS_EXT = True
+                EXT_REASON = f"JIT-built from csrc/ ({'CPU and CUDA' if cuda else 'CPU'} ops)"
             except Exception as e:  # noqa: BLE001 - a missing compiler or ninja is a reason, not a crash
                 EXT_REASON = f"JIT build of csrc/ failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if not HAS_EXT and EXT_REASON == "not loaded yet":
@@ -84,15 +95,48 @@ def _register_fakes() -> None:
     _FAKES_DONE = True
 
 
+def _can_build_cuda() -> bool:
+    """A JIT build can compile the CUDA kernels: a CUDA build of torch and nvcc under ``CUDA_HOME``."""
+    if not torch.version.cuda:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").is_file()
+
+
+def _dispatch_key(device: str | torch.device) -> str:
+    """The dispatch key of a device's dense tensors (``cuda`` -> ``CUDA``, ``cpu`` -> ``CPU``)."""
+    return torch.device(device).type.upper()
+
+
+def has_kernel(device: str | torch.device) -> bool:
+    """Every op of the loaded extension has a kernel for ``device``'s dispatch key (False when not loaded): a build
+    without ``-DICRL_WITH_CUDA`` registers CPU kernels only, and calling it on CUDA tensors would raise
+    ``NotImplementedError``."""
+    if not _registered():
+        return False
+    key = _dispatch_key(device)
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"icrl::{op}", key) for op in OPS)
+    except RuntimeError:  # an unknown dispatch key name (a device type torch has no dense key for)
+        return False
+
+
+def kernel_keys() -> list[str]:
+    """The dispatch keys (of ``CPU``, ``CUDA``) the loaded extension's ops all have kernels for."""
+    return [key for key in ("CPU", "CUDA") if has_kernel(key.lower())]
+
+
 def backend(device: str | torch.device) -> str:
-    """``ext`` on CUDA when the extension is loaded (rollouts stay on the GPU), else ``numba``."""
-    return "ext" if HAS_EXT and torch.device(device).type == "cuda" else "numba"
+    """``ext`` on CUDA when the extension is loaded with CUDA kernels (rollouts stay on the GPU), else ``numba``."""
+    return "ext" if HAS_EXT and torch.device(device).type == "cuda" and has_kernel(device) else "numba"
 
 
 def describe() -> str:
     """One line: which env backend runs where, and why."""
     if HAS_EXT:
-        return f"env backend: C++ extension on CUDA, Numba on the CPU ({EXT_REASON})"
+        where = "C++ extension on CUDA" if "CUDA" in kernel_keys() else "no CUDA kernels in the C++ extension"
+        return f"env backend: {where}, Numba on the CPU ({EXT_REASON}; kernels for {kernel_keys()})"
     return f"env backend: Numba; C++ extension: {EXT_REASON}"
 
 

@@ -127,7 +127,7 @@ class RolloutEngine:
 
     ``window``: attend to the last ``window`` tokens only (ring buffer; contexts may then exceed the model's
     positions). ``max_positions``: without a window, a context longer than this is a ``ValueError``.
-    ``env_backend``: ``auto`` (the extension on CUDA when loaded, else Numba: ``icrl_fast.envs.ext.backend``),
+    ``env_backend``: ``auto`` (the extension on CUDA when it has CUDA kernels, else Numba: ``ext.backend``),
     ``numba`` or ``ext``. On ``ext`` the loop stays on the device (``icrl_fast.rl.device_loop``; the host reads it
     back every ``sync_every`` steps), except for a map switch (the non-stationary experiment), which the host loop
     plays.
@@ -140,10 +140,14 @@ class RolloutEngine:
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
         self.max_positions, self.sync_every = max_positions, sync_every
         self.streams = ContextStreams(fmt)
-        if env_backend == "auto":
-            from icrl_fast.envs.ext import backend
+        from icrl_fast.envs import ext
 
-            env_backend = backend(device)
+        if env_backend == "auto":
+            env_backend = ext.backend(device)
+        elif env_backend == "ext" and (ext.HAS_EXT or ext.load()) and not ext.has_kernel(device):
+            raise ValueError(f"env_backend='ext' on {device}: the C++ extension has no kernels for that device "
+                             f"(it has {ext.kernel_keys()}; {ext.EXT_REASON}); rebuild it with CUDA (see "
+                             f"icrl_fast/envs/ext.py) or use env_backend='auto'")
         self.env_backend = env_backend
 
     def first_blocks(self, obs, prefix: list[list[int]] | None) -> tuple[list[list[int]], list[list[int]]]:

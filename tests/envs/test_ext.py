@@ -146,7 +146,31 @@ def test_ops_have_fake_implementations_and_valid_schemas():
 
 def test_backend_choice_and_reason():
     assert ext.HAS_EXT and "csrc" in ext.EXT_REASON or "built" in ext.EXT_REASON
-    assert ext.backend("cuda") == "ext" and ext.backend("cpu") == "numba"
+    assert ext.backend("cpu") == "numba"  # the CPU keeps the Numba simulator (its OpenMP loop is faster)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only build that a machine without CUDA makes")
+def test_a_cpu_only_build_is_never_picked_for_a_cuda_device(monkeypatch):
+    """The build here has CPU kernels only: on a CUDA device its first op would raise NotImplementedError on the CUDA
+    dispatch key, so neither ``backend`` nor the rollout engine may pick it there; with a CUDA kernel registered
+    (simulated: the dispatcher reports one) ``auto`` picks it."""
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.rl.rollout import RolloutEngine
+
+    assert ext.kernel_keys() == ["CPU"] and "CPU ops" in ext.EXT_REASON
+    assert not ext.has_kernel("cuda") and ext.has_kernel("cpu")
+    assert ext.backend("cuda") == "numba" and ext.backend("cuda:0") == "numba"
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("icrl::step", "CUDA")  # the dispatcher's own answer
+    fmt = compact_format()
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), fmt.vocab_size,
+                 fmt.action_ids, seed=0)
+    with pytest.raises(ValueError, match="no kernels for that device"):
+        RolloutEngine(q, fmt, device="cuda", env_backend="ext")
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda op, key: key == "CUDA" or real(op, key))
+    assert ext.kernel_keys() == ["CPU", "CUDA"] and ext.backend("cuda") == "ext"
+    assert RolloutEngine(q, fmt, device="cuda").env_backend == "ext"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
@@ -167,6 +191,19 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     done = subprocess.run(["c++", "-std=c++20", "-fsyntax-only", "-DICRL_WITH_CUDA", *flags,
                            str(ext.CSRC / "frozen_lake_ops.cpp")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_every_cuda_launch_is_checked():
+    """Each kernel launch is followed by ``cudaGetLastError()`` in its launcher, and the binding turns the returned
+    error into a torch error (``C10_CUDA_CHECK``): a failed launch raises at the op, not at some later sync."""
+    import re
+
+    cu = (ext.CSRC / "frozen_lake_cuda.cu").read_text()
+    launches = re.findall(r"<<<[^>]*>>>\([^;]*\);\n\s*return cudaGetLastError\(\);", cu)
+    assert cu.count("<<<") == len(launches) == 4
+    cpp = (ext.CSRC / "frozen_lake_ops.cpp").read_text()
+    calls = re.findall(r"(\w+)\(\s*icrl::launch_\w+\(", cpp)
+    assert calls == ["C10_CUDA_CHECK"] * 4
 
 
 def test_make_batch_picks_numba_on_the_cpu():
@@ -251,14 +288,15 @@ def test_the_device_loop_reads_back_only_at_sync_points(monkeypatch):
 
 @pytest.mark.gpu
 def test_on_cuda_the_env_equals_numba_and_the_rollout_stays_on_the_device():
-    """On a GPU machine, after ``ICRL_BUILD_EXT=1 pip install -e . --no-build-isolation`` (the CUDA kernels need
-    the built extension; the JIT build here is CPU-only): the CUDA env equals the Numba simulator step for step,
-    and the engine on CUDA picks it and plays exactly what its host loop plays."""
+    """On a GPU machine (the module's JIT build compiles the CUDA kernels when torch is a CUDA build and nvcc is
+    found): the ops have CUDA kernels, the CUDA env equals the Numba simulator step for step, and the engine on CUDA
+    picks it and plays exactly what its host loop plays."""
     from icrl_fast.evaluate import paper_ramp
     from icrl_fast.model.qnet import ModelConfig, QNetwork
     from icrl_fast.rl.rollout import RolloutEngine
 
     assert torch.cuda.is_available()
+    assert ext.has_kernel("cuda"), f"no CUDA kernels in the extension: {ext.EXT_REASON}"
     maps = random_maps(1000, seed=1)
     kw = dict(is_slippery=True, success_rate=0.6, max_episode_steps=9, seed=7)
     ref, ours = FrozenLakeBatch(maps, **kw), ext.TorchFrozenLakeBatch(maps, device="cuda", **kw)
