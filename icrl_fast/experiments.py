@@ -26,7 +26,7 @@ import numpy as np
 from icrl_fast.data.formats import encode_episodes
 from icrl_fast.envs.learners import QLearningConfig, q_learning
 from icrl_fast.envs.maps import MAPS, MapBatch
-from icrl_fast.evaluate import EvalConfig, baselines, eval_result, make_ramp, wilson
+from icrl_fast.protocol import EvalConfig, baselines, eval_result, make_ramp, wilson
 from icrl_fast.rl.rollout import RolloutEngine
 
 LEFT, DOWN, RIGHT, UP = range(4)

@@ -180,3 +180,39 @@ def test_a_signal_saves_a_checkpoint_and_stops(tmp_path, sig):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted at step" in err
     assert (run / "checkpoints" / "latest").read_text().startswith("step-")
+
+
+def protocol_smoke(steps: int):
+    from icrl_fast.rl.objectives import ObjectiveConfig
+    from icrl_fast.rl.sources import ProtocolConfig
+
+    cfg = smoke(steps=steps)
+    return dataclasses.replace(cfg, mode="protocol", protocol=ProtocolConfig(pool_maps=200, episodes=4, contexts=2,
+                                                                             bucket=3),
+                               objective=ObjectiveConfig(td=0.5, imitation=1.0, observation=0.5))
+
+
+def test_protocol_mode_trains_every_objective_and_resumes_bit_identically(tmp_path, monkeypatch):
+    a, b, (name, _) = interrupted_and_resumed(protocol_smoke(8), tmp_path, monkeypatch, at=6)
+    assert name == "step-000005"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert {"losses/td", "losses/imitation", "losses/observation", "charts/agreement", "charts/q"} <= set(records[-1])
+    total = records[-1]
+    assert total["losses/total"] == pytest.approx(0.5 * total["losses/td"] + total["losses/imitation"]
+                                                  + 0.5 * total["losses/observation"], rel=1e-5)
+
+
+def test_teacher_objectives_need_the_protocol_source(tmp_path, capsys):
+    assert T.main(["--preset", "smoke", "--objective.imitation", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "need the teacher's labels of --mode protocol" in capsys.readouterr().err
+    assert T.main(["--preset", "protocol", "--optim.schedule", "linear", "--out", str(tmp_path / "s")]) == 2
+    assert "schedule must be constant or cosine" in capsys.readouterr().err
+
+
+def test_the_cosine_schedule_warms_up_then_falls_to_its_floor():
+    optim = T.OptimConfig(steps=110, warmup_steps=10, schedule="cosine", min_lr_frac=0.1)
+    factors = [optim.lr_factor(s) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[10] == 1.0
+    assert all(x >= y for x, y in zip(factors[10:], factors[11:])) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert T.OptimConfig(steps=110, warmup_steps=10).lr_factor(100) == 1.0  # constant: the paper's

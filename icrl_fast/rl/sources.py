@@ -1,12 +1,14 @@
 """Context sources: where a training batch's token contexts come from.
 
-* ``offline`` -- the paper's 4,096-token cross-map slices of a built dataset (``icrl_fast.data``);
+* ``offline`` -- :class:`OfflineSource`: the paper's 4,096-token cross-map slices of a built dataset
+  (``icrl_fast.data``);
+* ``online`` -- :class:`ReplaySource`: slices of the network's own rollouts (``icrl_fast.rl.replay``);
 * ``protocol`` -- :class:`ProtocolSource`: the Numba simulator plays the evaluation protocol itself, one fresh map
   per context (test maps excluded by content), ``episodes`` episodes with the paper's ramp mixing the context
   teacher (``icrl_fast.envs.learners.play_protocol``) with uniform random actions, generated on the fly. Every
   decision carries the teacher's choice (``label``), also where a random action was executed.
 
-A batch is the learner's token contract (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
+Every source has ``batch(step, micro, pos) -> dict of numpy arrays``. A batch is the learner's token contract (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
 ``episode_return``, ``terminated``, ``truncated``; ``[B, L]``) plus, from the protocol source, ``label`` (uint8 bit
 mask of the teacher's choices at decisions, 0 elsewhere) and ``outcome_mask`` (bool: positions from an action token
 up to the next decision, whose next token -- what the environment answered -- the observation loss predicts).
@@ -23,6 +25,7 @@ import numpy as np
 from icrl_fast.data.formats import ContextFormat, encode_episodes, episode_token_lengths, pad_token, token_contract
 from icrl_fast.envs.learners import play_protocol
 from icrl_fast.envs.maps import MapBatch, generate_maps
+from icrl_fast.protocol import paper_ramp
 
 
 @dataclass
@@ -47,8 +50,6 @@ class ProtocolConfig:
             raise ValueError(f"protocol ramp must be paper or teacher, got {self.ramp!r}")
 
     def p_teacher(self) -> np.ndarray:
-        from icrl_fast.evaluate import paper_ramp
-
         return paper_ramp(self.episodes) if self.ramp == "paper" else np.ones(self.episodes)
 
 
@@ -80,9 +81,13 @@ class ProtocolSource:
     same batches. The ``bucket`` micro-batches of one chunk are played together and grouped by length."""
 
     def __init__(self, cfg: ProtocolConfig, fmt: ContextFormat, test_maps: MapBatch, *, seed: int,
-                 height=(3, 5), width=(3, 5), min_hops: int = 4, progress: bool = False):
+                 height=(3, 5), width=(3, 5), min_hops: int = 4, grad_accum: int = 1, rank_key: tuple = (),
+                 progress: bool = False):
+        """``grad_accum``: micro-batches per optimizer step; ``rank_key``: this process's key under torchrun (each
+        process plays its own maps)."""
         cfg.validate()
         self.cfg, self.fmt, self.seed = cfg, fmt, seed
+        self.grad_accum, self.rank_key = grad_accum, tuple(rank_key)
         pool = generate_maps(cfg.pool_maps, seed=seed + 101, height=height, width=width, min_hops=min_hops)
         self.pool = exclude_maps(pool, test_maps)
         self.p_teacher = cfg.p_teacher()
@@ -92,11 +97,11 @@ class ProtocolSource:
             print(f"protocol source: {len(self.pool)} training maps ({cfg.pool_maps - len(self.pool)} equal to a test "
                   f"map removed), {cfg.episodes} episodes per context, ramp {cfg.ramp}")
 
-    def batch(self, step: int, micro: int = 0, grad_accum: int = 1, rank_key: tuple = ()) -> dict[str, np.ndarray]:
-        """Micro-batch ``micro`` of optimizer step ``step`` (numpy arrays, ``[contexts, L]``)."""
-        k = step * grad_accum + micro
-        chunk, i = divmod(k, self.cfg.bucket)
-        key = (chunk, *rank_key)
+    def batch(self, step: int, micro: int = 0, pos: dict | None = None) -> dict[str, np.ndarray]:
+        """Micro-batch ``micro`` of optimizer step ``step`` (numpy arrays, ``[contexts, L]``); ``pos`` is unused (the
+        batch is a function of the step)."""
+        chunk, i = divmod(step * self.grad_accum + micro, self.cfg.bucket)
+        key = (chunk, *self.rank_key)
         if self._chunk is None or self._chunk[0] != key:
             self._chunk = (key, self._make_chunk(key))
         return self._chunk[1][i]
@@ -144,3 +149,42 @@ class ProtocolSource:
                 "episode_return": np.where(real, log.returns[safe], 0.0).astype(np.float32),
                 "terminated": real & log.terminated[safe], "truncated": real & log.truncated[safe],
                 "label": label, "outcome_mask": outcome_mask(fmt, ids, mask, length), "length": length}
+
+
+class OfflineSource:
+    """The paper's source: slices of a built dataset in a per-epoch permutation seeded by ``(seed, epoch)``. Its
+    position (``epoch``, ``cursor``) lives in the run's state, so a resumed run continues the same permutation; under
+    torchrun each process takes its share of every batch."""
+
+    def __init__(self, ds, batch_slices: int, seed: int, world):
+        self.ds, self.batch_slices, self.seed, self.world = ds, batch_slices, seed, world
+
+    def batch(self, step: int, micro: int, pos: dict) -> dict[str, np.ndarray]:
+        """The next slices; advances ``pos`` (committed by the caller with the optimizer step)."""
+        idx = batch_indices(len(self.ds), pos, self.batch_slices, self.seed)
+        return self.ds.contract(self.world.shard(idx))
+
+
+def batch_indices(n_slices: int, state: dict, size: int, seed: int) -> np.ndarray:
+    """The next ``size`` slice indices of a per-epoch permutation seeded by (seed, epoch); advances ``state``."""
+    out = []
+    while len(out) < size:
+        perm = np.random.default_rng([seed, state["epoch"]]).permutation(n_slices)
+        take = perm[state["cursor"]: state["cursor"] + size - len(out)]
+        out.extend(take.tolist())
+        state["cursor"] += len(take)
+        if state["cursor"] >= n_slices:
+            state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+    return np.sort(np.asarray(out))
+
+
+class ReplaySource:
+    """Online mode: slices sampled from the replay of the network's own rollouts, keyed by ``(seed, step, micro,
+    rank)``; each process samples its share of the global batch from its own replay."""
+
+    def __init__(self, replay, batch_slices: int, seed: int, world):
+        self.replay, self.batch_slices, self.seed, self.world = replay, batch_slices, seed, world
+
+    def batch(self, step: int, micro: int, pos: dict) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 4, step, micro, *self.world.key()])
+        return self.replay.sample(self.batch_slices // self.world.size, rng)

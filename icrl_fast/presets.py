@@ -1,0 +1,135 @@
+"""Training configuration: every field a run depends on (saved as ``config.json`` and in every checkpoint), and the
+presets ``python -m icrl_fast.train --preset NAME`` starts from."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from icrl_fast.data.dataset import DatasetConfig
+from icrl_fast.envs.learners import QLearningConfig
+from icrl_fast.model.qnet import ModelConfig
+from icrl_fast.protocol import EvalConfig
+from icrl_fast.rl.dqn import DQNConfig
+from icrl_fast.rl.objectives import ObjectiveConfig
+from icrl_fast.rl.sources import ProtocolConfig
+
+PRESETS = ("default", "protocol", "smoke", "paper")
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation."""
+
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_slices: int = field(default=16, metadata={"help": "slices per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps (then constant)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0: off)"})
+    schedule: str = field(default="constant", metadata={"help": "after warm-up: constant (the paper) or cosine (to "
+                                                                "min_lr_frac x lr at the last step)"})
+    min_lr_frac: float = field(default=0.1, metadata={"help": "cosine schedule's final lr as a fraction of lr"})
+
+    def validate(self) -> None:
+        if self.schedule not in ("constant", "cosine") or not 0.0 <= self.min_lr_frac <= 1.0:
+            raise ValueError(f"optim schedule must be constant or cosine and min_lr_frac in [0, 1], got "
+                             f"{self.schedule!r}, {self.min_lr_frac}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+        warm = max(1, self.warmup_steps)
+        if step < warm or self.schedule == "constant":
+            return min(1.0, (step + 1) / warm)
+        frac = min(1.0, (step - warm) / max(1, self.steps - warm))
+        return self.min_lr_frac + (1.0 - self.min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@dataclass
+class OnlineConfig:
+    """Online DQN (``--mode online``): rollouts of the current network feed a replay of whole contexts."""
+
+    maps: int = field(default=50, metadata={"help": "training maps per rollout (one context each)"})
+    episodes: int = field(default=30, metadata={"help": "episodes per rollout context"})
+    rollout_every: int = field(default=10, metadata={"help": "optimizer steps between rollouts"})
+    epsilon_start: float = field(default=1.0, metadata={"help": "P(random action) at step 0"})
+    epsilon_end: float = field(default=0.1, metadata={"help": "P(random action) after the decay"})
+    epsilon_steps: int = field(default=200, metadata={"help": "optimizer steps of the linear epsilon decay"})
+    capacity: int = field(default=1000, metadata={"help": "contexts kept in the replay (oldest leave first)"})
+    slice_len: int = field(default=1024, metadata={"help": "tokens per sampled slice (shorter contexts: whole)"})
+    window: int | None = field(default=None, metadata={"help": "rollout attention window (ring-buffer KV cache)"})
+    init: str | None = field(default=None, metadata={"help": "a run directory whose latest networks start this "
+                                                             "run (offline pre-training, then online)"})
+
+    def validate(self) -> None:
+        """``ValueError`` naming the bad field."""
+        if min(self.maps, self.episodes, self.rollout_every, self.capacity) < 1 or self.slice_len < 2:
+            raise ValueError(f"online needs maps, episodes, rollout_every, capacity >= 1 and slice_len >= 2, got "
+                             f"{self.maps}, {self.episodes}, {self.rollout_every}, {self.capacity}, {self.slice_len}")
+        if not (0.0 <= self.epsilon_start <= 1.0 and 0.0 <= self.epsilon_end <= 1.0) or self.epsilon_steps < 0:
+            raise ValueError(f"online epsilons must be probabilities and epsilon_steps >= 0, got {self.epsilon_start}, "
+                             f"{self.epsilon_end}, {self.epsilon_steps}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"online window must be >= 1 tokens (or unset), got {self.window}")
+
+    def epsilon(self, step: int) -> float:
+        frac = min(1.0, step / max(1, self.epsilon_steps))
+        return self.epsilon_start + frac * (self.epsilon_end - self.epsilon_start)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as config.json in the run directory and in every checkpoint."""
+
+    preset: str = field(default="default", metadata={"help": "the preset this config started from"})
+    seed: int = field(default=0, metadata={"help": "seed of every random stream"})
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    data_path: str | None = field(default=None, metadata={"help": "an existing dataset folder (default: build one "
+                                                                  "into the run directory)"})
+    mode: str = field(default="offline", metadata={"help": "offline (the paper: the dataset's slices), protocol "
+                                                           "(the simulator plays the evaluation protocol with the "
+                                                           "context teacher, per map, on the fly) or online "
+                                                           "(rollouts with the KV-cache engine into a replay)"})
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dqn: DQNConfig = field(default_factory=DQNConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log_every: int = field(default=10, metadata={"help": "steps between metric records"})
+    ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
+    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (every process holds the model) or "
+                                                         "fsdp (FSDP2 shards a pretrained model over the processes)"})
+    deterministic: bool = field(default=True, metadata={"help": "torch deterministic algorithms: bit-identical runs "
+                                                                "for a seed (measured: no slower on this CPU)"})
+
+
+def preset(name: str) -> TrainConfig:
+    """``default`` (this 2-core CPU, ~15 min), ``smoke`` (< 1 min, tests) or ``paper`` (8B + IA3 on a GPU)."""
+    if name == "default":  # cql + success-weighted data: measured best of this CPU's budget (README, Results)
+        return TrainConfig(preset="default", data=DatasetConfig(format="compact", slice_len=1024, quality="high"),
+                           dqn=DQNConfig(cql=1.0))
+    if name == "protocol":  # in-context RL taught on protocol contexts (README, Teaching the model)
+        return TrainConfig(
+            preset="protocol", mode="protocol", data=DatasetConfig(format="compact", slice_len=1024),
+            objective=ObjectiveConfig(td=0.0, imitation=1.0, observation=0.5),
+            model=ModelConfig(layers=2),
+            optim=OptimConfig(steps=3000, lr=2e-3, warmup_steps=30, schedule="cosine"), log_every=50, ckpt_every=500)
+    if name == "smoke":
+        return TrainConfig(
+            preset="smoke", data=DatasetConfig(train_maps=24, test_maps=6, format="compact", slice_len=256,
+                                               learner=QLearningConfig(episodes=200)),
+            model=ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_positions=4096),
+            optim=OptimConfig(steps=12, batch_slices=4, warmup_steps=2), eval=EvalConfig(maps=6, episodes=4),
+            log_every=2, ckpt_every=5)
+    if name == "paper":
+        return TrainConfig(
+            preset="paper", data=DatasetConfig(format="paper", slice_len=4096, learner=QLearningConfig(episodes=2600)),
+            model=ModelConfig(dtype="bfloat16", max_positions=131072),
+            dqn=DQNConfig(argmax="vocab"),
+            optim=OptimConfig(steps=956, batch_slices=1, grad_accum=10, lr=1e-2, warmup_steps=10, clip=0.0),
+            eval=EvalConfig(batch_maps=10), ckpt_every=50)
+    raise ValueError(f"unknown preset {name!r}; choose default, protocol, smoke or paper")

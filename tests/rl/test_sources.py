@@ -1,0 +1,85 @@
+"""The protocol context source: contexts are the protocol's episodes, labelled by the teacher, test maps excluded."""
+
+import numpy as np
+import pytest
+
+from icrl_fast.data.formats import ACTION_WORDS, compact_format, decode, paper_format, token_contract
+from icrl_fast.envs.learners import teacher_labels
+from icrl_fast.envs.maps import generate_maps
+from icrl_fast.rl.sources import ProtocolConfig, ProtocolSource, exclude_maps, outcome_mask
+
+
+def source(fmt=None, **kw):
+    test = generate_maps(5, seed=0)
+    cfg = ProtocolConfig(pool_maps=200, episodes=kw.pop("episodes", 6), contexts=3, bucket=2, **kw)
+    return ProtocolSource(cfg, fmt or compact_format(), test, seed=3), test
+
+
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+def test_protocol_batches_are_whole_labelled_contexts_of_one_map_each(fmt):
+    src, _ = source(fmt)
+    batch = src.batch(step=1, micro=0)
+    ids, mask, label, length = batch["input_ids"], batch["decision_mask"], batch["label"], batch["length"]
+    assert ids.shape[0] == 3 and ids.shape[1] == length.max()
+    for r in range(3):
+        episodes = decode(fmt, ids[r, : length[r]])
+        assert len(episodes) == 6  # one map, the protocol's episodes, nothing cut
+        steps = sum(len(e["actions"]) for e in episodes)
+        assert mask[r].sum() == steps and (label[r][mask[r]] > 0).all() and (label[r][~mask[r]] == 0).all()
+        # the labels are the teacher's, read from the decoded context alone
+        from icrl_fast.envs.learners import EpisodeLog
+
+        obs = np.concatenate([e["obs"] for e in episodes]).astype(np.int16)
+        lens = np.array([len(e["obs"]) for e in episodes], np.int32)
+        finals = []
+        for k, e in enumerate(episodes):
+            nxt = episodes[k + 1]["obs"][0] if k + 1 < len(episodes) else e["obs"][-1]
+            finals.append(nxt)  # unknown for the last step of an episode; only used for wall bumps, not at ends
+        log = EpisodeLog(obs=obs, actions=np.concatenate([e["actions"] for e in episodes]).astype(np.int8),
+                         rewards=np.concatenate([e["rewards"] for e in episodes]).astype(np.float32),
+                         map_id=np.zeros(6, np.int32), start=np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64),
+                         length=lens, returns=np.array([sum(e["rewards"]) for e in episodes], np.float32),
+                         terminated=np.array([e["terminated"] for e in episodes]),
+                         truncated=np.array([e["truncated"] for e in episodes]), final_obs=np.array(finals, np.int16))
+        np.testing.assert_array_equal(label[r][mask[r]], teacher_labels(log))
+        ep = batch["episode_id"][r]
+        assert (ep[: length[r]] >= 0).all() and (ep[length[r]:] == -1).all()
+        ret = batch["episode_return"][r][mask[r]]
+        assert set(np.unique(ret)) <= {0.0, 1.0}
+    again = source(fmt)[0].batch(step=1, micro=0)  # a pure function of (seed, step, micro): resumes draw the same
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    other = src.batch(step=1, micro=1)
+    assert not np.array_equal(batch["input_ids"][:, :20], other["input_ids"][:, :20])
+
+
+def test_outcome_mask_covers_what_the_environment_answered():
+    fmt = compact_format()
+    ids = np.array([[0, 7, 3, 8, 5, 9, 1, 0, 7, 4]])  # EPISODE s0 left s1 right s2 REWARD | EPISODE s0 down
+    mask, _ = token_contract(fmt, ids)
+    out = outcome_mask(fmt, ids, mask, np.array([10]))
+    # after each action up to the next decision: the actions at 2 and 4, the goal observation at 5 (-> REWARD), the
+    # reward at 6 (-> EPISODE), the episode start at 7 (-> start observation); the last action (9) has no next token
+    assert np.flatnonzero(out[0]).tolist() == [2, 4, 5, 6, 7]
+    paper = paper_format()
+    voc = paper.vocab
+    text = ["<|begin_of_text|>", "<|start_header_id|>", "observation", "<|end_header_id|>", "0", "<|eot_id|>",
+            "<|start_header_id|>", "action", "<|end_header_id|>", ACTION_WORDS[2], "<|eot_id|>",
+            "<|start_header_id|>", "observation", "<|end_header_id|>", "1", "<|eot_id|>", "<|start_header_id|>",
+            "action", "<|end_header_id|>"]
+    ids = np.array([[voc.encode(t)[0] if not t.startswith("<|") else voc.special_id(t) for t in text]])
+    mask, _ = token_contract(paper, ids)
+    out = outcome_mask(paper, ids, mask, np.array([len(text)]))
+    assert np.flatnonzero(out[0]).tolist() == list(range(9, 18))  # from the action to the next decision
+
+
+def test_test_maps_are_excluded_by_content():
+    test = generate_maps(4, seed=0)
+    pool = generate_maps(30, seed=1)
+    both = type(pool)(np.concatenate([pool.tiles, test.tiles[:2]]), np.concatenate([pool.nrow, test.nrow[:2]]),
+                      np.concatenate([pool.ncol, test.ncol[:2]]))
+    kept = exclude_maps(both, test)
+    assert len(kept) == 30
+    assert {m for b in range(len(kept)) for m in ["".join(kept.to_desc(b))]}.isdisjoint(
+        {"".join(test.to_desc(b)) for b in range(len(test))})
+    with pytest.raises(ValueError, match="ramp"):
+        ProtocolConfig(ramp="x").validate()
