@@ -3,8 +3,11 @@ and the failure analysis of the paper's §4.6 (how failed episodes failed).
 
 Reads each run's ``eval.json`` and ``eval-*/eval.json`` (written by ``python -m icrl_fast.train`` and
 ``python -m icrl_fast.evaluate``), and writes ``report.md`` and ``report.png`` into ``--out`` (default: the first
-run directory). ``--readme README.md`` also replaces the block between ``<!-- report:start -->`` and
-``<!-- report:end -->`` in that file, which is how the README's results section is generated.
+run directory). Runs that also hold ``config.json`` and ``metrics.jsonl`` get a training table (recipe, steps,
+tokens, training minutes, the curve) and ``compute.png`` (success in episodes 20-29 against training tokens): the
+ablation table and compute curve. ``--readme README.md`` also replaces the blocks between ``<!-- report:start -->``
+and ``<!-- report:end -->`` (evaluations) and ``<!-- training:start -->`` / ``<!-- training:end -->`` (training
+runs) in that file, which is how the README's results are generated.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ PAPER = {
     "imitation": "(our probe; not in the paper)",
 }
 START, END = "<!-- report:start -->", "<!-- report:end -->"
+TRAIN_START, TRAIN_END = "<!-- training:start -->", "<!-- training:end -->"
 
 
 def find_evals(run: Path) -> list[tuple[str, dict]]:
@@ -110,6 +114,76 @@ def figure(evals: list[tuple[str, dict]], path: Path) -> Path:
     return path
 
 
+def training(run: Path) -> dict | None:
+    """What a run trained on and what it reached: recipe, optimizer steps, tokens, training minutes (from the
+    logged tokens/s, so evaluation and rollouts are not counted), its in-distribution curve and the baselines."""
+    cfg_file, metrics, ev_file = run / "config.json", run / "metrics.jsonl", run / "eval.json"
+    if not (cfg_file.is_file() and metrics.is_file() and ev_file.is_file()):
+        return None
+    cfg, ev = json.loads(cfg_file.read_text()), json.loads(ev_file.read_text())
+    recs = [r for r in map(json.loads, metrics.read_text().splitlines()) if "perf/tokens_per_s" in r]
+    seconds, last_tokens = 0.0, 0
+    for r in recs:
+        tokens = r.get("perf/tokens")
+        if tokens is None:  # runs from before perf/tokens logged no token count: no training time to report
+            continue
+        seconds += (tokens - last_tokens) / max(r["perf/tokens_per_s"], 1e-9)
+        last_tokens = tokens
+    obj, model, optim = cfg.get("objective", {"td": 1.0}), cfg["model"], cfg["optim"]
+    parts = [f"{k} {obj[k]:g}" for k in ("td", "imitation", "observation") if obj.get(k)]
+    if cfg.get("dqn", {}).get("cql"):
+        parts.append(f"cql {cfg['dqn']['cql']:g}")
+    s, base = ev["success_rate"], ev["baselines"]
+    return {"run": run.name, "mode": cfg["mode"], "objectives": " + ".join(parts),
+            "model": f"{model['layers']}x{model['hidden_size']}",
+            "lr": f"{optim['lr']:g} {optim.get('schedule', 'constant')}",
+            "steps": recs[-1]["step"] if recs else 0, "tokens": last_tokens, "minutes": seconds / 60,
+            "tok_s": last_tokens / seconds if seconds else float("nan"), "early": _mean(s, 0, 2),
+            "mid": _mean(s, 10, 20), "late": _mean(s, 20, 30), "tabular_q": _mean(base["tabular_q"], 20, 30),
+            "random": _mean(base["random"], 20, 30), "ramp": ev["config"].get("eval", {}).get("ramp", "paper")}
+
+
+def training_table(rows: list[dict]) -> list[str]:
+    out = ["| run | source | objectives | model | lr | steps | tokens | train min | tok/s | episodes 0-1 | 10-19 | "
+           "**20-29** | tabular Q 20-29 |", "|" + " --- |" * 13]
+    for r in rows:
+        out.append(f"| {r['run']} | {r['mode']} | {r['objectives']} | {r['model']} | {r['lr']} | {r['steps']:,} | "
+                   f"{r['tokens'] / 1e6:.1f} M | {r['minutes']:.1f} | {r['tok_s']:,.0f} | {r['early']:.2f} | "
+                   f"{r['mid']:.2f} | **{r['late']:.2f}** | {r['tabular_q']:.2f} |")
+    return out
+
+
+def compute_figure(rows: list[dict], path: Path) -> Path:
+    """Success in episodes 20-29 against training tokens, with tabular Q-learning and the 0.8 bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, r in enumerate(rows):
+        ax.plot(r["tokens"] / 1e6, r["late"], "o", color=f"C{i % 10}", label=f"{r['run']} ({r['minutes']:.0f} min)")
+    if rows:
+        ax.axhline(rows[0]["tabular_q"], color="k", ls="-.", lw=1, label="tabular Q from scratch")
+        ax.axhline(0.8, color="C3", ls=":", lw=1, label="the bar (0.8)")
+    ax.set(xscale="log", xlabel="training tokens (millions)", ylabel="success, episodes 20-29", ylim=(0, 1),
+           title="in-context RL vs training compute (50 unseen maps)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def replace_block(path: Path, start: str, end: str, lines: list[str]) -> bool:
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m icrl_fast.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories")
@@ -125,17 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     lines = table(evals)
     png = figure(evals, out / "report.png")
-    (out / "report.md").write_text("\n".join(["# icrl_fast report", "", *lines, "", f"![success]({png.name})", ""]))
+    trained = [r for r in (training(Path(run)) for run in args.runs) if r is not None]
+    train_lines, extra = training_table(trained), []
+    if trained:
+        curve = compute_figure(trained, out / "compute.png")
+        extra = ["", "## Training runs", "", *train_lines, "", f"![compute]({curve.name})"]
+        print("\n".join(train_lines))
+    (out / "report.md").write_text("\n".join(["# icrl_fast report", "", *lines, "", f"![success]({png.name})",
+                                              *extra, ""]))
     print("\n".join(lines))
     print(f"wrote {out / 'report.md'}, {png}")
     if args.readme:
         readme = Path(args.readme)
-        text = readme.read_text()
-        if START not in text or END not in text:
+        if not replace_block(readme, START, END, lines):
             print(f"error: {readme} has no {START} ... {END} block", file=sys.stderr)
             return 2
-        head, rest = text.split(START, 1)
-        readme.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
+        if trained and not replace_block(readme, TRAIN_START, TRAIN_END, train_lines):
+            print(f"error: {readme} has no {TRAIN_START} ... {TRAIN_END} block", file=sys.stderr)
+            return 2
         print(f"updated {readme}")
     return 0
 

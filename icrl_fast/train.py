@@ -65,7 +65,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         init_networks(Path(cfg.online.init), qnet)
     if resume:
         state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay, rank=world.rank)}
-    source = make_source(cfg, ds, replay, world, progress)
+    source = make_source(cfg, ds, replay, world, progress, qnet, device)
     objective = Objectives(qnet, cfg.objective, cfg.dqn,
                            lambda *a, **k: dqn_loss(*a, **k))  # dqn_loss looked up per call (tests patch it)
     ddp = world.distributed and not qnet.sharded
@@ -127,6 +127,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                        "charts/lr": sched.get_last_lr()[0], "charts/epoch": state["epoch"],
                        "perf/tokens": state["tokens"],
                        "perf/tokens_per_s": (state["tokens"] - tok_last) / max(now - t_last, 1e-9)}
+                if getattr(source, "dagger_success", None):
+                    rec["rollout/dagger_success"] = source.dagger_success[-1]  # the model's latest DAgger chunk
                 t_last, tok_last = now, state["tokens"]
                 _log(metrics_file, tb, rec)
                 bar.set_postfix(_postfix(rec))
@@ -220,12 +222,15 @@ def build_learner(cfg: TrainConfig, fmt, world, device: str):
     return qnet, opt, sched
 
 
-def make_source(cfg: TrainConfig, ds: OfflineDataset, replay, world, progress: bool):
-    """The context source of ``cfg.mode`` (``icrl_fast.rl.sources``)."""
+def make_source(cfg: TrainConfig, ds: OfflineDataset, replay, world, progress: bool, qnet, device: str):
+    """The context source of ``cfg.mode`` (``icrl_fast.rl.sources``); DAgger chunks roll the network out."""
     if cfg.mode == "protocol":
+        engine = None if cfg.protocol.dagger == 0 else RolloutEngine(qnet, ds.format, device=device,
+                                                                     max_positions=cfg.model.max_positions)
         return ProtocolSource(cfg.protocol, ds.format, ds.maps[ds.test_map_ids], seed=cfg.seed,
                               height=cfg.data.height, width=cfg.data.width, min_hops=cfg.data.min_hops,
-                              grad_accum=cfg.optim.grad_accum, rank_key=world.key(), progress=progress)
+                              grad_accum=cfg.optim.grad_accum, rank_key=world.key(), engine=engine,
+                              progress=progress)
     if cfg.mode == "online":
         return ReplaySource(replay, cfg.optim.batch_slices, cfg.seed, world)
     return OfflineSource(ds, cfg.optim.batch_slices, cfg.seed, world)

@@ -349,10 +349,12 @@ def pick_from_mask(mask, st):
 @njit(inline="always", cache=True)
 def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended):
     """Fold step ``s --a--> s2`` (``reward``, ``done``: terminated; ``ended``: the episode ends here, terminated or
-    cut) into the teacher's knowledge."""
+    cut; ``s2`` is not read when it does) into the teacher's knowledge."""
     tried[s, a] = True
     current[s] = a
-    if s2 == s or (done and reward <= 0.0):
+    # A wall bump shows as the same observation next; after a cut episode's last step the context shows no next
+    # observation, so the teacher (a function of the context) cannot know it there.
+    if (s2 == s and not ended) or (done and reward <= 0.0):
         avoid[s, a] = True
     if ended:
         if done and reward > 0.0:  # following each state's last exit replays the success without its loops
@@ -454,7 +456,7 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
 
 
 @njit(cache=True)
-def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, final_obs, cells, labels):
+def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, cells, labels):
     e = 0
     n_ep = map_id.shape[0]
     while e < n_ep:
@@ -468,7 +470,7 @@ def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, fina
                 s = np.int64(obs[t])
                 labels[t] = teacher_choices(winner, tried, avoid, s)
                 last = t == start[e] + length[e] - 1
-                s2 = np.int64(final_obs[e]) if last else np.int64(obs[t + 1])
+                s2 = np.int64(-1) if last else np.int64(obs[t + 1])  # the context shows no observation after an end
                 teacher_observe(winner, current, tried, avoid, s, np.int64(actions[t]), s2, np.float64(rewards[t]),
                                 last and terminated[e], last)
             e += 1
@@ -477,11 +479,11 @@ def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, fina
 def teacher_labels(log: EpisodeLog, cells: int = 64) -> np.ndarray:
     """The teacher's choice masks (uint8 ``[S]``, bit ``a`` = action ``a``) at every step of ``log``, read from the
     context alone: each map's episodes (contiguous in ``log``, in play order) are one context. Any behaviour's log
-    can be labelled -- the model's own rollouts too (DAgger). ``cells``: observations per map (at least the largest
-    observation + 1)."""
+    can be labelled -- the model's own rollouts too (DAgger); ``final_obs`` is not read (the context does not show
+    it). ``cells``: observations per map (at least the largest observation + 1)."""
     if log.obs.size and int(log.obs.max()) >= cells:
         raise ValueError(f"observations go up to {int(log.obs.max())}; cells must exceed that, got {cells}")
     labels = np.empty(log.obs.shape[0], dtype=np.uint8)
-    _label_kernel(log.obs, log.actions, log.rewards, log.map_id, log.start, log.length, log.terminated,
-                  log.final_obs, int(cells), labels)
+    _label_kernel(log.obs, log.actions, log.rewards, log.map_id, log.start, log.length, log.terminated, int(cells),
+                  labels)
     return labels

@@ -6,9 +6,12 @@
 * ``protocol`` -- :class:`ProtocolSource`: the Numba simulator plays the evaluation protocol itself, one fresh map
   per context (test maps excluded by content), ``episodes`` episodes with the paper's ramp mixing the context
   teacher (``icrl_fast.envs.learners.play_protocol``) with uniform random actions, generated on the fly. Every
-  decision carries the teacher's choice (``label``), also where a random action was executed.
+  decision carries the teacher's choice (``label``), also where a random action was executed. With ``dagger`` > 0
+  a fraction of the chunks is played by the model itself through the rollout engine (same ramp: the evaluation's
+  own distribution of contexts) and labelled by the same teacher -- DAgger.
 
-Every source has ``batch(step, micro, pos) -> dict of numpy arrays``. A batch is the learner's token contract (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
+Every source has ``batch(step, micro, pos) -> dict of numpy arrays``. A batch is the learner's token contract
+(``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
 ``episode_return``, ``terminated``, ``truncated``; ``[B, L]``) plus, from the protocol source, ``label`` (uint8 bit
 mask of the teacher's choices at decisions, 0 elsewhere) and ``outcome_mask`` (bool: positions from an action token
 up to the next decision, whose next token -- what the environment answered -- the observation loss predicts).
@@ -22,8 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from icrl_fast.data.formats import ContextFormat, encode_episodes, episode_token_lengths, pad_token, token_contract
-from icrl_fast.envs.learners import play_protocol
+from icrl_fast.data.formats import (ContextFormat, decode, encode_episodes, episode_token_lengths, pad_token,
+                                    token_contract)
+from icrl_fast.envs.learners import EpisodeLog, play_protocol, teacher_labels
 from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
 
@@ -41,11 +45,15 @@ class ProtocolConfig:
     ramp: str = field(default="paper", metadata={"help": "P(teacher) per episode: paper (the evaluation's ramp, "
                                                          "0.0 -> 1.0 over 20 episodes) or teacher (always)"})
     max_len: int = field(default=2048, metadata={"help": "contexts longer than this are cut (tokens)"})
+    dagger: float = field(default=0.0, metadata={"help": "fraction of chunks the model itself plays (through the "
+                                                         "rollout engine, same ramp), labelled by the teacher: DAgger"})
 
     def validate(self) -> None:
         if min(self.pool_maps, self.episodes, self.contexts, self.bucket) < 1 or self.max_len < 8:
             raise ValueError(f"protocol needs pool_maps, episodes, contexts, bucket >= 1 and max_len >= 8, got "
                              f"{self.pool_maps}, {self.episodes}, {self.contexts}, {self.bucket}, {self.max_len}")
+        if not 0.0 <= self.dagger <= 1.0:
+            raise ValueError(f"protocol dagger must be a fraction in [0, 1], got {self.dagger}")
         if self.ramp not in ("paper", "teacher"):
             raise ValueError(f"protocol ramp must be paper or teacher, got {self.ramp!r}")
 
@@ -64,7 +72,30 @@ def exclude_maps(pool: MapBatch, excluded: MapBatch) -> MapBatch:
     return pool[np.flatnonzero(keep)]
 
 
-def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray, length: np.ndarray) -> np.ndarray:
+def contexts_log(fmt: ContextFormat, contexts: list[np.ndarray]) -> EpisodeLog:
+    """The episodes of whole token contexts (one map each, e.g. a rollout's ``tokens``) as an :class:`EpisodeLog`,
+    map ``b`` = context ``b``. Only what a context shows is filled in: ``final_obs`` is -1 (not shown)."""
+    obs, actions, rewards, map_id, length, returns, term, trunc = [], [], [], [], [], [], [], []
+    for b, ids in enumerate(contexts):
+        for ep in decode(fmt, ids):
+            obs += ep["obs"]
+            actions += ep["actions"]
+            rewards += ep["rewards"]
+            map_id.append(b)
+            length.append(len(ep["actions"]))
+            returns.append(sum(ep["rewards"]))
+            term.append(ep["terminated"])
+            trunc.append(ep["truncated"])
+    length = np.asarray(length, dtype=np.int32)
+    return EpisodeLog(obs=np.asarray(obs, np.int16), actions=np.asarray(actions, np.int8),
+                      rewards=np.asarray(rewards, np.float32), map_id=np.asarray(map_id, np.int32),
+                      start=np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64), length=length,
+                      returns=np.asarray(returns, np.float32), terminated=np.asarray(term, bool),
+                      truncated=np.asarray(trunc, bool), final_obs=np.full(length.size, -1, np.int16))
+
+
+def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray,
+                 length: np.ndarray) -> np.ndarray:
     """bool ``[B, L]``: positions from an action token up to (not including) the next decision, whose next token is
     a real one -- where the observation loss predicts the environment's answer (compact format: the token after
     the action; paper format: the reward and observation runs up to the next decision)."""
@@ -82,12 +113,14 @@ class ProtocolSource:
 
     def __init__(self, cfg: ProtocolConfig, fmt: ContextFormat, test_maps: MapBatch, *, seed: int,
                  height=(3, 5), width=(3, 5), min_hops: int = 4, grad_accum: int = 1, rank_key: tuple = (),
-                 progress: bool = False):
+                 engine=None, progress: bool = False):
         """``grad_accum``: micro-batches per optimizer step; ``rank_key``: this process's key under torchrun (each
-        process plays its own maps)."""
+        process plays its own maps); ``engine``: the model's ``RolloutEngine``, for DAgger chunks."""
         cfg.validate()
         self.cfg, self.fmt, self.seed = cfg, fmt, seed
         self.grad_accum, self.rank_key = grad_accum, tuple(rank_key)
+        self.engine = engine
+        self.dagger_success: list[float] = []  # success rate of each model-played chunk (logged by the trainer)
         pool = generate_maps(cfg.pool_maps, seed=seed + 101, height=height, width=width, min_hops=min_hops)
         self.pool = exclude_maps(pool, test_maps)
         self.p_teacher = cfg.p_teacher()
@@ -106,19 +139,38 @@ class ProtocolSource:
             self._chunk = (key, self._make_chunk(key))
         return self._chunk[1][i]
 
+    def is_dagger(self, chunk: int) -> bool:
+        """Chunk ``chunk`` is played by the model (spread evenly: ``dagger`` of all chunks)."""
+        f = self.cfg.dagger
+        return f > 0 and int((chunk + 1) * f) > int(chunk * f)
+
     def _make_chunk(self, key: tuple) -> list[dict]:
         cfg, fmt = self.cfg, self.fmt
         n = cfg.contexts * cfg.bucket
         rng = np.random.default_rng([self.seed, 6, *key])
         maps = self.pool[rng.choice(len(self.pool), size=n, replace=len(self.pool) < n)]
         seed = int(np.random.SeedSequence([self.seed, 7, *key]).generate_state(1)[0])
-        log, labels = play_protocol(maps, self.p_teacher, seed=seed)
+        if self.is_dagger(key[0]):
+            if self.engine is None:
+                raise ValueError("protocol dagger > 0 needs the model's rollout engine (ProtocolSource(engine=...))")
+            was_training = self.engine.qnet.training
+            self.engine.qnet.eval()
+            try:
+                played = self.engine.run(maps, cfg.episodes, self.p_teacher, seed)
+            finally:
+                self.engine.qnet.train(was_training)
+            log = contexts_log(fmt, played.tokens)
+            labels = teacher_labels(log, fmt.max_obs)
+            self.dagger_success.append(float(played.success.mean()))
+        else:
+            log, labels = play_protocol(maps, self.p_teacher, seed=seed)
         ids, ep_of_token = encode_episodes(fmt, log, np.arange(log.num_episodes))
         tok_len = episode_token_lengths(fmt, log.obs, log.length, log.start, log.rewards,
                                         log.truncated & ~log.terminated)
-        per_map_tokens = tok_len.reshape(n, cfg.episodes).sum(1)
+        per_map_tokens = np.bincount(log.map_id, weights=tok_len, minlength=n).astype(np.int64)
         tok_start = np.concatenate([[0], np.cumsum(per_map_tokens)])
-        step_start = np.concatenate([[0], np.cumsum(log.length.reshape(n, cfg.episodes).sum(1))])
+        step_start = np.concatenate([[0], np.cumsum(np.bincount(log.map_id, weights=log.length, minlength=n))])
+        step_start = step_start.astype(np.int64)
         contexts = []
         for b in range(n):
             row = ids[tok_start[b]: tok_start[b + 1]][: cfg.max_len]

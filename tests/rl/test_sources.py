@@ -6,7 +6,7 @@ import pytest
 from icrl_fast.data.formats import ACTION_WORDS, compact_format, decode, paper_format, token_contract
 from icrl_fast.envs.learners import teacher_labels
 from icrl_fast.envs.maps import generate_maps
-from icrl_fast.rl.sources import ProtocolConfig, ProtocolSource, exclude_maps, outcome_mask
+from icrl_fast.rl.sources import ProtocolConfig, ProtocolSource, contexts_log, exclude_maps, outcome_mask
 
 
 def source(fmt=None, **kw):
@@ -27,20 +27,8 @@ def test_protocol_batches_are_whole_labelled_contexts_of_one_map_each(fmt):
         steps = sum(len(e["actions"]) for e in episodes)
         assert mask[r].sum() == steps and (label[r][mask[r]] > 0).all() and (label[r][~mask[r]] == 0).all()
         # the labels are the teacher's, read from the decoded context alone
-        from icrl_fast.envs.learners import EpisodeLog
-
-        obs = np.concatenate([e["obs"] for e in episodes]).astype(np.int16)
-        lens = np.array([len(e["obs"]) for e in episodes], np.int32)
-        finals = []
-        for k, e in enumerate(episodes):
-            nxt = episodes[k + 1]["obs"][0] if k + 1 < len(episodes) else e["obs"][-1]
-            finals.append(nxt)  # unknown for the last step of an episode; only used for wall bumps, not at ends
-        log = EpisodeLog(obs=obs, actions=np.concatenate([e["actions"] for e in episodes]).astype(np.int8),
-                         rewards=np.concatenate([e["rewards"] for e in episodes]).astype(np.float32),
-                         map_id=np.zeros(6, np.int32), start=np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64),
-                         length=lens, returns=np.array([sum(e["rewards"]) for e in episodes], np.float32),
-                         terminated=np.array([e["terminated"] for e in episodes]),
-                         truncated=np.array([e["truncated"] for e in episodes]), final_obs=np.array(finals, np.int16))
+        log = contexts_log(fmt, [ids[r, : length[r]]])
+        assert log.num_episodes == 6 and log.obs.size == steps
         np.testing.assert_array_equal(label[r][mask[r]], teacher_labels(log))
         ep = batch["episode_id"][r]
         assert (ep[: length[r]] >= 0).all() and (ep[length[r]:] == -1).all()
@@ -83,3 +71,35 @@ def test_test_maps_are_excluded_by_content():
         {"".join(test.to_desc(b)) for b in range(len(test))})
     with pytest.raises(ValueError, match="ramp"):
         ProtocolConfig(ramp="x").validate()
+
+
+def test_dagger_chunks_are_the_models_own_protocol_contexts_labelled_by_the_teacher():
+    import torch
+
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.protocol import paper_ramp
+    from icrl_fast.rl.rollout import RolloutEngine
+
+    fmt = compact_format()
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32, max_positions=4096),
+                 fmt.vocab_size, fmt.action_ids, seed=0)
+    engine = RolloutEngine(q, fmt)
+    cfg = ProtocolConfig(pool_maps=100, episodes=4, contexts=2, bucket=2, dagger=0.5, max_len=4096)
+    src = ProtocolSource(cfg, fmt, generate_maps(3, seed=0), seed=4, engine=engine)
+    assert [src.is_dagger(c) for c in range(4)] == [False, True, False, True]
+    model_batch = src.batch(step=2)  # chunk 1: the model plays
+    assert len(src.dagger_success) == 1 and q.training  # the network is put back in training mode
+    # the same maps and seed through the engine give the same contexts (grouped by length in the batch)
+    rng = np.random.default_rng([4, 6, 1])
+    maps = src.pool[rng.choice(len(src.pool), size=4, replace=False)]
+    seed = int(np.random.SeedSequence([4, 7, 1]).generate_state(1)[0])
+    with torch.no_grad():
+        played = engine.run(maps, 4, paper_ramp(4), seed)
+    rows = {tuple(model_batch["input_ids"][r, : model_batch["length"][r]]) for r in range(2)}
+    assert rows <= {tuple(t.tolist()) for t in played.tokens}
+    for r in range(2):
+        ids = model_batch["input_ids"][r, : model_batch["length"][r]]
+        mask = model_batch["decision_mask"][r]
+        np.testing.assert_array_equal(model_batch["label"][r][mask], teacher_labels(contexts_log(fmt, [ids])))
+    with pytest.raises(ValueError, match="engine"):
+        ProtocolSource(cfg, fmt, generate_maps(3, seed=0), seed=4).batch(step=2)
