@@ -1,39 +1,61 @@
-"""The one attention dispatch point: flash-attn when importable on CUDA, PyTorch SDPA otherwise (or ``eager``).
+"""The one attention dispatch point: flash-attn for fp16/bf16 models on CUDA when it imports, PyTorch SDPA otherwise
+(or ``eager``).
 
 Also the rollout's KV-cache attention (``KVCACHE``: flash-attn's ``flash_attn_with_kvcache`` with per-context
-``cache_seqlens``, its pure-torch reference where flash-attn is absent) and the explicit, opt-in Liger patch
-(RMSNorm, RoPE, SwiGLU) for Llama on CUDA. Nothing is patched on import.
+``cache_seqlens``, its pure-torch reference where flash-attn is absent) and the explicit, opt-in Liger kernels
+(RMSNorm, RoPE, SwiGLU) for a Llama on CUDA, scoped to the model they are applied to. Nothing is patched on import.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import types
 
 import torch
 
-HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+def _probe_flash() -> tuple[bool, str]:
+    """Whether flash-attn is usable, and why (not): a real import, since a flash-attn wheel built for another torch
+    is found by ``find_spec`` but fails to load (an undefined symbol); that must mean SDPA, not a crash when a model
+    is built. The import only happens when the package is installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False, "flash-attn is not installed"
+    try:
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, OSError (undefined symbol), RuntimeError: all mean "absent"
+        return False, f"flash-attn is installed but does not import ({type(e).__name__}: {str(e)[:160]})"
+    return True, "flash-attn imports"
+
+
+HAS_FLASH, FLASH_REASON = _probe_flash()
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn's kernels take these only (an fp32 input raises)
 KVCACHE = "icrl_kvcache"  # the rollout's flash path as a transformers attention implementation (a name with
 # "flash" in it would make transformers look for a flash-attn build of that name)
 
 
-def attn_implementation(device: str, requested: str = "auto") -> str:
-    """The transformers ``attn_implementation`` for ``device``: ``auto`` -> flash-attn 2 on CUDA when it is
-    installed, else SDPA. An explicit ``flash_attention_2`` without flash-attn or CUDA is a ``ValueError``."""
+def attn_implementation(device: str, requested: str = "auto", dtype: torch.dtype = torch.float32) -> str:
+    """The transformers ``attn_implementation`` for a model of ``dtype`` on ``device``: ``auto`` -> flash-attn 2
+    for an fp16/bf16 model on CUDA when flash-attn imports, else SDPA (an fp32 model always gets SDPA: rollouts run
+    outside autocast, so flash-attn would see fp32 tensors). An explicit ``flash_attention_2`` that cannot run
+    (no flash-attn, no CUDA, or fp32) is a ``ValueError``."""
     if requested not in CHOICES:
         raise ValueError(f"attention must be one of {CHOICES}, got {requested!r}")
-    cuda = str(device).startswith("cuda")
+    usable = HAS_FLASH and str(device).startswith("cuda") and dtype in FLASH_DTYPES
     if requested == "auto":
-        return "flash_attention_2" if (HAS_FLASH and cuda) else "sdpa"
-    if requested == "flash_attention_2" and not (HAS_FLASH and cuda):
-        raise ValueError("attention='flash_attention_2' needs the flash-attn package and a CUDA device; "
-                         "use 'auto' to fall back to PyTorch SDPA")
+        return "flash_attention_2" if usable else "sdpa"
+    if requested == "flash_attention_2" and not usable:
+        raise ValueError(f"attention='flash_attention_2' needs flash-attn ({FLASH_REASON}), a CUDA device (got "
+                         f"{device}) and a float16/bfloat16 model (got {dtype}); use 'auto' to fall back to SDPA")
     return requested
 
 
-def apply_liger(enabled: bool, device: str) -> bool:
-    """Patch transformers' Llama with Liger's RMSNorm, RoPE and SwiGLU kernels when asked; returns whether it did.
+def apply_liger(enabled: bool, device: str, models=()) -> bool:
+    """Liger's RMSNorm, RoPE and SwiGLU kernels on ``models`` (transformers Llama models, or their ``LlamaModel``
+    backbones) when asked; returns whether it did. Scoped: only these models' modules change
+    (``liger_patch_model``); transformers' classes and any other model stay as they are.
 
     Only on CUDA (Liger's Triton kernels do not run on the CPU); asking for it elsewhere is a ``ValueError``.
     """
@@ -41,11 +63,44 @@ def apply_liger(enabled: bool, device: str) -> bool:
         return False
     if not str(device).startswith("cuda") or not HAS_LIGER:
         raise ValueError("liger=True needs a CUDA device and the liger-kernel package; leave it off on the CPU")
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False)
+    for model in models:
+        liger_patch_model(model)
     return True
+
+
+def _with_global(fn, name: str, value):
+    """A copy of the plain function under ``fn``'s decorators whose global ``name`` is ``value`` (the module's own
+    globals are untouched)."""
+    inner = inspect.unwrap(fn)
+    if name not in inner.__code__.co_names:
+        raise ValueError(f"{inner.__qualname__} does not use {name}: this transformers version needs another patch")
+    scope = dict(inner.__globals__)
+    scope[name] = value
+    out = types.FunctionType(inner.__code__, scope, inner.__name__, inner.__defaults__, inner.__closure__)
+    out.__kwdefaults__, out.__qualname__ = inner.__kwdefaults__, inner.__qualname__
+    return out
+
+
+def liger_patch_model(model) -> None:
+    """Liger RMSNorm, RoPE and SwiGLU on this Llama's modules only (what ``apply_liger_kernel_to_llama(model=...)``
+    does to an instance, without its module-wide replacements of ``LlamaRMSNorm``, ``LlamaMLP`` and
+    ``apply_rotary_pos_emb``, which would reach every Llama built afterwards): each norm and MLP gets Liger's
+    ``forward`` bound to it, and each attention layer a ``forward`` whose ``apply_rotary_pos_emb`` is Liger's."""
+    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    base = getattr(model, "model", model)  # LlamaForCausalLM -> LlamaModel
+    if not hasattr(base, "layers") or not hasattr(base, "norm"):
+        raise ValueError(f"liger: expected a transformers Llama model or its LlamaModel, got {type(model).__name__}")
+    _patch_rms_norm_module(base.norm)
+    for layer in base.layers:
+        _patch_swiglu_module(layer.mlp, LigerSwiGLUMLP)
+        _patch_rms_norm_module(layer.input_layernorm)
+        _patch_rms_norm_module(layer.post_attention_layernorm)
+        attn = layer.self_attn
+        attn.forward = types.MethodType(_with_global(type(attn).forward, "apply_rotary_pos_emb",
+                                                     liger_rotary_pos_emb), attn)
 
 
 def flash_attn_with_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,

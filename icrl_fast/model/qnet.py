@@ -37,8 +37,8 @@ class ModelConfig:
     intermediate_size: int = field(default=384, metadata={"help": "MLP width of the from-scratch model"})
     max_positions: int = field(default=8192, metadata={"help": "longest context (RoPE positions)"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 or bfloat16"})
-    attention: str = field(default="auto", metadata={"help": "auto (flash-attn on CUDA, else SDPA), sdpa, eager, "
-                                                             "flash_attention_2"})
+    attention: str = field(default="auto", metadata={"help": "auto (flash-attn for a bf16 model on CUDA, else SDPA), "
+                                                             "sdpa, eager, flash_attention_2"})
     liger: bool = field(default=False, metadata={"help": "apply Liger RMSNorm/RoPE/SwiGLU kernels (CUDA only)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
 
@@ -57,8 +57,7 @@ class QNetwork(nn.Module):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
         if dtype is None:
             raise ValueError(f"model dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-        attn = attn_implementation(device, cfg.attention)
-        self.liger = apply_liger(cfg.liger, device)
+        attn = attn_implementation(device, cfg.attention, dtype)
         self.register_buffer("action_ids", torch.as_tensor(action_ids, dtype=torch.long), persistent=False)
         self.pretrained = cfg.path is not None
         if self.pretrained:
@@ -92,6 +91,9 @@ class QNetwork(nn.Module):
                                tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
             self.model = LlamaForCausalLM._from_config(conf, attn_implementation=attn, dtype=dtype)
             self.target = copy.deepcopy(self.model).requires_grad_(False)
+        # Liger on this model's modules only (the online net, and the target copy of a from-scratch model)
+        targets = [self.target] if self.target is not None else []
+        self.liger = apply_liger(cfg.liger, device, [self._backbone(False), *targets])
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self._sharded: list[nn.Module] = []  # the FSDP2 units, once ``shard`` ran
@@ -151,8 +153,8 @@ class QNetwork(nn.Module):
     def hidden(self, input_ids: torch.Tensor, *, target: bool = False, **kwargs) -> torch.Tensor:
         """Final hidden states ``[B, L, d]`` (after the last norm) of the online or target network.
 
-        Extra keyword arguments (``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache``) go to
-        the transformers model; with ``return_output=True`` the model output is returned instead.
+        Extra keyword arguments (``attention_mask``, ``position_ids``, the cache under ``kv_cache.CACHE_ARG``,
+        ``use_cache``) go to the transformers model; with ``return_output=True`` the model output is returned instead.
         """
         return_output = kwargs.pop("return_output", False)
         if self.pretrained and target:
