@@ -26,7 +26,7 @@ from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import paper_ramp
 from icrl_fast.model.attention import HAS_FLASH, register_kvcache_attention
-from icrl_fast.model.kv_cache import RolloutCache
+from icrl_fast.model.kv_cache import CACHE_ARG, RolloutCache
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import ContextStreams, RolloutEngine
 from icrl_fast.testing import word_tokenizer
@@ -66,7 +66,7 @@ def paper_rollout(qnet, maps, episodes: int, seed: int) -> int:
         while episode < episodes:
             text = TOKENIZER.decode(tokens)  # the growing text, re-tokenised every step
             enc = TOKENIZER(text, return_tensors="pt", add_special_tokens=False).to(DEVICE)
-            out = lm.generate(**enc, past_key_values=cache, max_new_tokens=1, do_sample=False, output_logits=True,
+            out = lm.generate(**enc, **{CACHE_ARG: cache}, max_new_tokens=1, do_sample=False, output_logits=True,
                               return_dict_in_generate=True, pad_token_id=TOKENIZER.eos_token_id)
             greedy = int(out.logits[0][0, action_ids].argmax())
             action = greedy if rng.random() < ramp[episode] else int(rng.integers(0, 4))
@@ -112,7 +112,7 @@ def prefilled(qnet, length: int, batch: int = 50, chunk: int = 256, seqlens: boo
     for _ in range(length // chunk):
         ids = torch.randint(0, FMT.vocab_size, (batch, chunk), generator=g).to(DEVICE)
         pos, mask = cache.plan(torch.full((batch,), chunk), chunk)
-        qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        qnet.hidden(ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True,
                     **cache.attention_kwargs())
     return cache
 
@@ -135,7 +135,7 @@ def test_step_vs_context_ours(benchmark, record, qnet, length, attention):
                 counts = torch.randint(1, 9, (50,), generator=g)
                 ids = torch.randint(0, FMT.vocab_size, (50, 8), generator=g).to(DEVICE)
                 pos, mask = cache.plan(counts, 8)
-                h = qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                h = qnet.hidden(ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True,
                                 **cache.attention_kwargs())
                 qnet.q_values(h[:, -1]).cpu()
 
@@ -179,6 +179,8 @@ def test_rollout_env_backend(benchmark, record, compact_qnet, backend, envs):
 
     if backend == "ext" and not ext.load(build=True):
         pytest.skip(f"the C++ extension is not available: {ext.EXT_REASON}")
+    if backend == "ext" and not ext.has_kernel(DEVICE):
+        pytest.skip(f"the C++ extension has no kernels for {DEVICE} (it has {ext.kernel_keys()}): {ext.EXT_REASON}")
     qnet, fmt = compact_qnet
     maps = generate_maps(envs, seed=12)
     engine = RolloutEngine(qnet, fmt, device=DEVICE, env_backend=backend)

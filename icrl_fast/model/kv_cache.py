@@ -24,8 +24,28 @@ over a growing context) and has one length for the whole batch.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+
+def _cache_arg() -> str:
+    """The keyword under which transformers' Llama ``forward`` (and ``generate``) takes the cache: ``cache`` from
+    about 5.2x on (where ``past_key_values`` is deprecated, and removed in 5.40), ``past_key_values`` before (5.17,
+    the GPU machine's version, has no ``cache``). Read from the installed ``LlamaModel.forward`` itself: passing the
+    wrong name would not fail, it would land in ``**kwargs`` and the model would silently run without the cache."""
+    from transformers import LlamaModel
+
+    params = inspect.signature(LlamaModel.forward).parameters  # follows the deprecation wrapper to the real function
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ImportError(f"transformers' LlamaModel.forward takes neither `cache` nor `past_key_values` (it takes "
+                      f"{list(params)}): this transformers is not supported; see pyproject.toml")
+
+
+CACHE_ARG = _cache_arg()
 
 
 class SlotLayer(DynamicLayer):
@@ -63,8 +83,9 @@ class RolloutCache(Cache):
     """A transformers ``Cache`` for ``batch`` contexts with per-context lengths and an optional sliding window.
 
     Use: ``pos, mask = cache.plan(counts, width)`` before each call, then
-    ``model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)`` with ``ids``
-    ``[B, width]`` left-padded (context ``b``'s ``counts[b]`` real tokens are its last columns).
+    ``model(ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True)`` with ``ids``
+    ``[B, width]`` left-padded (context ``b``'s ``counts[b]`` real tokens are its last columns; ``CACHE_ARG``: the
+    installed transformers' name for the cache argument).
     """
 
     def __init__(self, num_layers: int, batch: int, *, window: int | None = None, max_block: int = 64,

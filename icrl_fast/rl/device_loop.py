@@ -25,6 +25,8 @@ import torch
 from tqdm import tqdm
 
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
+from icrl_fast.model.kv_cache import CACHE_ARG
+from icrl_fast.rl.rollout_result import Rollout
 
 
 def _host_draws(rng: np.random.Generator, m: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +41,6 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
                   progress: bool, prefix: list[list[int]] | None, sync_every: int = 16):
     """``RolloutEngine.run`` on the extension's env, device-resident (see the module docstring)."""
     from icrl_fast.envs.ext import FormatTables, TorchFrozenLakeBatch
-    from icrl_fast.rl.rollout import Rollout
 
     dev, st, fmt, m = torch.device(engine.device), engine.streams, engine.fmt, len(maps)
     env = TorchFrozenLakeBatch(maps, device=dev, is_slippery=is_slippery, seed=seed)
@@ -102,7 +103,7 @@ def run_on_device(engine, maps: MapBatch, episodes: int, p_model: np.ndarray, se
         elif engine.window is None:
             bound += int(ids.shape[1])
         pos, mask = cache.plan(counts, int(ids.shape[1]), bound=bound if engine.window is None else None)
-        h = engine.qnet.hidden(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        h = engine.qnet.hidden(ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True,
                                **cache.attention_kwargs())
         q_full[live] = engine.qnet.q_values(h[:, -1])
         active = episode < episodes

@@ -20,7 +20,6 @@ per-episode return/termination: what the online learner's replay stores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +29,9 @@ from icrl_fast.data.formats import ContextFormat
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
 from icrl_fast.model.attention import KVCACHE, rollout_attention
-from icrl_fast.model.kv_cache import RolloutCache
+from icrl_fast.model.kv_cache import CACHE_ARG, RolloutCache
+from icrl_fast.rl.device_loop import run_on_device
+from icrl_fast.rl.rollout_result import Rollout
 
 
 class ContextStreams:
@@ -76,22 +77,6 @@ class ContextStreams:
         f = self.fmt
         return (2 + len(f.post_action) + len(f.reward_block) + len(f.trunc_block) + len(f.episode_end)
                 + len(self.head) + len(f.pre_obs) + int(f.obs_len.max()) + len(f.post_obs))
-
-
-@dataclass
-class Rollout:
-    """What ``RolloutEngine.run`` played. ``[M, E]`` arrays are per map and episode index."""
-
-    success: np.ndarray
-    hole: np.ndarray
-    truncated: np.ndarray  # the time limit cut the episode (not on the goal or in a hole)
-    length: np.ndarray  # actions taken
-    episode_return: np.ndarray  # float32
-    tokens: list[np.ndarray]  # per map: the whole context (int64)
-    token_episode: list[np.ndarray]  # per map: the episode index of every token
-    decision_pos: list[np.ndarray]  # per map: the positions where Q was read
-    q: list[np.ndarray]  # per map: [decisions, 4] Q-values read there (fp32)
-    paths: list[list[list[int]]]  # per map, per episode: the tiles visited
 
 
 class HostView:
@@ -200,8 +185,6 @@ class RolloutEngine:
         m = len(maps)
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
         if self.env_backend == "ext" and switch_to is None:  # the extension's env: the loop stays on the device
-            from icrl_fast.rl.device_loop import run_on_device
-
             return run_on_device(self, maps, episodes, p_model, seed, is_slippery=is_slippery, progress=progress,
                                  prefix=prefix, sync_every=self.sync_every)
         if switch_to is not None:
@@ -247,7 +230,7 @@ class RolloutEngine:
             pos, mask = cache.plan(torch.from_numpy(counts), width)
             self.check_length(cache.get_seq_length())  # the cache knows every live context's length
             h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
-                                 past_key_values=cache, use_cache=True, **cache.attention_kwargs())
+                                 **{CACHE_ARG: cache}, use_cache=True, **cache.attention_kwargs())
             q[live] = self.qnet.q_values(h[:, -1]).cpu().numpy()
             for b in live:
                 q_read[b].append(q[b].copy())
