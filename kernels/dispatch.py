@@ -34,6 +34,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def debug_checks(*tensors: torch.Tensor) -> bool:
+    """Whether to run the input checks that read tensor values (action ranges, ``seq_ids >= 0``): each is a
+    device-to-host sync on CUDA, so there they are off unless ``ICRL_KERNELS_DEBUG=1``; on CPU tensors they cost
+    nothing and are on unless ``ICRL_KERNELS_DEBUG=0``."""
+    flag = os.environ.get("ICRL_KERNELS_DEBUG", "")
+    if flag:
+        return flag != "0"
+    return not any(t.is_cuda for t in tensors)
+
+
 def select_backend(*tensors: torch.Tensor, backend: str | None = None) -> str:
     """``triton`` or ``reference`` for these tensors. ``auto`` picks Triton when it is installed and the tensors
     are on CUDA, or when ``TRITON_INTERPRET=1`` (the CPU interpreter); plain CPU tensors get the reference."""

@@ -33,9 +33,9 @@ import math
 
 import torch
 
-from .dispatch import HAS_TRITON, select_backend
+from .dispatch import HAS_TRITON, debug_checks, interpreting, select_backend
 from .reference import (ARGMAX, LOSSES, REDUCTIONS, elementwise_loss, q_td_loss_reference, reduce_loss,
-                        safe_denominator, sequence_mean)
+                        safe_denominator, sequence_index, sequence_mean)
 
 if HAS_TRITON:
     import triton
@@ -152,30 +152,68 @@ if HAS_TRITON:
                  (g[:, None] * w).to(dh_ptr.dtype.element_ty), mask=m2)
 
 
-# Tile sizes: the Triton matmul tutorial's defaults for fp32/bf16 GEMM tiles. NOT tuned on a GPU (none was
-# available when this was written; see benchmarks/bench_q_td_loss.py, which is ready to measure them).
-BLOCK_N, BLOCK_V, BLOCK_D = 64, 128, 64
+# Tile configurations (BLOCK_N, BLOCK_V or BLOCK_A, BLOCK_D, num_warps). On a GPU each kernel is autotuned over its
+# list, keyed on (D, V) (and the dtypes: Triton's autotuner adds them to the key), so the first call at a shape
+# benchmarks the configs once. Every config listed compiles for sm_90 without register spills -- checked by
+# tests/kernels/test_sm90_compile.py with ptxas -v at the paper shape (Triton 3.9; registers per thread in the
+# comments) -- which rules out the old fixed 64/128/64 tiles at 4 warps (fp32: 255 registers, 296 bytes of spill
+# stores) and 64/128/32 at 8 warps in fp32 (16 bytes). NOT timed on a GPU yet (none was available):
+# benchmarks/gpu/check.sh records the paper-shape times. Under the CPU interpreter one config is used (multi-config
+# autotuning needs do_bench, which fails on the CPU), with large blocks since the interpreter pays per program.
+ARGMAX_CONFIGS = {  # by variant of the [N, V] GEMM
+    "fp32-ieee": [(64, 64, 32, 8), (32, 64, 32, 4)],  # 120, 128 registers
+    "half": [(64, 128, 32, 8), (128, 128, 32, 8), (64, 64, 32, 4)],  # bf16/fp16: 86, 144, 86 registers
+}
+# BLOCK_N, BLOCK_D, warps (the A tile is sized from A); at most 156 registers (fp32, actions mode)
+FWD_CONFIGS = [(32, 64, 4), (64, 32, 4), (32, 128, 8)]
+DHIDDEN_CONFIG = (32, 128, 4)  # BLOCK_N, BLOCK_D, warps: an elementwise gather-scale, memory bound (<= 48 registers)
+INTERPRETER_META = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)
+SPLIT_ROWS, SPLIT_COLS = 64, 128  # the V split is planned in these units (every BLOCK_V divides SPLIT_COLS)
 TARGET_PROGRAMS = 1024  # argmax split over V until (row blocks x splits) reaches this many programs
+
+
+def argmax_variant(dtype: torch.dtype) -> str:
+    """The tile-config family of the vocab-argmax GEMM for inputs of ``dtype`` (fp32 runs in IEEE precision)."""
+    return "fp32-ieee" if dtype == torch.float32 else "half"
+
+
+def _launcher(kernel, configs, names, key):
+    """``launch(grid)(*args, **constexprs)``: ``kernel`` autotuned over ``configs`` (tuples: the values of the
+    constexpr ``names``, then num_warps) keyed on ``key`` -- or, under the interpreter, launched with the
+    ``INTERPRETER_META`` values of those names and no tuning. ``grid`` maps the chosen constexprs to the grid."""
+    if interpreting():
+        meta = {name: INTERPRETER_META[name] for name in names}
+        return lambda grid: (lambda *args, **kw: kernel[grid(meta)](*args, **kw, **meta))
+    tuned = triton.autotune([triton.Config(dict(zip(names, c[:-1])), num_warps=c[-1]) for c in configs],
+                            key=key)(kernel)
+    return lambda grid: tuned[grid]
+
+
+if HAS_TRITON:
+    _ARGMAX = {variant: _launcher(_q_td_vocab_argmax_kernel, configs, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), ["D", "V"])
+               for variant, configs in ARGMAX_CONFIGS.items()}
+    _FWD = _launcher(_q_td_fwd_kernel, FWD_CONFIGS, ("BLOCK_N", "BLOCK_D"), ["D"])
 
 
 def vocab_argmax(next_hidden: torch.Tensor, weight: torch.Tensor, max_programs: int = TARGET_PROGRAMS) -> torch.Tensor:
     """``argmax_v <next_hidden[i], weight[v]>`` for every row (int64 [N]), streaming ``weight`` in V tiles.
 
-    V is split into as many parts as keep (row blocks x splits) <= ``max_programs``; each program streams its
-    part tile by tile (ties: lowest index), and the parts are reduced in V order (ties: lowest index again).
+    ``next_hidden [N, d]`` and ``weight [V, d]`` of one float dtype (fp32: IEEE products, no TF32). V is split into
+    as many parts (in units of ``SPLIT_COLS`` columns) as keep (row blocks of ``SPLIT_ROWS``) x splits <=
+    ``max_programs``; each program streams its part tile by tile (ties: lowest index), and the parts are reduced in
+    V order (ties: lowest index again).
     """
     n, d = next_hidden.shape
     v = weight.shape[0]
-    row_blocks = triton.cdiv(n, BLOCK_N)
-    tiles = triton.cdiv(v, BLOCK_V)
-    n_splits = max(1, min(tiles, max_programs // row_blocks))
-    v_per_split = triton.cdiv(tiles, n_splits) * BLOCK_V
+    tiles = triton.cdiv(v, SPLIT_COLS)
+    n_splits = max(1, min(tiles, max_programs // triton.cdiv(n, SPLIT_ROWS)))
+    v_per_split = triton.cdiv(tiles, n_splits) * SPLIT_COLS
     n_splits = triton.cdiv(v, v_per_split)
     part_max = torch.empty((n, n_splits), dtype=torch.float32, device=next_hidden.device)
     part_idx = torch.empty((n, n_splits), dtype=torch.int32, device=next_hidden.device)
-    _q_td_vocab_argmax_kernel[(row_blocks, n_splits)](
+    _ARGMAX[argmax_variant(next_hidden.dtype)](lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits))(
         next_hidden, weight, part_max, part_idx, next_hidden.stride(0), weight.stride(0), n_splits, n, v, d,
-        v_per_split, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, IEEE=next_hidden.dtype == torch.float32)
+        v_per_split, IEEE=next_hidden.dtype == torch.float32)
     best_split = part_max.argmax(dim=1, keepdim=True)  # first max: splits are in V order, so ties keep the lowest v
     return part_idx.gather(1, best_split).squeeze(1).to(torch.int64)
 
@@ -192,27 +230,34 @@ def q_td_forward(hidden, weight, next_hidden, next_target_hidden, target_weight,
     vocab = argmax == "vocab"
     next_tok = vocab_argmax(next_hidden, weight) if vocab else taken_tok
     a = action_ids.numel()
-    _q_td_fwd_kernel[(triton.cdiv(n, BLOCK_N),)](
+    _FWD(lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),))(
         hidden, next_hidden, next_target_hidden, weight, target_weight, taken_tok, next_tok, action_ids,
         rewards, dones, q, y, nxt, hidden.stride(0), next_hidden.stride(0), next_target_hidden.stride(0),
         weight.stride(0), target_weight.stride(0), n, d, a, float(gamma), float(reward_scale),
-        VOCAB_ARGMAX=vocab, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_A=max(16, triton.next_power_of_2(a)))
+        VOCAB_ARGMAX=vocab, BLOCK_A=max(16, triton.next_power_of_2(a)))
     return q, y, nxt
 
 
 def q_td_dhidden(g: torch.Tensor, weight: torch.Tensor, taken_tok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g[:, None] * weight[taken_tok]`` in ``dtype`` ([N, d])."""
+    """``g[:, None] * weight[taken_tok]`` in ``dtype`` ([N, d]); ``g`` fp32 [N], ``taken_tok`` int64 [N]."""
     n, d = g.shape[0], weight.shape[1]
     dh = torch.empty((n, d), dtype=dtype, device=g.device)
-    _q_td_dhidden_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(d, BLOCK_D))](
-        g, weight, taken_tok, dh, weight.stride(0), dh.stride(0), n, d, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    if interpreting():
+        block_n, block_d, extra = INTERPRETER_META["BLOCK_N"], INTERPRETER_META["BLOCK_D"], {}
+    else:
+        block_n, block_d, warps = DHIDDEN_CONFIG
+        extra = {"num_warps": warps}
+    _q_td_dhidden_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+        g, weight, taken_tok, dh, weight.stride(0), dh.stride(0), n, d, BLOCK_N=block_n, BLOCK_D=block_d, **extra)
     return dh
 
 
 def loss_and_dq(q, y, seq_ids, loss: str, reduction: str, huber_delta: float, norm_eps: float):
-    """Loss (reduced) and ``d loss / d q`` per row for a unit upstream gradient (per row for ``none``)."""
+    """Loss (reduced) and ``d loss / d q`` per row for a unit upstream gradient (per row for ``none``); ``q``, ``y``
+    fp32 [N], ``seq_ids`` int64 [N]. No device-to-host sync (sequences by ``sequence_index``)."""
+    index = sequence_index(seq_ids) if loss == "paper" else None
     diff = q - y
-    denom = safe_denominator(sequence_mean(y, seq_ids)[0], norm_eps) if loss == "paper" else None
+    denom = safe_denominator(sequence_mean(y, seq_ids, index)[0], norm_eps) if loss == "paper" else None
     per_row = elementwise_loss(diff, denom, loss, huber_delta)
     if loss == "paper":
         dq = 2.0 * diff / denom ** 2
@@ -222,10 +267,10 @@ def loss_and_dq(q, y, seq_ids, loss: str, reduction: str, huber_delta: float, no
         dq = torch.where(diff.abs() <= huber_delta, diff, huber_delta * torch.sign(diff))
     if reduction == "mean":
         if loss == "paper":
-            dq = dq / (sequence_mean(dq, seq_ids)[1] * torch.unique(seq_ids).numel())
+            dq = dq / (sequence_mean(dq, seq_ids, index)[1] * index[1].to(dq.dtype))
         else:
             dq = dq / max(q.numel(), 1)
-    return reduce_loss(per_row, seq_ids, loss, reduction), dq
+    return reduce_loss(per_row, seq_ids, loss, reduction, index), dq
 
 
 class QTDLossFunction(torch.autograd.Function):
@@ -302,19 +347,28 @@ def _check(hidden, weight, next_hidden, next_target_hidden, target_weight, actio
         if action_ids.ndim != 1 or action_ids.dtype.is_floating_point:
             raise ValueError(f"action_ids must be a 1-D integer tensor [A], got {action_ids.dtype} "
                              f"{tuple(action_ids.shape)}")
-        if n and (action_ids.min() < 0 or action_ids.max() >= weight.shape[0]):
-            raise ValueError(f"action_ids must index rows of weight [{weight.shape[0]}, d], got "
-                             f"{action_ids.tolist()}")
     elif argmax == "vocab":
         raise ValueError("argmax='vocab' needs the LM head [V, d] and action_ids [A]; with a dedicated Q-head "
                          "[A, d] use argmax='actions'")
-    if n and (actions.min() < 0 or actions.max() >= n_actions):
-        raise ValueError(f"actions must be in 0..{n_actions - 1}, got values in {int(actions.min())}.."
-                         f"{int(actions.max())}")
-    if n and seq_ids.min() < 0:
-        raise ValueError("seq_ids must be >= 0")
     if n == 0:
         raise ValueError("need at least one transition (N >= 1)")
+    if debug_checks(hidden):
+        _check_values(weight, actions, seq_ids, action_ids, n_actions)
+
+
+def _check_values(weight, actions, seq_ids, action_ids, n_actions) -> None:
+    """The checks that read tensor values: one device-to-host sync on CUDA, so they run only where
+    ``dispatch.debug_checks`` says (always on CPU tensors; on CUDA with ``ICRL_KERNELS_DEBUG=1``)."""
+    ids = action_ids if action_ids is not None else torch.zeros(1, dtype=torch.int64, device=actions.device)
+    bad = torch.stack([(ids < 0).any() | (ids >= weight.shape[0]).any(),
+                       (actions < 0).any() | (actions >= n_actions).any(), (seq_ids < 0).any()]).tolist()  # one sync
+    if bad[0]:
+        raise ValueError(f"action_ids must index rows of weight [{weight.shape[0]}, d], got {action_ids.tolist()}")
+    if bad[1]:
+        raise ValueError(f"actions must be in 0..{n_actions - 1}, got values in {int(actions.min())}.."
+                         f"{int(actions.max())}")
+    if bad[2]:
+        raise ValueError("seq_ids must be >= 0")
 
 
 def q_td_loss(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids, *,

@@ -1,7 +1,9 @@
 """Pure-torch reference of every icrl_kernels op: the CPU fallback and the test oracle (run it in float64).
 
 ``q_td_loss_reference`` computes exactly what the fused kernels compute, the plain way: it materialises the
-``[N, V]`` next-state logits for a full-vocabulary argmax and lets autograd produce the gradients.
+``[N, V]`` next-state logits for a full-vocabulary argmax and lets autograd produce the gradients. Nothing here
+reads a tensor's value on the host (no ``.item()``, ``int(t)``, ``torch.unique``): on CUDA a loss call queues its
+work and returns without waiting for the GPU (tests/kernels/test_q_td_loss.py counts that).
 """
 
 from __future__ import annotations
@@ -13,13 +15,30 @@ ARGMAX = ("actions", "vocab")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def sequence_mean(values: torch.Tensor, seq_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence mean of ``values [N]`` broadcast back to ``[N]``, and the count of each row's sequence."""
-    n_seq = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
-    sums = torch.zeros(n_seq, dtype=values.dtype, device=values.device).index_add_(0, seq_ids, values)
-    counts = torch.zeros(n_seq, dtype=values.dtype, device=values.device).index_add_(0, seq_ids,
-                                                                                      torch.ones_like(values))
-    return (sums / counts.clamp_min(1))[seq_ids], counts[seq_ids]
+def sequence_index(seq_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense sequence indices ``int64 [N]`` (``0 .. S-1`` in increasing ``seq_ids`` order) and the number of
+    sequences ``S`` as a 0-d int64 tensor -- without a device-to-host sync (a sort and a cumsum instead of
+    ``seq_ids.max()`` or ``torch.unique``, whose output sizes the host would have to read)."""
+    n = seq_ids.numel()
+    ids = seq_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(ids, stable=True)
+    ordered = ids[order]
+    first = torch.ones(n, dtype=torch.int64, device=ids.device)
+    first[1:] = (ordered[1:] != ordered[:-1]).to(torch.int64)
+    dense = torch.empty_like(ids)
+    dense[order] = torch.cumsum(first, 0) - 1
+    return dense, first.sum()
+
+
+def sequence_mean(values: torch.Tensor, seq_ids: torch.Tensor, index=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean of ``values [N]`` broadcast back to ``[N]``, and the count of each row's sequence
+    (``values``' dtype). No device-to-host sync: sequences are summed in an ``[N]`` buffer by dense index
+    (``index``: ``sequence_index(seq_ids)`` when the caller already has it)."""
+    dense, _ = sequence_index(seq_ids) if index is None else index
+    n = values.shape[0]
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, dense, values)
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, dense, torch.ones_like(values))
+    return (sums / counts.clamp_min(1))[dense], counts[dense]
 
 
 def safe_denominator(mean_y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,7 +57,7 @@ def elementwise_loss(diff: torch.Tensor, denom: torch.Tensor | None, loss: str, 
     return torch.where(a <= huber_delta, 0.5 * diff ** 2, huber_delta * (a - 0.5 * huber_delta))
 
 
-def reduce_loss(per_row: torch.Tensor, seq_ids: torch.Tensor, loss: str, reduction: str) -> torch.Tensor:
+def reduce_loss(per_row: torch.Tensor, seq_ids: torch.Tensor, loss: str, reduction: str, index=None) -> torch.Tensor:
     """``none``: ``[N]``; ``sum``: the sum; ``mean``: mean over rows, or for the paper's loss the mean over
     sequences of each sequence's mean (arXiv 2501.14176: a loss per sequence, averaged over the batch)."""
     if reduction == "none":
@@ -47,9 +66,9 @@ def reduce_loss(per_row: torch.Tensor, seq_ids: torch.Tensor, loss: str, reducti
         return per_row.sum()
     if loss != "paper":
         return per_row.mean()
-    _, counts = sequence_mean(per_row.detach(), seq_ids)
-    n_seq = torch.unique(seq_ids).numel()
-    return (per_row / counts).sum() / n_seq
+    index = sequence_index(seq_ids) if index is None else index
+    _, counts = sequence_mean(per_row.detach(), seq_ids, index)
+    return (per_row / counts).sum() / index[1].to(per_row.dtype)  # S is a tensor: dividing by it needs no sync
 
 
 def q_td_loss_reference(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids, *,

@@ -1,0 +1,167 @@
+"""Every Triton kernel of icrl_kernels compiles for Hopper (sm_90) without a GPU, in every dtype/argmax variant and
+every autotuning config, with the paper shape's specialisation (N 4,096, d 4,096, V 128,256) -- and without register
+spills (ptxas -v) or more shared memory than an H100/H200 block may use.
+
+Triton compiles for a ``GPUTarget`` with no driver (``triton.compile(ASTSource(...), target=...)``) down to PTX and
+a cubin (Triton's bundled ptxas); the resource usage comes from running that ptxas with ``-v`` on the PTX, since
+``CompiledKernel.n_regs``/``n_spills`` are filled only when a driver loads the cubin. The compile runs in a
+subprocess without ``TRITON_INTERPRET`` (the test session's kernels are interpreter functions, which cannot be
+compiled). Run alone: ``python tests/kernels/test_sm90_compile.py`` prints one JSON line per kernel variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = ("cuda", 90, 32)
+MAX_SHARED = 232_448  # bytes of shared memory one block may use on sm_90 (227 KiB, opt-in)
+PAPER = dict(N=4096, D=4096, V=128256, A=4)
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+
+
+def _ptxas():
+    """The ptxas Triton itself uses for sm_90 (its bundled one), else the one on PATH."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, AttributeError, TypeError):
+        import shutil
+
+        return shutil.which("ptxas")
+
+
+def _resources(ptx: str) -> dict:
+    """Registers, spill bytes and stack frame of one kernel from ``ptxas -v`` (sm_90a, as Triton compiles)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+        done = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"ptxas failed: {done.stderr[-500:]}")
+    log = done.stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
+    return {"regs": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
+
+
+def _compile(fn, types: dict, constexprs: dict, values: dict, num_warps: int) -> dict:
+    """Compile ``fn`` for sm_90 with runtime-argument ``types`` and the paper shape's ``values`` (ints divisible by
+    16 and every pointer get Triton's divisibility-16 specialisation, as a real launch there would)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            continue
+        if types[name].startswith("*") or (isinstance(values.get(name), int) and values[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget(*TARGET), options={"num_warps": num_warps})
+    out = _resources(kernel.asm["ptx"])
+    out["shared"] = int(kernel.metadata.shared)
+    return out
+
+
+def variants(include_control: bool = True):
+    """``(label, fn, types, constexprs, values, num_warps)`` for every kernel, variant and tuning config."""
+    import importlib
+
+    q = importlib.import_module("icrl_kernels.q_td_loss")
+    n, d, v, a = PAPER["N"], PAPER["D"], PAPER["V"], PAPER["A"]
+    tiles = -(-v // q.SPLIT_COLS)
+    n_splits = max(1, min(tiles, q.TARGET_PROGRAMS // -(-n // q.SPLIT_ROWS)))
+    v_per_split = -(-tiles // n_splits) * q.SPLIT_COLS
+    n_splits = -(-v // v_per_split)
+    ints = dict(stride_h=d, stride_w=d, stride_hn=d, stride_ht=d, stride_wt=d, stride_dh=d, n_splits=n_splits, N=n,
+                V=v, D=d, A=a, V_PER_SPLIT=v_per_split)
+    for dname, ptr in DTYPES.items():
+        variant = q.argmax_variant(getattr(__import__("torch"), {"fp32": "float32", "bf16": "bfloat16",
+                                                                  "fp16": "float16"}[dname]))
+        types = {k: "i32" for k in ints} | dict(h_ptr=ptr, w_ptr=ptr, part_max_ptr="*fp32", part_idx_ptr="*i32")
+        configs = list(q.ARGMAX_CONFIGS[variant])
+        if include_control and dname == "fp32":
+            configs.append((64, 128, 64, 4))  # the old fixed tiles: the check must see these spill
+        for bn, bv, bd, w in configs:
+            yield (f"vocab_argmax {dname} {variant} N{bn} V{bv} D{bd} w{w}", q._q_td_vocab_argmax_kernel, types,
+                   dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, IEEE=dname == "fp32"), ints, w)
+        types = {k: "i32" for k in ints} | dict(
+            h_ptr=ptr, hn_ptr=ptr, ht_ptr=ptr, w_ptr=ptr, wt_ptr=ptr, tok_ptr="*i64", next_tok_ptr="*i64",
+            action_ids_ptr="*i64", r_ptr="*fp32", done_ptr="*fp32", q_ptr="*fp32", y_ptr="*fp32", next_ptr="*i64",
+            gamma="fp32", reward_scale="fp32")
+        for argmax in ("actions", "vocab"):
+            for bn, bd, w in q.FWD_CONFIGS:
+                yield (f"fwd {dname} {argmax} N{bn} D{bd} w{w}", q._q_td_fwd_kernel, types,
+                       dict(VOCAB_ARGMAX=argmax == "vocab", BLOCK_N=bn, BLOCK_D=bd, BLOCK_A=16), ints, w)
+        types = {k: "i32" for k in ints} | dict(g_ptr="*fp32", w_ptr=ptr, tok_ptr="*i64", dh_ptr=ptr)
+        bn, bd, w = q.DHIDDEN_CONFIG
+        yield f"dhidden {dname} N{bn} D{bd} w{w}", q._q_td_dhidden_kernel, types, dict(BLOCK_N=bn, BLOCK_D=bd), ints, w
+
+
+def main() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(ROOT))  # a checkout without `pip install -e .`: icrl_kernels is kernels/
+    try:
+        import icrl_kernels  # noqa: F401
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("icrl_kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        sys.modules["icrl_kernels"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    for label, fn, types, constexprs, values, warps in variants():
+        try:
+            row = {"kernel": label, **_compile(fn, types, constexprs, values, warps)}
+        except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a result, reported by the test
+            row = {"kernel": label, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
+        print(json.dumps(row), flush=True)
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    """Compile everything once (one subprocess): ``{label: resources or error}``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is what the kernels get
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        pytest.fail(f"the sm_90 compile did not run: {done.stderr[-3000:]}")
+    return {r["kernel"]: r for r in rows}
+
+
+def test_sm90_every_kernel_variant_compiles(sm90):
+    errors = {k: r["error"] for k, r in sm90.items() if "error" in r}
+    assert not errors, f"kernels that do not compile for sm_90: {errors}"
+    kinds = {k.split()[0] for k in sm90}
+    assert kinds == {"vocab_argmax", "fwd", "dhidden"}
+    assert len(sm90) == len(list(variants()))
+
+
+def test_sm90_no_register_spills_and_shared_memory_fits(sm90):
+    """Spills (local-memory traffic from running out of the 255 registers) and over-large shared-memory tiles fail.
+    The old fixed 64/128/64 x 4-warp tiles in fp32 are the control: the check must see them spill."""
+    control = [r for k, r in sm90.items() if "N64 V128 D64 w4" in k and "fp32" in k]
+    assert control and control[0]["spill_stores"] > 0, "the spill check no longer sees a known spilling config"
+    bad = {k: r for k, r in sm90.items() if "error" not in r and r not in control
+           and (r["spill_stores"] or r["spill_loads"] or r["shared"] > MAX_SHARED or r["regs"] > 255)}
+    assert not bad, f"kernel configs that spill registers or overflow shared memory at sm_90: {bad}"
+    assert all(r["regs"] > 0 for r in sm90.values() if "error" not in r)  # ptxas -v was parsed
+
+
+if __name__ == "__main__":
+    main()
