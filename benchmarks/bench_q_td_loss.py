@@ -5,6 +5,10 @@ a 10 x 4,096 batch, d = 4,096, V = 128,256, full-vocabulary argmax, bf16) and at
 default from-scratch model: d = 128, the 78-token offline vocabulary). GPU targets (issue #4): >= 3x eager and
 >= 1.5x torch.compile, peak memory <= 10 % of eager's.
 
+Memory: the "peak memory" column is ``torch.cuda.max_memory_allocated()`` over the timed calls, inputs included
+(hidden states, LM head: held before the first call); a note per row splits it into the inputs and what the calls
+allocate on top. Memory outside PyTorch's caching allocator (cuBLAS/Triton workspaces) is not counted.
+
 On a CPU machine only the small shape runs, eager vs torch.compile: the Triton kernel's speed is a GPU matter
 (the CPU interpreter is a correctness tool) and the paper shape's eager logits alone are 21 GB in fp32.
 """
@@ -13,6 +17,7 @@ import gc
 
 import pytest
 import torch
+from conftest import add_note
 from icrl_kernels import q_td_loss, q_td_loss_reference
 
 SUITE = "q_td_loss"
@@ -65,9 +70,16 @@ def test_q_td_loss(benchmark, record, impl, shape, backward):
     step()  # compile / autotune / warm caches outside the timing
     gc.collect()
     if CUDA:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()  # the inputs (hidden states, LM head) and nothing of the calls
+        torch.cuda.reset_peak_memory_stats()  # the peak restarts at `held`
     benchmark.pedantic(step, rounds=10 if CUDA else 5, iterations=1)
     peak = torch.cuda.max_memory_allocated() if CUDA else None
     role = "reference" if impl != "triton" else "ours"
-    record(SUITE, f"{impl} ({'fwd+bwd' if backward else 'fwd'})", cfg["n"], "transitions/s",
-           f"{shape} {'fwd+bwd' if backward else 'fwd'}", role, peak_bytes=peak)
+    name = f"{impl} ({'fwd+bwd' if backward else 'fwd'})"
+    record(SUITE, name, cfg["n"], "transitions/s", f"{shape} {'fwd+bwd' if backward else 'fwd'}", role,
+           peak_bytes=peak)
+    if CUDA:
+        add_note(SUITE, f"{shape} {name}: peak allocated during the calls {peak / 2**20:,.0f} MiB = inputs "
+                        f"{held / 2**20:,.0f} MiB (held before the calls) + {(peak - held) / 2**20:,.0f} MiB the "
+                        f"calls themselves allocate (logits, gradients, workspace); PyTorch's caching allocator only")

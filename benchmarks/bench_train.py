@@ -69,15 +69,23 @@ def batch(slices: int, length: int, vocab: int, action_ids) -> dict[str, torch.T
                                               episode_return=ret).items()}
 
 
-def model_flops_per_token(qnet: QNetwork, length: int) -> float:
-    """Online forward + backward (activation grads; weight grads only when the weights train) + target forward,
-    plus attention (causal: L/2 keys on average)."""
+def model_flops_per_token(qnet: QNetwork, length: int, decisions_per_token: float) -> float:
+    """Model FLOPs per token of one train step, counting what runs (no recompute of gradient checkpointing: MFU, not
+    hardware FLOPs): the decoder layers' matmuls (2 FLOPs per weight of every Linear inside ``layers``) and attention
+    (causal: L/2 keys on average, QK^T and AV) in the online forward, the backward to the activations, the backward
+    to the weights when they train, and the target forward; the LM head only where it is applied: at the decision
+    points, as the next state's full-vocabulary argmax GEMM (``2 V d`` per decision, forward only) plus the ``q`` and
+    target readouts (``2 A d`` each, negligible). The embedding is a lookup (no FLOPs): the previous count took
+    every parameter, embedding and LM head included, as a matmul weight applied to every token (~15 % too many)."""
     base = qnet.model.get_base_model() if qnet.pretrained else qnet.model
-    n = sum(p.numel() for p in base.parameters())
     c = base.config
-    per_pass = 2 * n + 2 * c.num_hidden_layers * length * c.hidden_size  # matmuls + QK^T and AV over L/2 keys
+    layers = base.model.layers
+    matmul_weights = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    per_pass = 2 * matmul_weights + 2 * c.num_hidden_layers * length * c.hidden_size  # linears + QK^T, AV (L/2 keys)
     passes = 3 + (0 if qnet.pretrained else 1)  # fwd, bwd-activations, [bwd-weights], target fwd
-    return per_pass * passes
+    a = qnet.action_ids.numel()
+    head = decisions_per_token * 2 * c.hidden_size * (c.vocab_size + 2 * a)
+    return per_pass * passes + head
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -125,7 +133,8 @@ def test_train_step(benchmark, record, setup, impl):
     if CUDA:
         name = torch.cuda.get_device_name(0)
         peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        flops = model_flops_per_token(qnet, s["slice_len"]) * row["throughput"]
+        density = float(data["decision_mask"].float().mean())  # decisions per token (host read, outside timing)
+        flops = model_flops_per_token(qnet, s["slice_len"], density) * row["throughput"]
         mfu = f"{flops / peak_flops:.1%}" if peak_flops else "unknown peak"
         add_note(SUITE, f"{shape} {impl}: {flops / 1e12:.0f} TFLOP/s, MFU {mfu}, 956 optimizer steps in "
                         f"{956 * row['median_s'] / 60:.0f} min")
