@@ -45,6 +45,9 @@ class ProtocolConfig:
     ramp: str = field(default="paper", metadata={"help": "P(teacher) per episode: paper (the evaluation's ramp, "
                                                          "0.0 -> 1.0 over 20 episodes) or teacher (always)"})
     max_len: int = field(default=2048, metadata={"help": "contexts longer than this are cut (tokens)"})
+    noise: float = field(default=0.0, metadata={"help": "P(random action) at least this in every episode, the late "
+                                                        "ones too: contexts where a copied success is broken and the "
+                                                        "teacher's label says go back to it"})
     dagger: float = field(default=0.0, metadata={"help": "fraction of chunks the model itself plays (through the "
                                                          "rollout engine, same ramp), labelled by the teacher: DAgger"})
 
@@ -52,13 +55,17 @@ class ProtocolConfig:
         if min(self.pool_maps, self.episodes, self.contexts, self.bucket) < 1 or self.max_len < 8:
             raise ValueError(f"protocol needs pool_maps, episodes, contexts, bucket >= 1 and max_len >= 8, got "
                              f"{self.pool_maps}, {self.episodes}, {self.contexts}, {self.bucket}, {self.max_len}")
+        if not 0.0 <= self.noise < 1.0:
+            raise ValueError(f"protocol noise must be a probability below 1, got {self.noise}")
         if not 0.0 <= self.dagger <= 1.0:
             raise ValueError(f"protocol dagger must be a fraction in [0, 1], got {self.dagger}")
         if self.ramp not in ("paper", "teacher"):
             raise ValueError(f"protocol ramp must be paper or teacher, got {self.ramp!r}")
 
     def p_teacher(self) -> np.ndarray:
-        return paper_ramp(self.episodes) if self.ramp == "paper" else np.ones(self.episodes)
+        """P(the teacher acts) per episode: the ramp, capped at ``1 - noise``."""
+        ramp = paper_ramp(self.episodes) if self.ramp == "paper" else np.ones(self.episodes)
+        return np.minimum(ramp, 1.0 - self.noise)
 
 
 def exclude_maps(pool: MapBatch, excluded: MapBatch) -> MapBatch:

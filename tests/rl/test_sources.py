@@ -103,3 +103,12 @@ def test_dagger_chunks_are_the_models_own_protocol_contexts_labelled_by_the_teac
         np.testing.assert_array_equal(model_batch["label"][r][mask], teacher_labels(contexts_log(fmt, [ids])))
     with pytest.raises(ValueError, match="engine"):
         ProtocolSource(cfg, fmt, generate_maps(3, seed=0), seed=4).batch(step=2)
+
+
+def test_noise_caps_the_teachers_share_in_every_episode():
+    cfg = ProtocolConfig(episodes=30, noise=0.1)
+    p = cfg.p_teacher()
+    assert p[0] == 0.0 and p[19] == 0.9 and (p[20:] == 0.9).all()
+    assert (ProtocolConfig(episodes=30).p_teacher()[20:] == 1.0).all()
+    with pytest.raises(ValueError, match="noise"):
+        ProtocolConfig(noise=1.0).validate()
