@@ -98,14 +98,14 @@ def init_networks(source: Path, qnet: QNetwork) -> None:
         raise ValueError(f"cannot start from {source}: its networks do not match this model ({e})") from None
 
 
-def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int):
-    """The trained network, its format, the maps to evaluate (test split, or fresh 6-7 maps for ``ood``) and
-    the run's config."""
+def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str = "cpu"):
+    """The trained network (on ``device``), its format, the maps to evaluate (test split, or fresh 6-7 maps for
+    ``ood``) and the run's config."""
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
     ds = OfflineDataset.load(Path(cfg.data_path) if cfg.data_path else run_dir / "dataset", verify=False)
-    qnet = QNetwork(cfg.model, ds.format.vocab_size, ds.format.action_ids, seed=cfg.seed)
+    qnet = QNetwork(cfg.model, ds.format.vocab_size, ds.format.action_ids, device=device, seed=cfg.seed)
     if qnet.pretrained and (run_dir / "adapters").is_dir():
         qnet.load_adapters(run_dir / "adapters")  # the PEFT adapters of the finished run
     else:

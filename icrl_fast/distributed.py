@@ -40,10 +40,12 @@ class World:
             dist.barrier()
 
     def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over all processes (every rank gets it: a NaN anywhere stops every rank)."""
+        """The mean of a scalar over all processes (every rank gets it: a NaN anywhere stops every rank). The value
+        may live anywhere (a rollout's statistic is a CPU tensor): it is reduced on the collective's device, since
+        NCCL reduces CUDA tensors only."""
         if not self.distributed:
             return float(value.detach())
-        t = value.detach().float().reshape(1).clone()
+        t = value.detach().float().reshape(1).to(collective_device())
         dist.all_reduce(t)
         return float(t) / self.size
 
@@ -55,6 +57,14 @@ class World:
     def shard(self, indices: np.ndarray) -> np.ndarray:
         """This rank's share of a global batch (every ``size``-th item from ``rank``)."""
         return indices[self.rank:: self.size]
+
+
+def collective_device() -> torch.device:
+    """Where tensors handed to this process group's collectives must live: this process's GPU under NCCL, else the
+    CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world_size() -> int:

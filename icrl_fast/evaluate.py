@@ -23,9 +23,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from icrl_fast.checkpoint import load_run_for_eval
 from icrl_fast.data.formats import ContextFormat
-from icrl_fast.envs.maps import MapBatch
+from icrl_fast.envs.maps import MAPS, MapBatch
+from icrl_fast.experiments import imitation, non_stationary, stitching
 from icrl_fast.protocol import (EXPERIMENTS, OUTCOMES, EvalConfig, baselines, eval_result, make_ramp,  # noqa: F401
                                 paper_ramp, summary_rows, wilson)
 from icrl_fast.rl.rollout import RolloutEngine
@@ -113,8 +116,6 @@ def draw_trajectories(episode_paths, desc, path: Path, plt) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from icrl_fast.checkpoint import load_run_for_eval
-
     p = argparse.ArgumentParser(prog="python -m icrl_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run directory written by python -m icrl_fast.train")
     p.add_argument("--maps", type=int, default=50)
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="paper: P(model) 0.0 -> 1.0 over episodes 0-19; greedy: the model acts from episode 0")
     p.add_argument("--window", type=int, default=None, help="attend to the last WINDOW tokens (ring-buffer KV cache)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--out", default=None, help="output folder (default: the run directory for the paper protocol, "
                                                "else RUN/eval-EXPERIMENT[-greedy])")
     args = p.parse_args(argv)
@@ -138,32 +140,28 @@ def main(argv: list[str] | None = None) -> int:
         ecfg.validate()
         if args.maps < 1:
             raise ValueError(f"--maps must be >= 1, got {args.maps}")
-        qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps, device=device)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ecfg.maps = len(maps)
     extra = {"run": str(args.run)}
     if args.experiment == "non-stationary":
-        from icrl_fast.experiments import non_stationary
-
         switched = maps[np.roll(np.arange(len(maps)), 1)]  # each context moves on to another unseen map
-        result = non_stationary(qnet, fmt, maps, switched, ecfg, max_positions=cfg.model.max_positions,
-                                extra_config=extra, progress=True)
+        result = non_stationary(qnet, fmt, maps, switched, ecfg, device=device,
+                                max_positions=cfg.model.max_positions, extra_config=extra, progress=True)
     elif args.experiment == "stitching":
-        from icrl_fast.envs.maps import MAPS
-        from icrl_fast.experiments import stitching
-
         maps = MapBatch.from_descs([MAPS["stitching"]])
-        result = stitching(qnet, fmt, ecfg, extra_config=extra)
+        result = stitching(qnet, fmt, ecfg, device=device, extra_config=extra)
     elif args.experiment == "imitation":
-        from icrl_fast.experiments import imitation
-
-        result = imitation(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config=extra,
-                           progress=True)
+        result = imitation(qnet, fmt, maps, ecfg, device=device, max_positions=cfg.model.max_positions,
+                           extra_config=extra, progress=True)
     else:
-        result = evaluate(qnet, fmt, maps, ecfg, max_positions=cfg.model.max_positions, extra_config=extra,
-                          progress=True)
+        result = evaluate(qnet, fmt, maps, ecfg, device=device, max_positions=cfg.model.max_positions,
+                          extra_config=extra, progress=True)
     print("\n".join(summary_rows(result)))
     default = Path(args.run) if (args.experiment, args.ramp) == ("in-distribution", "paper") else \
         Path(args.run) / f"eval-{args.experiment}{'-greedy' if args.ramp == 'greedy' else ''}"

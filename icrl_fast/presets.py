@@ -103,8 +103,19 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (every process holds the model) or "
                                                          "fsdp (FSDP2 shards a pretrained model over the processes)"})
-    deterministic: bool = field(default=True, metadata={"help": "torch deterministic algorithms: bit-identical runs "
-                                                                "for a seed (measured: no slower on this CPU)"})
+    deterministic: str = field(default="auto", metadata={"help": "torch deterministic algorithms: auto (on for the "
+                                                              "CPU, where runs are then bit-identical for a seed and "
+                                                              "no slower; off on CUDA, where they warn and fill empty "
+                                                              "tensors with NaN), true or false"})
+
+
+def deterministic_on(setting, device: str) -> bool:
+    """Whether ``--deterministic`` (auto | true | false; a bool from an older config.json) turns torch's deterministic
+    algorithms on for ``device``."""
+    value = {"true": True, "false": False, "auto": None}.get(str(setting).lower(), "bad")
+    if value == "bad":
+        raise ValueError(f"--deterministic must be auto, true or false, got {setting!r}")
+    return (not str(device).startswith("cuda")) if value is None else value
 
 
 def preset(name: str) -> TrainConfig:

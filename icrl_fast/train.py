@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
 from icrl_fast.data.dataset import OfflineDataset, build_dataset
 from icrl_fast.evaluate import evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import SHARD_NEEDS_PRETRAINED, ModelConfig, QNetwork  # noqa: F401  (ModelConfig: tests)
-from icrl_fast.presets import PRESETS, OnlineConfig, OptimConfig, TrainConfig, preset  # noqa: F401
+from icrl_fast.presets import PRESETS, OnlineConfig, OptimConfig, TrainConfig, deterministic_on, preset  # noqa: F401
 from icrl_fast.rl.dqn import dqn_loss
 from icrl_fast.rl.objectives import Objectives
 from icrl_fast.rl.replay import ContextReplay
@@ -52,9 +53,11 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     (networks, optimiser, objectives; restored on resume) -> the context source -> the loop -> save and evaluate."""
     check_config(cfg)
     world, device = distributed.setup(resolve_device(cfg.device))
-    # Without this, multithreaded backward accumulations made two runs of the default model differ by ~1e-7 after
-    # 6 steps (5e-5 after 300); the small smoke model happened to stay exact. On CUDA: warn, never fail.
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=device != "cpu")
+    # On the CPU, without this, multithreaded backward accumulations made two runs of the default model differ by ~1e-7
+    # after 6 steps (5e-5 after 300). On CUDA it is opt-in (--deterministic true): cuBLAS then needs a fixed workspace.
+    if deterministic_on(cfg.deterministic, device) and device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic_on(cfg.deterministic, device), warn_only=device != "cpu")
     progress = progress and world.main
     ds = prepare_data(cfg, run_dir, world, progress)
     fmt = ds.format
@@ -178,6 +181,7 @@ def check_config(cfg: TrainConfig) -> None:
     joining the process group, so every rank fails fast)."""
     for part in (cfg.dqn, cfg.optim, cfg.objective, cfg.eval):
         part.validate()
+    deterministic_on(cfg.deterministic, "cpu")  # a bad value fails here, before any work
     if cfg.mode not in ("offline", "protocol", "online"):
         raise ValueError(f"mode must be offline, protocol or online, got {cfg.mode!r}")
     if cfg.mode != "protocol" and (cfg.objective.imitation or cfg.objective.observation):

@@ -75,3 +75,24 @@ def test_online_mode_under_torchrun_rolls_out_per_rank_and_resumes(tmp_path):
     torch.testing.assert_close(torch.tensor(losses(half)), torch.tensor(losses(full)), rtol=1e-5, atol=1e-6)
     for k, v in weights(half).items():
         torch.testing.assert_close(v, w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpu_statistic_is_reduced_on_the_collectives_device(monkeypatch):
+    """Online rollouts report their success as a CPU tensor; under NCCL it must reach the all-reduce on the GPU."""
+    import torch
+
+    from icrl_fast import distributed
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(distributed.torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
+    seen = []
+    monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("meta"))  # stands in for a GPU here
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: seen.append(t.device))
+    with pytest.raises(RuntimeError, match="meta"):  # float() of a meta tensor: the reduce itself was reached
+        distributed.World(rank=0, size=2).mean(torch.tensor(0.5))
+    assert seen == [torch.device("meta")]
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    monkeypatch.undo()
+    assert distributed.collective_device() == torch.device("cpu")

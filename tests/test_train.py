@@ -42,6 +42,11 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     greedy = json.loads((run / "eval-in-distribution-greedy" / "eval.json").read_text())
     assert greedy["config"]["ramp"] == [1.0, 1.0, 1.0] and greedy["num_maps"] == 3
     assert evaluate_main([str(tmp_path / "nothing")]) == 2
+    if not torch.cuda.is_available():  # --device: a clear error where there is no GPU, never a deep traceback
+        assert evaluate_main([str(run), "--maps", "2", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert evaluate_main([str(run), "--maps", "2", "--episodes", "2", "--device", "cpu", "--out",
+                          str(tmp_path / "cpu")]) == 0
 
 
 def interrupted_and_resumed(cfg, tmp_path, monkeypatch, at: int):
@@ -216,3 +221,11 @@ def test_the_cosine_schedule_warms_up_then_falls_to_its_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[10] == 1.0
     assert all(x >= y for x, y in zip(factors[10:], factors[11:])) and factors[-1] == pytest.approx(0.1, abs=1e-3)
     assert T.OptimConfig(steps=110, warmup_steps=10).lr_factor(100) == 1.0  # constant: the paper's
+
+
+def test_deterministic_algorithms_are_on_for_the_cpu_and_opt_in_on_cuda(tmp_path, capsys):
+    assert T.deterministic_on("auto", "cpu") and not T.deterministic_on("auto", "cuda:1")
+    assert T.deterministic_on("true", "cuda") and not T.deterministic_on("false", "cpu")
+    assert T.deterministic_on(True, "cuda")  # a bool from an older config.json
+    assert T.main(["--preset", "smoke", "--deterministic", "maybe", "--out", str(tmp_path / "r")]) == 2
+    assert "--deterministic must be auto, true or false" in capsys.readouterr().err
