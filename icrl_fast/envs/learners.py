@@ -108,25 +108,57 @@ def _greedy(q, b, s, st):
 
 
 @njit(inline="always", cache=True)
+def pick_from_mask(mask, st):
+    """Uniform among the set bits of ``mask`` (1..15); returns ``(state, action)``."""
+    n = 0
+    for a in range(4):
+        if (mask >> a) & 1:
+            n += 1
+    st, z = next_u64(st)
+    k = np.int64(z % np.uint64(n))
+    for a in range(4):
+        if (mask >> a) & 1:
+            if k == 0:
+                return st, np.int64(a)
+            k -= 1
+    return st, np.int64(0)
+
+
+@njit(inline="always", cache=True)
 def _copier_action(winner, avoid, b, s, st):
     """The copier's action at ``s``: the last successful episode's (``winner[b, s] >= 0``), else uniform among the
     actions not known to end in a hole or bump a wall (all four if none is left); returns ``(state, action)``."""
     if winner[b, s] >= 0:
         return st, np.int64(winner[b, s])
-    n_ok = 0
+    ok = np.int64(0)
     for a in range(4):
         if not avoid[b, s, a]:
-            n_ok += 1
-    st, z = next_u64(st)
-    if n_ok == 0:
-        return st, np.int64(z & np.uint64(3))
-    k = np.int64(z % np.uint64(n_ok))
-    for a in range(4):
-        if not avoid[b, s, a]:
-            if k == 0:
-                return st, np.int64(a)
-            k -= 1
-    return st, np.int64(0)
+            ok |= np.int64(1) << a
+    return pick_from_mask(ok if ok else np.int64(15), st)
+
+
+@njit(inline="always", cache=True)
+def _move(tiles, b, nrow, w, s, a, slippery, success_rate, reward_of_tile, st):
+    """One step of the env from observation ``s`` with action ``a`` (a slip drawn first when slippery); returns
+    ``(state, s2, reward, done)``."""
+    branch = 1
+    if slippery:
+        st, u = next_uniform(st)
+        branch = slip_branch(u, slippery, success_rate)
+    r = s // w
+    r2, c2, tile, from_terminal = transition(tiles, b, nrow, w, r, s - r * w, a, branch)
+    reward, done = landing(tile, from_terminal, reward_of_tile)
+    return st, r2 * w + c2, reward, done
+
+
+@njit(inline="always", cache=True)
+def _summarise(ep_len, ep_ret, ep_term, ep_trunc, ep_final, b, e, length, ret, terminated, truncated, final):
+    """Write episode ``e`` of map ``b``'s summary into the per-episode logs."""
+    ep_len[b, e] = length
+    ep_ret[b, e] = ret
+    ep_term[b, e] = terminated
+    ep_trunc[b, e] = truncated
+    ep_final[b, e] = final
 
 
 NO_UPDATE, Q_LEARNING, COPIER = 0, 1, 2  # what _learn_kernel's acting policy learns from its episodes
@@ -159,14 +191,7 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
                     st, a = _copier_action(winner, avoid, b, s, st)
                 else:
                     st, a = _greedy(q, b, s, st)
-                branch = 1
-                if slippery:
-                    st, u = next_uniform(st)
-                    branch = slip_branch(u, slippery, success_rate)
-                r = s // w
-                r2, c2, tile, from_terminal = transition(tiles, b, nrow[b], w, r, s - r * w, a, branch)
-                s2 = r2 * w + c2
-                reward, done = landing(tile, from_terminal, reward_of_tile)
+                st, s2, reward, done = _move(tiles, b, nrow[b], w, s, a, slippery, success_rate, reward_of_tile, st)
                 t += 1
                 obs_log[b, cursor] = s
                 act_log[b, cursor] = a
@@ -191,12 +216,32 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
                         if done and reward > 0.0:  # following each state's last exit replays it without loops
                             winner[b, :] = current
                         current[:] = -1
-                    ep_len[b, e] = t
-                    ep_ret[b, e] = ret
-                    ep_term[b, e] = done
-                    ep_trunc[b, e] = t >= max_steps
-                    ep_final[b, e] = s
+                    _summarise(ep_len, ep_ret, ep_term, ep_trunc, ep_final, b, e, t, ret, done, t >= max_steps, s)
                     break
+
+
+def _log_buffers(n: int, episodes: int, max_steps: int) -> tuple[list, list]:
+    """Per-map step logs ``[obs int16, actions int8, rewards float32]`` of ``[n, episodes * max_steps]`` (untouched
+    pages cost nothing: only logged steps are written) and per-episode logs ``[length, return, terminated,
+    truncated, final_obs]`` of ``[n, episodes]``, in the kernels' argument order."""
+    cap = episodes * max_steps
+    steps = [np.empty((n, cap), dtype=np.int16), np.empty((n, cap), dtype=np.int8), np.empty((n, cap), np.float32)]
+    eps = [np.empty((n, episodes), dtype=np.int32), np.empty((n, episodes), dtype=np.float32),
+           np.empty((n, episodes), dtype=np.bool_), np.empty((n, episodes), dtype=np.bool_),
+           np.empty((n, episodes), dtype=np.int16)]
+    return steps, eps
+
+
+def _episode_log(steps: list, eps: list) -> tuple[EpisodeLog, np.ndarray]:
+    """The :class:`EpisodeLog` of filled ``_log_buffers``, and the mask of the step buffers' logged entries."""
+    (obs, actions, rewards), (length, returns, term, trunc, final) = steps, eps
+    n, episodes = length.shape
+    keep = np.arange(obs.shape[1])[None, :] < length.sum(axis=1)[:, None]
+    start = np.concatenate([[0], np.cumsum(length.ravel())[:-1]]).astype(np.int64)
+    log = EpisodeLog(obs=obs[keep], actions=actions[keep], rewards=rewards[keep],
+                     map_id=np.repeat(np.arange(n, dtype=np.int32), episodes), start=start, length=length.ravel(),
+                     returns=returns.ravel(), terminated=term.ravel(), truncated=trunc.ravel(), final_obs=final.ravel())
+    return log, keep
 
 
 def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slippery: bool,
@@ -205,32 +250,18 @@ def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slipper
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
     cfg.validate()
     success_rate, reward_of_tile, _ = validate_dynamics(success_rate, reward_schedule, cfg.max_episode_steps)
-    n, e_count, cap = len(maps), cfg.episodes, cfg.episodes * cfg.max_episode_steps
+    n, e_count = len(maps), cfg.episodes
     cells = maps.tiles.shape[1] * maps.tiles.shape[2]
     q = np.zeros((n, cells, 4), dtype=np.float64)
     winner = np.full((n, cells), -1, dtype=np.int8)
     avoid = np.zeros((n, cells, 4), dtype=np.bool_)
-    obs_log = np.empty((n, cap), dtype=np.int16)  # untouched pages cost nothing: only logged steps are written
-    act_log = np.empty((n, cap), dtype=np.int8)
-    rew_log = np.empty((n, cap), dtype=np.float32)
-    ep_len = np.empty((n, e_count), dtype=np.int32)
-    ep_ret = np.empty((n, e_count), dtype=np.float32)
-    ep_term = np.empty((n, e_count), dtype=np.bool_)
-    ep_trunc = np.empty((n, e_count), dtype=np.bool_)
-    ep_final = np.empty((n, e_count), dtype=np.int16)
+    steps, eps = _log_buffers(n, e_count, cfg.max_episode_steps)
     eps_decay = int(cfg.epsilon_decay_episodes)
     _learn_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), e_count,
                   cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma), float(cfg.epsilon_start),
                   float(cfg.epsilon_end), eps_decay, learn, bool(is_slippery), success_rate, reward_of_tile, q,
-                  winner, avoid, obs_log, act_log, rew_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final)
-    steps_per_map = ep_len.sum(axis=1)
-    keep = np.arange(cap)[None, :] < steps_per_map[:, None]
-    start = np.concatenate([[0], np.cumsum(ep_len.ravel())[:-1]]).astype(np.int64)
-    log = EpisodeLog(obs=obs_log[keep], actions=act_log[keep], rewards=rew_log[keep],
-                     map_id=np.repeat(np.arange(n, dtype=np.int32), e_count), start=start,
-                     length=ep_len.ravel(), returns=ep_ret.ravel(), terminated=ep_term.ravel(),
-                     truncated=ep_trunc.ravel(), final_obs=ep_final.ravel())
-    return log, q
+                  winner, avoid, *steps, *eps)
+    return _episode_log(steps, eps)[0], q
 
 
 def q_learning(maps: MapBatch, config: QLearningConfig = QLearningConfig(), *, seed: int, is_slippery: bool = False,
@@ -330,23 +361,6 @@ def teacher_choices(winner, tried, avoid, s):
 
 
 @njit(inline="always", cache=True)
-def pick_from_mask(mask, st):
-    """Uniform among the set bits of ``mask`` (1..15); returns ``(state, action)``."""
-    n = 0
-    for a in range(4):
-        if (mask >> a) & 1:
-            n += 1
-    st, z = next_u64(st)
-    k = np.int64(z % np.uint64(n))
-    for a in range(4):
-        if (mask >> a) & 1:
-            if k == 0:
-                return st, np.int64(a)
-            k -= 1
-    return st, np.int64(0)
-
-
-@njit(inline="always", cache=True)
 def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended):
     """Fold step ``s --a--> s2`` (``reward``, ``done``: terminated; ``ended``: the episode ends here, terminated or
     cut; ``s2`` is not read when it does) into the teacher's knowledge."""
@@ -387,14 +401,7 @@ def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_s
                 else:
                     st, z = next_u64(st)
                     a = np.int64(z & np.uint64(3))
-                branch = 1
-                if slippery:
-                    st, u = next_uniform(st)
-                    branch = slip_branch(u, slippery, success_rate)
-                r = s // w
-                r2, c2, tile, from_terminal = transition(tiles, b, nrow[b], w, r, s - r * w, a, branch)
-                s2 = r2 * w + c2
-                reward, done = landing(tile, from_terminal, reward_of_tile)
+                st, s2, reward, done = _move(tiles, b, nrow[b], w, s, a, slippery, success_rate, reward_of_tile, st)
                 t += 1
                 obs_log[b, cursor] = s
                 act_log[b, cursor] = a
@@ -406,11 +413,7 @@ def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_s
                 teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended)
                 s = s2
                 if ended:
-                    ep_len[b, e] = t
-                    ep_ret[b, e] = ret
-                    ep_term[b, e] = done
-                    ep_trunc[b, e] = t >= max_steps
-                    ep_final[b, e] = s
+                    _summarise(ep_len, ep_ret, ep_term, ep_trunc, ep_final, b, e, t, ret, done, t >= max_steps, s)
                     break
 
 
@@ -432,27 +435,13 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
     if max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
     success_rate, reward_of_tile, _ = validate_dynamics(success_rate, reward_schedule, max_episode_steps)
-    n, e_count = len(maps), p_teacher.size
-    cap = e_count * max_episode_steps
-    obs_log = np.empty((n, cap), dtype=np.int16)
-    act_log = np.empty((n, cap), dtype=np.int8)
-    rew_log = np.empty((n, cap), dtype=np.float32)
-    lab_log = np.empty((n, cap), dtype=np.uint8)
-    ep_len = np.empty((n, e_count), dtype=np.int32)
-    ep_ret = np.empty((n, e_count), dtype=np.float32)
-    ep_term = np.empty((n, e_count), dtype=np.bool_)
-    ep_trunc = np.empty((n, e_count), dtype=np.bool_)
-    ep_final = np.empty((n, e_count), dtype=np.int16)
+    n = len(maps)
+    steps, eps = _log_buffers(n, p_teacher.size, max_episode_steps)
+    labels = np.empty_like(steps[0], dtype=np.uint8)
     _protocol_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), p_teacher,
-                     int(max_episode_steps), bool(is_slippery), success_rate, reward_of_tile, obs_log, act_log,
-                     rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final)
-    keep = np.arange(cap)[None, :] < ep_len.sum(axis=1)[:, None]
-    start = np.concatenate([[0], np.cumsum(ep_len.ravel())[:-1]]).astype(np.int64)
-    log = EpisodeLog(obs=obs_log[keep], actions=act_log[keep], rewards=rew_log[keep],
-                     map_id=np.repeat(np.arange(n, dtype=np.int32), e_count), start=start, length=ep_len.ravel(),
-                     returns=ep_ret.ravel(), terminated=ep_term.ravel(), truncated=ep_trunc.ravel(),
-                     final_obs=ep_final.ravel())
-    return log, lab_log[keep]
+                     int(max_episode_steps), bool(is_slippery), success_rate, reward_of_tile, *steps, labels, *eps)
+    log, keep = _episode_log(steps, eps)
+    return log, labels[keep]
 
 
 @njit(cache=True)
