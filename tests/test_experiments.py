@@ -130,3 +130,35 @@ def test_experiments_from_the_command_line(tmp_path, capsys):
     pm = {"success": [[0, 1, 0], [0, 0, 0]], "hole": [[1, 0, 0], [0, 1, 0]], "truncated": [[0, 0, 1], [1, 0, 1]]}
     assert failures({"per_map": pm}) == {"failed": 5, "hole": 2, "loop": 3, "never_saw_goal": 4}
     assert failures({"per_map": pm, "stitching": {}})["never_saw_goal"] == 0
+
+
+def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path):
+    import dataclasses
+
+    from icrl_fast.presets import preset
+    from icrl_fast.report import main as report_main
+    from icrl_fast.report import training
+
+    run = tmp_path / "e9-noise"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(preset("default"))))
+    records = [{"step": 50, "perf/tokens": 200_000, "perf/tokens_per_s": 5_000.0},
+               {"step": 100, "perf/tokens": 500_000, "perf/tokens_per_s": 10_000.0}]  # 40 s + 30 s of training
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    curve = [0.1] * 2 + [0.2] * 18 + [0.5] * 10
+    (run / "eval.json").write_text(json.dumps({
+        "experiment": "in-distribution", "num_maps": 50, "episodes": 30, "success_rate": curve, "ci95": [[0, 1]] * 30,
+        "baselines": {"random": [0.1] * 30, "tabular_q": [0.45] * 30, "optimal": [1.0] * 30},
+        "config": {"eval": {"ramp": "paper"}, "ramp": [1.0] * 30}}))
+    row = training(run)
+    assert row["steps"] == 100 and row["tokens"] == 500_000 and row["minutes"] == pytest.approx(70 / 60)
+    assert (row["early"], row["mid"], row["late"]) == pytest.approx((0.1, 0.2, 0.5))
+    assert row["objectives"] == "imitation 1 + observation 0.5" and row["model"] == "2x128"
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- report:start -->\n<!-- report:end -->\nb\n<!-- training:start -->\nold\n"
+                      "<!-- training:end -->\nc\n")
+    assert report_main([str(run), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| e9-noise | protocol | imitation 1 + observation 0.5 | 2x128 |" in text
+    assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
+    assert training(tmp_path) is None  # not a run directory
