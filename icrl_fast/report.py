@@ -134,7 +134,9 @@ def training(run: Path) -> dict | None:
     if cfg.get("dqn", {}).get("cql"):
         parts.append(f"cql {cfg['dqn']['cql']:g}")
     s, base = ev["success_rate"], ev["baselines"]
-    return {"run": run.name, "mode": cfg["mode"], "objectives": " + ".join(parts),
+    noise = cfg.get("protocol", {}).get("noise", 0.0) if cfg["mode"] == "protocol" else 0.0
+    return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else ""),
+            "objectives": " + ".join(parts),
             "model": f"{model['layers']}x{model['hidden_size']}",
             "lr": f"{optim['lr']:g} {optim.get('schedule', 'constant')}",
             "steps": recs[-1]["step"] if recs else 0, "tokens": last_tokens, "minutes": seconds / 60,
