@@ -153,12 +153,12 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     row = training(run)
     assert row["steps"] == 100 and row["tokens"] == 500_000 and row["minutes"] == pytest.approx(70 / 60)
     assert (row["early"], row["mid"], row["late"]) == pytest.approx((0.1, 0.2, 0.5))
-    assert row["objectives"] == "imitation 1 + observation 0.5" and row["model"] == "2x128"
+    assert row["objectives"] == "td 1 + imitation 1 + observation 0.5" and row["model"] == "2x128"
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- report:start -->\n<!-- report:end -->\nb\n<!-- training:start -->\nold\n"
                       "<!-- training:end -->\nc\n")
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text and "| e9-noise | protocol | imitation 1 + observation 0.5 | 2x128 |" in text
+    assert "old" not in text and "| e9-noise | protocol | td 1 + imitation 1 + observation 0.5 | 2x128 |" in text
     assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
     assert training(tmp_path) is None  # not a run directory
