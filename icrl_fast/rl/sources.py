@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from icrl_fast.data.formats import (ContextFormat, decode, encode_episodes, episode_token_lengths, pad_token,
-                                    token_contract)
+from icrl_fast.data.formats import ContextFormat, decode, encode_episodes, pad_token, token_contract
 from icrl_fast.envs.learners import EpisodeLog, play_protocol, teacher_labels
 from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
@@ -172,12 +171,9 @@ class ProtocolSource:
         else:
             log, labels = play_protocol(maps, self.p_teacher, seed=seed)
         ids, ep_of_token = encode_episodes(fmt, log, np.arange(log.num_episodes))
-        tok_len = episode_token_lengths(fmt, log.obs, log.length, log.start, log.rewards,
-                                        log.truncated & ~log.terminated)
-        per_map_tokens = np.bincount(log.map_id, weights=tok_len, minlength=n).astype(np.int64)
-        tok_start = np.concatenate([[0], np.cumsum(per_map_tokens)])
-        step_start = np.concatenate([[0], np.cumsum(np.bincount(log.map_id, weights=log.length, minlength=n))])
-        step_start = step_start.astype(np.int64)
+        first_ep = np.searchsorted(log.map_id, np.arange(n + 1))  # map b's episodes: first_ep[b] .. first_ep[b+1]
+        tok_start = np.searchsorted(ep_of_token, first_ep)  # episode indices per token are in play order
+        step_start = np.append(log.start, log.obs.shape[0])[first_ep]
         contexts = []
         for b in range(n):
             row = ids[tok_start[b]: tok_start[b + 1]][: cfg.max_len]
