@@ -135,6 +135,8 @@ def training(run: Path) -> dict | None:
         parts.append(f"cql {cfg['dqn']['cql']:g}")
     s, base = ev["success_rate"], ev["baselines"]
     noise = cfg.get("protocol", {}).get("noise", 0.0) if cfg["mode"] == "protocol" else 0.0
+    point = run / "train_point.json"  # a run sized to a wall-clock budget on a lent GPU (benchmarks/gpu/train_point.py)
+    device = json.loads(point.read_text())["device"] if point.is_file() else "CPU"
     return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else ""),
             "objectives": " + ".join(parts),
             "model": f"{model['layers']}x{model['hidden_size']}",
@@ -142,16 +144,17 @@ def training(run: Path) -> dict | None:
             "steps": recs[-1]["step"] if recs else 0, "tokens": last_tokens, "minutes": seconds / 60,
             "tok_s": last_tokens / seconds if seconds else float("nan"), "early": _mean(s, 0, 2),
             "mid": _mean(s, 10, 20), "late": _mean(s, 20, 30), "tabular_q": _mean(base["tabular_q"], 20, 30),
-            "random": _mean(base["random"], 20, 30), "ramp": ev["config"].get("eval", {}).get("ramp", "paper")}
+            "random": _mean(base["random"], 20, 30), "ramp": ev["config"].get("eval", {}).get("ramp", "paper"),
+            "device": device}
 
 
 def training_table(rows: list[dict]) -> list[str]:
     out = ["| run | source | objectives | model | lr | steps | tokens | train min | tok/s | episodes 0-1 | 10-19 | "
-           "**20-29** | tabular Q 20-29 |", "|" + " --- |" * 13]
+           "**20-29** | tabular Q 20-29 | device |", "|" + " --- |" * 14]
     for r in rows:
         out.append(f"| {r['run']} | {r['mode']} | {r['objectives']} | {r['model']} | {r['lr']} | {r['steps']:,} | "
                    f"{r['tokens'] / 1e6:.1f} M | {r['minutes']:.1f} | {r['tok_s']:,.0f} | {r['early']:.2f} | "
-                   f"{r['mid']:.2f} | **{r['late']:.2f}** | {r['tabular_q']:.2f} |")
+                   f"{r['mid']:.2f} | **{r['late']:.2f}** | {r['tabular_q']:.2f} | {r['device']} |")
     return out
 
 
@@ -164,7 +167,9 @@ def compute_figure(rows: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, r in enumerate(rows):
-        ax.plot(r["tokens"] / 1e6, r["late"], "o", color=f"C{i % 10}", label=f"{r['run']} ({r['minutes']:.0f} min)")
+        where = "" if r["device"] == "CPU" else f", {r['device']}"
+        ax.plot(r["tokens"] / 1e6, r["late"], "o", color=f"C{i % 10}",
+                label=f"{r['run']} ({r['minutes']:.1f} min{where})")
     if rows:
         ax.axhline(rows[0]["tabular_q"], color="k", ls="-.", lw=1, label="tabular Q from scratch")
         ax.axhline(0.8, color="C3", ls=":", lw=1, label="the bar (0.8)")

@@ -161,4 +161,7 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     text = readme.read_text()
     assert "old" not in text and "| e9-noise | protocol | td 1 + imitation 1 + observation 0.5 | 2x128 |" in text
     assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
+    assert row["device"] == "CPU" and "| 0.45 | CPU |" in text
+    (run / "train_point.json").write_text(json.dumps({"device": "NVIDIA H200"}))  # sized on a lent GPU
+    assert training(run)["device"] == "NVIDIA H200"
     assert training(tmp_path) is None  # not a run directory
