@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "frozen_lake.h"
 
 #ifdef ICRL_WITH_CUDA
@@ -27,16 +29,32 @@ namespace {
 
 using at::Tensor;
 
+// Error messages stream strings only: numbers, shapes, devices and dtypes are formatted here first. On the lent
+// H200 (2026-11-30) the JIT build used the image's newer g++ (/opt/gcc) while Python had loaded an older
+// libstdc++, and streaming an integer into a TORCH_CHECK message (basic_ostream::_M_insert<long>, instantiated in
+// this library from the newer headers) segfaulted instead of raising. std::to_string needs no stream, and string
+// insertion resolves to the loaded libstdc++. tests/envs/test_ext.py keeps every message to these helpers.
+std::string num(int64_t v) { return std::to_string(v); }
+std::string num(double v) { return std::to_string(v); }
+std::string shape(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+std::string dev(const at::Device& d) { return d.str(); }
+const char* type(at::ScalarType t) { return c10::toString(t); }
+
 void check(const Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, const Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), "icrl: ", name, " must be on ", like.device(), " like the other inputs, "
-              "got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "icrl: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, "icrl: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "icrl: ", name, " must be on ", dev(like.device()),
+              " like the other inputs, got ", dev(t.device()));
+  TORCH_CHECK(t.scalar_type() == dtype, "icrl: ", name, " must be ", type(dtype), ", got ", type(t.scalar_type()));
+  TORCH_CHECK(t.dim() == dim, "icrl: ", name, " must have ", num(dim), " dimensions, got shape ", shape(t.sizes()));
   TORCH_CHECK(t.is_contiguous(), "icrl: ", name, " must be contiguous");
 }
 
 void check_len(const Tensor& t, const char* name, int64_t n) {
-  TORCH_CHECK(t.size(0) == n, "icrl: ", name, " must have ", n, " rows (one per env), got shape ", t.sizes());
+  TORCH_CHECK(t.size(0) == n, "icrl: ", name, " must have ", num(n), " rows (one per env), got shape ",
+              shape(t.sizes()));
 }
 
 icrl::Batch batch(const Tensor& tiles, const Tensor& nrow, const Tensor& ncol, const Tensor& starts,
@@ -52,7 +70,7 @@ icrl::Batch batch(const Tensor& tiles, const Tensor& nrow, const Tensor& ncol, c
   for (auto [t, name] : {std::pair{&nrow, "nrow"}, {&ncol, "ncol"}, {&starts, "starts"}, {&n_starts, "n_starts"},
                          {&rng, "rng"}})
     check_len(*t, name, B);
-  TORCH_CHECK(pos.size(0) == 4 && pos.size(1) == B, "icrl: pos must be [4, ", B, "], got ", pos.sizes());
+  TORCH_CHECK(pos.size(0) == 4 && pos.size(1) == B, "icrl: pos must be [4, ", num(B), "], got ", shape(pos.sizes()));
   return {tiles.data_ptr<uint8_t>(), nrow.data_ptr<int32_t>(), ncol.data_ptr<int32_t>(), starts.data_ptr<int32_t>(),
           n_starts.data_ptr<int32_t>(), tiles.size(1), tiles.size(2), starts.size(1), pos.data_ptr<int32_t>(),
           reinterpret_cast<uint64_t*>(rng.data_ptr<int64_t>()), B};
@@ -75,11 +93,13 @@ icrl::StepOut outputs(Tensor& obs, Tensor& reward, Tensor& terminated, Tensor& t
 
 icrl::Dynamics dynamics(bool slippery, double success_rate, at::ArrayRef<double> rewards, int64_t max_steps,
                         int64_t mode) {
-  TORCH_CHECK(rewards.size() == 3, "icrl: rewards must be (goal, hole, other), got ", rewards.size(), " numbers");
-  TORCH_CHECK(success_rate >= 0.0 && success_rate <= 1.0, "icrl: success_rate must be in [0, 1], got ", success_rate);
+  TORCH_CHECK(rewards.size() == 3, "icrl: rewards must be (goal, hole, other), got ",
+              num(static_cast<int64_t>(rewards.size())), " numbers");
+  TORCH_CHECK(success_rate >= 0.0 && success_rate <= 1.0, "icrl: success_rate must be in [0, 1], got ",
+              num(success_rate));
   TORCH_CHECK(mode >= icrl::NEXT_STEP && mode <= icrl::DISABLED, "icrl: mode must be 0 (next step), 1 (same step) "
-              "or 2 (disabled), got ", mode);
-  TORCH_CHECK(max_steps >= 0, "icrl: max_steps must be >= 0 (0: no limit), got ", max_steps);
+              "or 2 (disabled), got ", num(mode));
+  TORCH_CHECK(max_steps >= 0, "icrl: max_steps must be >= 0 (0: no limit), got ", num(max_steps));
   return {slippery, success_rate, {rewards[2], rewards[2], rewards[1], rewards[0]}, max_steps, mode};
 }
 
@@ -100,10 +120,10 @@ void step(const Tensor& actions, const Tensor& tiles, const Tensor& nrow, const 
     return;
   }
 #endif
-  TORCH_CHECK(tiles.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", tiles.device());
+  TORCH_CHECK(tiles.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", dev(tiles.device()));
   for (int64_t i = 0; i < b.B; ++i)
-    TORCH_CHECK(a[i] >= 0 && a[i] <= 3, "icrl: actions must be in 0..3 (left, down, right, up); env ", i, " got ",
-                a[i]);
+    TORCH_CHECK(a[i] >= 0 && a[i] <= 3, "icrl: actions must be in 0..3 (left, down, right, up); env ", num(i),
+                " got ", num(a[i]));
   at::parallel_for(0, b.B, 2048, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) icrl::step_one(b, d, i, a[i], o);
   });
@@ -124,7 +144,7 @@ void reset(const Tensor& mask, const Tensor& tiles, const Tensor& nrow, const Te
     return;
   }
 #endif
-  TORCH_CHECK(tiles.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", tiles.device());
+  TORCH_CHECK(tiles.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", dev(tiles.device()));
   for (int64_t i = 0; i < b.B; ++i) {
     if (!m[i]) continue;
     o.obs[i] = icrl::reset_one(b, i);
@@ -148,7 +168,7 @@ void seed_streams(int64_t seed, const Tensor& mask, Tensor rng) {
     return;
   }
 #endif
-  TORCH_CHECK(rng.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", rng.device());
+  TORCH_CHECK(rng.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", dev(rng.device()));
   for (int64_t i = 0; i < rng.size(0); ++i)
     if (m[i]) r[i] = icrl::stream_state(static_cast<uint64_t>(seed), static_cast<uint64_t>(i));
 }
@@ -163,7 +183,8 @@ void emit(const Tensor& actions, const Tensor& obs, const Tensor& reward, const 
   for (auto [t, name] : {std::pair{&actions, "actions"}, {&first, "first"}}) check_len(*t, name, B);
   check(runs, "runs", at::kLong, 1, obs);
   check(run_off, "run_off", at::kLong, 1, obs);
-  TORCH_CHECK(run_off.size(0) == icrl::NUM_RUNS + 1, "icrl: run_off must have ", icrl::NUM_RUNS + 1, " entries");
+  TORCH_CHECK(run_off.size(0) == icrl::NUM_RUNS + 1, "icrl: run_off must have ", num(int64_t{icrl::NUM_RUNS + 1}),
+              " entries");
   check(obs_table, "obs_table", at::kLong, 2, obs);
   check(obs_len, "obs_len", at::kLong, 1, obs);
   check(action_ids, "action_ids", at::kLong, 1, obs);
@@ -187,7 +208,7 @@ void emit(const Tensor& actions, const Tensor& obs, const Tensor& reward, const 
     return;
   }
 #endif
-  TORCH_CHECK(obs.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", obs.device());
+  TORCH_CHECK(obs.device().is_cpu(), "icrl: this build has no CUDA support; inputs are on ", dev(obs.device()));
   const int64_t* a = actions.data_ptr<int64_t>();
   const bool* fst = first.data_ptr<bool>();
   int64_t* cnt = counts.data_ptr<int64_t>();

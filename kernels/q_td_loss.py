@@ -157,15 +157,16 @@ if HAS_TRITON:
 # benchmarks the configs once. Every config listed compiles for sm_90 without register spills -- checked by
 # tests/kernels/test_sm90_compile.py with ptxas -v at the paper shape (Triton 3.9; registers per thread in the
 # comments) -- which rules out the old fixed 64/128/64 tiles at 4 warps (fp32: 255 registers, 296 bytes of spill
-# stores) and 64/128/32 at 8 warps in fp32 (16 bytes). NOT timed on a GPU yet (none was available):
-# benchmarks/gpu/check.sh records the paper-shape times. Under the CPU interpreter one config is used (multi-config
+# stores) and 64/128/32 at 8 warps in fp32 (16 bytes). On the lent H200 (Triton 3.6, 2026-11-30) the same test
+# found 32/128 at 8 warps spilling 24 bytes in bf16/fp16 (64 registers), so it left the forward's list;
+# benchmarks/results/q_td_loss-NVIDIA-H200.md has the paper-shape times. Under the CPU interpreter one config is used (multi-config
 # autotuning needs do_bench, which fails on the CPU), with large blocks since the interpreter pays per program.
 ARGMAX_CONFIGS = {  # by variant of the [N, V] GEMM
     "fp32-ieee": [(64, 64, 32, 8), (32, 64, 32, 4)],  # 120, 128 registers
     "half": [(64, 128, 32, 8), (128, 128, 32, 8), (64, 64, 32, 4)],  # bf16/fp16: 86, 144, 86 registers
 }
 # BLOCK_N, BLOCK_D, warps (the A tile is sized from A); at most 156 registers (fp32, actions mode)
-FWD_CONFIGS = [(32, 64, 4), (64, 32, 4), (32, 128, 8)]
+FWD_CONFIGS = [(32, 64, 4), (64, 32, 4)]
 DHIDDEN_CONFIG = (32, 128, 4)  # BLOCK_N, BLOCK_D, warps: an elementwise gather-scale, memory bound (<= 48 registers)
 INTERPRETER_META = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)
 SPLIT_ROWS, SPLIT_COLS = 64, 128  # the V split is planned in these units (every BLOCK_V divides SPLIT_COLS)

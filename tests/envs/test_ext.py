@@ -206,6 +206,39 @@ def test_every_cuda_launch_is_checked():
     assert calls == ["C10_CUDA_CHECK"] * 4
 
 
+def _message_args(call: str) -> list[str]:
+    """The top-level comma-separated arguments of one ``TORCH_CHECK(...)`` call after its condition."""
+    args, depth, cur, quote = [], 0, "", False
+    for ch in call:
+        if ch == '"' and not cur.endswith("\\"):
+            quote = not quote
+        if not quote and ch in "([{":
+            depth += 1
+        if not quote and ch in ")]}":
+            depth -= 1
+        if not quote and ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return args[1:] + [cur.strip()]
+
+
+def test_every_check_message_streams_strings_only():
+    """Numbers, shapes, devices and dtypes reach a TORCH_CHECK message through the string helpers of
+    frozen_lake_ops.cpp. On the lent H200 the build's newer g++ and Python's older libstdc++ disagreed, and an
+    integer streamed into a message segfaulted instead of raising (benchmarks/results/gpu-check-NVIDIA-H200.md)."""
+    import re
+
+    cpp = (ext.CSRC / "frozen_lake_ops.cpp").read_text()
+    calls = re.findall(r"TORCH_CHECK\((.*?)\);\n", cpp, re.S)
+    assert len(calls) >= 15
+    safe = re.compile(r'^(?:"(?:[^"\\]|\\.)*"\s*)+$|^name$|^(?:num|shape|dev|type)\(.*\)$', re.S)
+    unsafe = [(c.split(",")[0], a) for c in calls for a in _message_args(c) if not safe.match(a)]
+    assert not unsafe, f"message arguments that are streamed as non-strings: {unsafe}"
+    assert safe.match("num(a[i])") and not safe.match("a[i]") and not safe.match("t.sizes()")  # the check can fail
+
+
 def test_make_batch_picks_numba_on_the_cpu():
     from icrl_fast.envs import make_batch
 
