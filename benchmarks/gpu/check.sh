@@ -146,7 +146,7 @@ print(ext.describe())
 raise SystemExit(0 if "CUDA" in ext.kernel_keys() else 1)
 EOF
 step 2 kernels 150 "${PYTEST[@]}" tests/kernels -m "not slow"
-step 3a e2e-tests 120 "${PYTEST[@]}" -m "gpu or not slow" tests/envs/test_ext.py tests/test_pretrained.py \
+step 3a e2e-tests 240 "${PYTEST[@]}" -m "gpu or not slow" tests/envs/test_ext.py tests/test_pretrained.py \
   tests/model/test_attention.py tests/model/test_transformers_compat.py
 step 3b smoke 120 "$PY" -m icrl_fast.train --preset smoke --device cuda --out "$OUT/smoke-run"
 step 4 bench_q_td_loss 150 "${PYTEST[@]}" benchmarks/bench_q_td_loss.py -k paper

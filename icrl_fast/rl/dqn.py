@@ -20,7 +20,8 @@ class DQNConfig:
 
     gamma: float = field(default=0.9, metadata={"help": "discount (paper: 0.9)"})
     reward_scale: float = field(default=30.0, metadata={"help": "reward multiplier (paper: 30)"})
-    tau: float = field(default=0.1, metadata={"help": "Polyak factor of the target update (paper: 0.1)"})
+    tau: float = field(default=0.1, metadata={"help": "Polyak factor of the target update (paper: 0.1); 1: no "
+                                                      "target network (the online one, whose forward is then reused)"})
     argmax: str = field(default="actions", metadata={"help": "Double-DQN argmax over the 'actions' or the 'vocab' "
                                                              "(the paper's code)"})
     loss: str = field(default="paper", metadata={"help": "paper (per-sequence target-normalised), mse or huber"})
@@ -74,11 +75,15 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
         raise ValueError("the batch has no transition (no two decisions in one slice): use longer slices")
     ids = batch["input_ids"]
     h_all = qnet.hidden(ids) if hidden is None else hidden
+    # tau 1 copies the online network into the target after every update, so at this forward the two are equal: the
+    # online forward, detached, is the target's (a quarter of a training step saved; same loss, tested).
+    same = cfg.tau == 1.0
     with torch.no_grad():
-        ht_all = qnet.hidden(ids, target=True)
+        ht_all = h_all.detach() if same else qnet.hidden(ids, target=True)
     r, p, pn = tr["row"], tr["pos"], tr["next_pos"]
     hidden, next_hidden, next_target = h_all[r, p], h_all[r, pn].detach(), ht_all[r, pn].to(h_all.dtype)
-    weight, target_weight = qnet.head_weight(), qnet.head_weight(target=True).to(qnet.head_weight().dtype)
+    weight = qnet.head_weight()
+    target_weight = weight.detach() if same else qnet.head_weight(target=True).to(weight.dtype)
     loss = q_td_loss(hidden.contiguous(), weight, next_hidden.contiguous(), next_target.contiguous(), tr["action"],
                      tr["reward"], tr["done"], tr["seq_id"], action_ids=qnet.action_ids, target_weight=target_weight,
                      gamma=cfg.gamma, reward_scale=cfg.reward_scale, argmax=cfg.argmax, loss=cfg.loss,

@@ -69,6 +69,35 @@ def test_polyak_update_is_exact():
         assert torch.allclose(t, 0.1 * o + 0.9, atol=1e-7)
 
 
+def test_tau_one_reuses_the_online_forward_as_the_target_with_the_same_loss_and_gradients():
+    """tau 1 makes the target a copy of the online network after every update: the loss skips the target's forward
+    and must give what the explicit target forward gives after ``polyak_update(1.0)``."""
+    q, batch = model_and_batch(1, 3, 24, 9)
+    opt = torch.optim.Adam(q.trainable_parameters(), lr=1e-2)
+    loss, _ = dqn_loss(q, batch, DQNConfig(), backend="reference")  # a step, so the online net moves off the target
+    loss.backward()
+    opt.step()
+    q.polyak_update(1.0)
+    results = []
+    for tau in (1.0, 0.5):  # 0.5 takes the explicit path; the networks are equal, so the loss must be too
+        q.model.zero_grad()
+        calls = []
+        real = q.hidden
+        q.hidden = lambda *a, **k: (calls.append(k.get("target", False)), real(*a, **k))[1]
+        loss, stats = dqn_loss(q, batch, DQNConfig(tau=tau), backend="reference")
+        del q.hidden
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in q.trainable_parameters()], calls, stats["target"]))
+    (l1, g1, c1, t1), (l2, g2, c2, t2) = results
+    assert c1 == [False] and c2 == [False, True]  # one forward with tau 1, the target's too otherwise
+    assert torch.allclose(l1, l2, rtol=1e-6) and torch.allclose(t1, t2, rtol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+    with torch.no_grad():  # and a stale target (tau < 1 after a step) does change the loss: the check can fail
+        for p in q.target.parameters():
+            p.mul_(0.5)
+    assert not torch.allclose(dqn_loss(q, batch, DQNConfig(tau=0.5), backend="reference")[0], l1, rtol=1e-3)
+
+
 def test_the_conservative_term_adds_logsumexp_minus_the_taken_q_and_demotes_untaken_actions():
     q, batch = model_and_batch(1, 2, 30, 10, action=2)  # the data always took action 2
     ids, mask, action = batch["input_ids"], batch["decision_mask"], batch["action"]
