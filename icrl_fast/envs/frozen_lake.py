@@ -14,13 +14,19 @@ Rewards follow ``reward_schedule = (goal, hole, other)``; ``terminated`` means t
 ``truncated`` means the step count reached ``max_episode_steps`` (like gymnasium's ``TimeLimit``, both can be
 true together). Autoreset modes are gymnasium's: SAME_STEP (default: a finished env is reset inside the same
 ``step`` call, the observation it ended on goes to ``final_obs``), NEXT_STEP, and DISABLED.
+
+A batch steps in one thread below ``PARALLEL_MIN_ENVS`` envs and in at most the usable cores above it
+(:func:`step_threads`); every env draws from its own stream, so results are bit-identical for any thread count.
 """
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 from gymnasium.vector import AutoresetMode
-from numba import njit, prange
+from numba import njit, prange, types
 
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
 from icrl_fast.envs.rng import as_seed, choose_seed, next_uniform, stream_state
@@ -28,6 +34,14 @@ from icrl_fast.envs.rng import as_seed, choose_seed, next_uniform, stream_state
 NEXT_STEP, SAME_STEP, DISABLED = 0, 1, 2
 _DR = np.array([0, 1, 0, -1], dtype=np.int32)  # row change of left, down, right, up (gymnasium's order)
 _DC = np.array([-1, 0, 1, 0], dtype=np.int32)
+# Below this many envs a step runs in one thread. Measured with the step kernel (median per step, paper maps,
+# non-slippery, 1 vs 2 threads; benchmarks/bench_env.py::test_step_threads times the same: re-run it on a quiet
+# machine) on a 2-core AMD EPYC VM with a training run on one core, ours at nice -15 to stand in for a quiet
+# machine: 1,024 envs 25 vs 28 us, 2,048 45 vs 36, 4,096 84 vs 58, 16,384 331 vs 211; from 4,096 up two threads
+# win steadily (~1.5x), at 2,048 it varied between runs (0.65x-1.16x). At normal priority beside that run, two
+# threads took ~8-12 ms per step at every size up to 65,536 (one: 8 us at 64 envs, 17 us at 1,024, 2.1 ms at
+# 65,536): a parallel step waits for a worker that the scheduler has parked behind the other process.
+PARALLEL_MIN_ENVS = 4096
 _MODE_CODE = {AutoresetMode.NEXT_STEP: NEXT_STEP, AutoresetMode.SAME_STEP: SAME_STEP, AutoresetMode.DISABLED: DISABLED}
 
 
@@ -119,9 +133,18 @@ def _reset_one(i, tiles, ncol, starts, n_starts, pos, rng):
     return s
 
 
-# One kernel for every batch size. Measured on 2 cores: the prange kernel beats a plain-range one even at
-# 1,024 envs (14 vs 19 us per step), because in a plain loop Numba keeps ~20 atomic refcount updates per env
-# for the inlined _step_one's array arguments, which its parfor lowering prunes.
+# The thread count is thread-local and set inside the kernel: numba.set_num_threads costs ~3 us per call from
+# Python (measured: +8 us per step at 1,024 envs for a set and a restore), and called inside a kernel it is a
+# ctypes pointer that stops the kernel from being cached. Numba's threading layer exports both functions to
+# compiled code by name once its threads are launched (its own parallel loops call get_num_threads that way, and
+# declare it as returning intp: the same declaration here, since a module holds one; the C function returns int).
+_get_num_threads = types.ExternalFunction("get_num_threads", types.intp())
+_set_num_threads = types.ExternalFunction("set_num_threads", types.void(types.intc))
+
+
+# One kernel for every batch size, told how many threads to use: the prange kernel beats a plain-range one even
+# in one thread (measured at 1,024 envs: 24 vs 115 us per step), because in a plain loop Numba keeps ~20 atomic
+# refcount updates per env for the inlined _step_one's array arguments, which its parfor lowering prunes.
 @njit(inline="always", cache=True)
 def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
               max_steps, mode, obs, rew, term, trunc, final_obs):
@@ -161,16 +184,40 @@ def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, suc
 
 
 @njit(parallel=True, cache=True)
-def _step_kernel(actions, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
-                 max_steps, mode, obs, rew, term, trunc, final_obs):
-    """Step every env; returns the index of the first action outside 0..3 (nothing stepped), else -1."""
+def _step_kernel(n_threads, actions, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
+                 reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs):
+    """Step every env in ``n_threads`` threads (1 .. NUMBA_NUM_THREADS); returns the index of the first action
+    outside 0..3 (nothing stepped), else -1. The calling thread's Numba thread count is restored on return."""
     bad = _first_bad_action(actions)
     if bad >= 0:
         return bad
+    caller = np.int32(_get_num_threads())  # the low 32 bits hold the C int
+    _set_num_threads(n_threads)
     for i in prange(actions.shape[0]):
         _step_one(i, actions[i], tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
                   reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs)
+    _set_num_threads(caller)
     return -1
+
+
+def step_threads(num_envs: int, num_threads: int | None = None) -> int:
+    """How many threads a step of ``num_envs`` envs uses: ``num_threads`` if given (1 .. NUMBA_NUM_THREADS,
+    else ``ValueError``); otherwise 1 below ``PARALLEL_MIN_ENVS`` envs, and above it the cores this process may
+    run on (``os.sched_getaffinity``), never more than ``numba.config.NUMBA_NUM_THREADS``."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
+                or not 1 <= num_threads <= limit:
+            raise ValueError(f"num_threads must be an int in 1..{limit} (NUMBA_NUM_THREADS) or None (automatic), "
+                             f"got {num_threads!r}")
+        return int(num_threads)
+    if num_envs < PARALLEL_MIN_ENVS:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, limit))
 
 
 @njit(cache=True)
@@ -247,6 +294,8 @@ class FrozenLakeBatch:
         autoreset_mode: ``AutoresetMode`` or its value; SAME_STEP by default.
         seed: default seed of the per-env streams (env ``i`` draws from stream ``(seed, i)``); a seed given to
             :meth:`reset` replaces it. ``None``: fresh OS entropy, as gymnasium does when unseeded.
+        num_threads: threads per step (kept in ``self.num_threads``); ``None`` chooses by batch size and usable
+            cores (:func:`step_threads`). Results do not depend on it (one random stream per env).
 
     Buffers: ``obs`` int64 [B], ``rewards`` float64 [B], ``terminated`` bool [B], ``truncated`` bool [B],
     ``final_obs`` int64 [B] (the observation a finished episode ended on under SAME_STEP, else -1).
@@ -254,7 +303,7 @@ class FrozenLakeBatch:
 
     def __init__(self, maps: MapBatch, *, is_slippery: bool = True, success_rate: float = 1.0 / 3.0,
                  reward_schedule=(1, 0, 0), max_episode_steps: int | None = 100,
-                 autoreset_mode=AutoresetMode.SAME_STEP, seed: int | None = None):
+                 autoreset_mode=AutoresetMode.SAME_STEP, seed: int | None = None, num_threads: int | None = None):
         if not isinstance(maps, MapBatch):
             raise TypeError(f"maps must be a MapBatch (see icrl_fast.envs.maps), got {type(maps).__name__}")
         self.maps = maps
@@ -266,6 +315,8 @@ class FrozenLakeBatch:
         self.autoreset_mode = parse_autoreset_mode(autoreset_mode)
         self._mode = _MODE_CODE[self.autoreset_mode]
         self._seed = as_seed(seed) if seed is not None else None
+        self.num_threads = step_threads(n, num_threads)
+        numba.get_num_threads()  # launches Numba's threads, which exports the symbols the step kernel calls
         self._pos = np.zeros((4, n), dtype=np.int32)
         self._rng = np.zeros(n, dtype=np.uint64)
         self.obs = np.zeros(n, dtype=np.int64)
@@ -323,9 +374,9 @@ class FrozenLakeBatch:
             self.terminated, self.truncated = np.empty_like(self.terminated), np.empty_like(self.truncated)
         m = self.maps
         bad = _step_kernel(
-            actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng, self.is_slippery,
-            self.success_rate, self._reward_of_tile, self._max_steps, self._mode, self.obs, self.rewards,
-            self.terminated, self.truncated, self.final_obs)
+            self.num_threads, actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng,
+            self.is_slippery, self.success_rate, self._reward_of_tile, self._max_steps, self._mode, self.obs,
+            self.rewards, self.terminated, self.truncated, self.final_obs)
         if bad >= 0:
             raise ValueError(f"actions must be in 0..3 (left, down, right, up); env {bad} got {actions[bad]}")
         return self.obs, self.rewards, self.terminated, self.truncated

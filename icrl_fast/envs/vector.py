@@ -33,6 +33,8 @@ class FrozenLakeVectorEnv(VectorEnv):
         autoreset_mode: SAME_STEP (default), NEXT_STEP or DISABLED (enum or its string value).
         copy: return fresh arrays (gymnasium's behaviour) or the in-place buffers (fastest).
         seed: default seed when ``reset`` is called without one.
+        num_threads: threads per step; ``None`` chooses by batch size (one thread below
+            ``frozen_lake.PARALLEL_MIN_ENVS`` envs, see ``frozen_lake.step_threads``). Results do not depend on it.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": ["ansi"]}
@@ -41,7 +43,7 @@ class FrozenLakeVectorEnv(VectorEnv):
                  maps: MapBatch | None = None, is_slippery: bool = True, success_rate: float = 1.0 / 3.0,
                  reward_schedule=(1, 0, 0), max_episode_steps: int | None = 100,
                  autoreset_mode=AutoresetMode.SAME_STEP, render_mode: str | None = None, copy: bool = True,
-                 seed: int | None = None):
+                 seed: int | None = None, num_threads: int | None = None):
         if maps is not None:
             if desc is not None:
                 raise ValueError("pass either desc= (one map for every env) or maps= (one per env), not both")
@@ -67,7 +69,7 @@ class FrozenLakeVectorEnv(VectorEnv):
         mode = parse_autoreset_mode(autoreset_mode)
         self.sim = FrozenLakeBatch(maps, is_slippery=is_slippery, success_rate=success_rate,
                                    reward_schedule=reward_schedule, max_episode_steps=max_episode_steps,
-                                   autoreset_mode=mode, seed=seed)
+                                   autoreset_mode=mode, seed=seed, num_threads=num_threads)
         self.num_envs = int(num_envs)
         self.maps = maps
         self.copy = bool(copy)
