@@ -2,8 +2,8 @@
 
 Every call appends ``n_b`` new tokens to context ``b`` (``n_b`` differs per context and may be 0). The block is
 left-padded to a common width so every context's newest token sits in the last column, where Q is read. Each layer
-keeps one buffer ``[B, heads, 1 + C, head_dim]``; the new keys and values of context ``b`` are scattered to the
-slots ``1 + position % C`` of *that* context (padding goes to the spare slot 0, never attended), so:
+keeps a key and a value buffer ``[B, kv_heads, 1 + C, head_dim]``; the new keys and values of context ``b`` are
+scattered to the slots ``1 + position % C`` of *that* context (padding goes to the spare slot 0, never attended), so:
 
 * the cost of a call is O(new tokens) for the projections and MLPs and O(context) for attention (it reads the
   cached keys and values once), never a re-encode;
@@ -20,6 +20,12 @@ flash-attn's ``flash_attn_with_kvcache`` as ``cache_seqlens`` (``attention_kwarg
 ``icrl_fast.model.attention.kvcache_attention``), which reads the contiguous slots ``1 .. length`` directly.
 transformers' ``DynamicCache`` instead grows with ``torch.cat`` (a copy of the whole cache per call: quadratic
 over a growing context) and has one length for the whole batch.
+
+The buffers hold ``kv_heads`` heads (grouped-query attention: the model's ``num_key_value_heads``, so GQA shrinks
+the cache by ``kv_heads/heads``) in ``cache_dtype`` (default: the dtype of the keys the model computes). A narrower
+``cache_dtype`` (bf16 under an fp32 model) halves the bytes; the new keys and values are rounded into it and the
+layer's reads are cast back to the compute dtype (an O(context) copy, the size of what attention reads anyway), so
+the model attends to the rounded keys and values, its own fresh ones included.
 """
 
 from __future__ import annotations
@@ -56,20 +62,24 @@ class SlotLayer(DynamicLayer):
         self.owner = owner
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write this call's ``key_states``/``value_states [B, kv_heads, width, head_dim]`` (after RoPE, compute
+        dtype) to the planned slots; return the buffers' first ``view`` slots ``[B, kv_heads, view, head_dim]`` in
+        the compute dtype (the stored ``cache_dtype`` values, cast when the two differ)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         o = self.owner
         cap = o.capacity + 1
         if self.keys is None or self.keys.numel() == 0 or self.keys.shape[-2] != cap:
             shape = (key_states.shape[0], key_states.shape[1], cap, key_states.shape[-1])
-            k, v = key_states.new_zeros(shape), value_states.new_zeros(shape)
+            dtype = o.cache_dtype or key_states.dtype
+            k, v = key_states.new_zeros(shape, dtype=dtype), value_states.new_zeros(shape, dtype=dtype)
             if self.keys is not None and self.keys.numel():  # grown (window=None): slots keep their index
                 old = self.keys.shape[-2]
                 k[..., :old, :], v[..., :old, :] = self.keys, self.values
             self.keys, self.values = k, v
         self.keys[o.rows, :, o.slots] = key_states.transpose(1, 2).to(self.keys.dtype)
         self.values[o.rows, :, o.slots] = value_states.transpose(1, 2).to(self.values.dtype)
-        return self.keys[:, :, : o.view], self.values[:, :, : o.view]
+        return self.keys[:, :, : o.view].to(key_states.dtype), self.values[:, :, : o.view].to(value_states.dtype)
 
     def keep(self, rows: torch.Tensor) -> None:
         if self.keys is not None and self.keys.numel():
@@ -86,13 +96,20 @@ class RolloutCache(Cache):
     ``model(ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True)`` with ``ids``
     ``[B, width]`` left-padded (context ``b``'s ``counts[b]`` real tokens are its last columns; ``CACHE_ARG``: the
     installed transformers' name for the cache argument).
+
+    ``dtype``: the model's compute dtype (that of the additive mask ``plan`` returns). ``cache_dtype``: the dtype the
+    keys and values are stored in (a floating dtype; ``None``: the dtype of the keys the model computes).
     """
 
     def __init__(self, num_layers: int, batch: int, *, window: int | None = None, max_block: int = 64,
                  initial_capacity: int = 256, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 seqlens: bool = False):
+                 seqlens: bool = False, cache_dtype: torch.dtype | None = None):
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 tokens, got {window}")
+        if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
+            raise ValueError(f"cache_dtype must be a floating torch dtype (e.g. torch.bfloat16) or None, got "
+                             f"{cache_dtype!r}")
+        self.cache_dtype = cache_dtype
         if seqlens and window is not None:
             raise ValueError("seqlens mode (flash-attn's cache_seqlens) needs contiguous positions: no window")
         self.seqlens = seqlens
@@ -168,6 +185,10 @@ class RolloutCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the layers' key and value buffers (0 before the first model call)."""
+        return sum(t.nbytes for layer in self.layers for t in (layer.keys, layer.values) if t is not None)
 
 
 def sliding_window_mask(length: int, window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -34,6 +34,10 @@ class ModelConfig:
     hidden_size: int = field(default=128, metadata={"help": "width of the from-scratch model"})
     layers: int = field(default=4, metadata={"help": "transformer blocks of the from-scratch model"})
     heads: int = field(default=4, metadata={"help": "attention heads of the from-scratch model"})
+    kv_heads: int | None = field(default=None, metadata={"help": "key/value heads of the from-scratch model "
+                                                                 "(grouped-query attention; a divisor of heads, e.g. "
+                                                                 "Llama-3.1-8B's 8 for 32; the KV cache shrinks by "
+                                                                 "kv_heads/heads); default: heads"})
     intermediate_size: int = field(default=384, metadata={"help": "MLP width of the from-scratch model"})
     max_positions: int = field(default=8192, metadata={"help": "longest context (RoPE positions)"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 or bfloat16"})
@@ -61,6 +65,9 @@ class QNetwork(nn.Module):
         self.register_buffer("action_ids", torch.as_tensor(action_ids, dtype=torch.long), persistent=False)
         self.pretrained = cfg.path is not None
         if self.pretrained:
+            if cfg.kv_heads is not None:
+                raise ValueError("kv_heads shapes a from-scratch model; a pretrained one (--model PATH) brings its own "
+                                 "num_key_value_heads: leave kv_heads unset")
             try:
                 base = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=dtype,
                                                             attn_implementation=attn)
@@ -84,10 +91,15 @@ class QNetwork(nn.Module):
             self.model.set_adapter("default")
             self.target = None
         else:
+            kv_heads = cfg.heads if cfg.kv_heads is None else cfg.kv_heads
+            if kv_heads < 1 or cfg.heads % kv_heads:
+                raise ValueError(f"kv_heads must divide heads (each key/value head serves heads/kv_heads query "
+                                 f"heads), got heads={cfg.heads}, kv_heads={cfg.kv_heads}: use e.g. kv_heads=1 or "
+                                 f"leave it unset (= heads)")
             torch.manual_seed(seed)  # initialisation is part of the seeded state
             conf = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                                num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                               num_key_value_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
+                               num_key_value_heads=kv_heads, max_position_embeddings=cfg.max_positions,
                                tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
             self.model = LlamaForCausalLM._from_config(conf, attn_implementation=attn, dtype=dtype)
             self.target = copy.deepcopy(self.model).requires_grad_(False)

@@ -20,7 +20,6 @@ per-episode return/termination: what the online learner's replay stores.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -115,14 +114,17 @@ class RolloutEngine:
     ``env_backend``: ``auto`` (the extension on CUDA when it has CUDA kernels, else Numba: ``ext.backend``),
     ``numba`` or ``ext``. On ``ext`` the loop stays on the device (``icrl_fast.rl.device_loop``; the host reads it
     back every ``sync_every`` steps), except for a map switch (the non-stationary experiment), which the host loop
-    plays.
+    plays. ``cache_dtype``: the dtype the KV cache stores keys and values in (e.g. ``torch.bfloat16`` under an fp32
+    model: half the bytes, Q within bf16 rounding of the keys and values); ``None``: the model's own dtype.
     """
 
     def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
-                 max_positions: int | None = None, env_backend: str = "auto", sync_every: int = 16):
+                 max_positions: int | None = None, env_backend: str = "auto", sync_every: int = 16,
+                 cache_dtype: torch.dtype | None = None):
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
+        self.cache_dtype = cache_dtype
         self.max_positions, self.sync_every = max_positions, sync_every
         self.streams = ContextStreams(fmt)
         from icrl_fast.envs import ext
@@ -147,7 +149,8 @@ class RolloutEngine:
         return RolloutCache(self.qnet.num_layers, contexts, window=self.window,
                             max_block=max(self.streams.max_block(), first_width), device=self.device,
                             dtype=dtype if dtype.is_floating_point else torch.float32,
-                            seqlens=getattr(self.qnet.model.config, "_attn_implementation", None) == KVCACHE)
+                            seqlens=getattr(self.qnet.model.config, "_attn_implementation", None) == KVCACHE,
+                            cache_dtype=self.cache_dtype)
 
     def check_length(self, longest: int) -> None:
         """Without a window, a context may not outgrow the model's positions."""

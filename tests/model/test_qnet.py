@@ -53,6 +53,18 @@ def test_bad_model_paths_and_dtypes_are_clear_errors(tmp_path):
         QNetwork(ModelConfig(path=str(tmp_path / "missing")), 40, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="dtype"):
         QNetwork(ModelConfig(dtype="float8"), 40, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="kv_heads must divide heads"):
+        QNetwork(ModelConfig(heads=4, kv_heads=3), 40, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="brings its own"):  # a pretrained model's GQA is its own config's
+        QNetwork(ModelConfig(path=str(tmp_path), kv_heads=2), 40, [0, 1, 2, 3])
+
+
+def test_kv_heads_sets_the_llama_key_value_heads():
+    """Grouped-query attention, as Llama-3.1-8B has it (8 KV heads for 32 query heads); unset = one per head."""
+    q = QNetwork(ModelConfig(hidden_size=64, layers=1, heads=8, kv_heads=2, intermediate_size=64), 40, [0, 1, 2, 3])
+    assert q.model.config.num_key_value_heads == 2 and q.model.config.num_attention_heads == 8
+    assert q.model.model.layers[0].self_attn.k_proj.out_features == 2 * 64 // 8
+    assert QNetwork(ModelConfig(heads=4), 40, [0, 1, 2, 3]).model.config.num_key_value_heads == 4
 
 
 def kvcache_loop(q, k, v, seqlens, scale, causal):

@@ -1,5 +1,7 @@
 """The rollout engine: Q read through the reused KV cache equals Q of one full forward over the finished context."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,16 @@ from icrl_fast.rl.rollout import RolloutEngine
 FORMATS = [compact_format(), paper_format()]
 
 
-def tiny(fmt, max_positions=8192):
-    return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_positions=max_positions),
-                    fmt.vocab_size, fmt.action_ids, seed=1).eval()
+def tiny(fmt, max_positions=8192, heads=2, kv_heads=None):
+    return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=heads, kv_heads=kv_heads, intermediate_size=64,
+                                max_positions=max_positions), fmt.vocab_size, fmt.action_ids, seed=1).eval()
+
+
+def recording(engine: RolloutEngine) -> list[RolloutCache]:
+    """The caches ``engine`` builds from now on (to inspect their buffers after a run)."""
+    caches, new = [], engine.new_cache
+    engine.new_cache = lambda *a: caches.append(new(*a)) or caches[-1]
+    return caches
 
 
 def full_forward_q(q, ids: np.ndarray, decisions: np.ndarray, window: int | None) -> np.ndarray:
@@ -187,3 +196,99 @@ def test_seqlens_mode_needs_contiguous_positions_and_the_kvcache_attention_its_l
     x = torch.zeros(1, 2, 3, 8)
     with pytest.raises(ValueError, match="cache_seqlens"):
         kvcache_attention(None, x, x, x)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.parametrize("window", [None, 23])
+def test_grouped_query_attention_rolls_out_exactly_on_a_smaller_cache(kv_heads, window):
+    """4 query heads share 2 (or 1) key/value heads: the cache holds kv_heads heads, and Q through it equals a full
+    (sliding-window) forward at fp32 tolerance, ring included -- the same check as the MHA tests above."""
+    fmt = compact_format()
+    q = tiny(fmt, heads=4, kv_heads=kv_heads)
+    assert q.model.config.num_key_value_heads == kv_heads and q.model.config.num_attention_heads == 4
+    maps = generate_maps(5, seed=1, height=(3, 6), width=(3, 6))
+    engine = RolloutEngine(q, fmt, window=window)
+    caches = recording(engine)
+    out = engine.run(maps, 12 if window is None else 30, paper_ramp(12) if window is None else 0.0, seed=3)
+    assert window is None or min(len(t) for t in out.tokens) > 2 * window  # the ring wrapped
+    assert all(layer.keys.shape[1] == layer.values.shape[1] == kv_heads for layer in caches[0].layers)
+    assert_engine_equals_full_forward(q, fmt, out, window)
+
+
+def test_grouped_query_attention_shrinks_the_cache_by_kv_heads_over_heads():
+    """Same context, same slots: the key/value buffers' bytes are kv_heads/heads of the MHA model's, and a bf16
+    cache (under the same fp32 model) holds half of those."""
+    fmt = compact_format()
+    maps = generate_maps(3, seed=0)
+
+    def cache_bytes(kv_heads, cache_dtype=None):
+        engine = RolloutEngine(tiny(fmt, heads=4, kv_heads=kv_heads), fmt, cache_dtype=cache_dtype)
+        caches = recording(engine)
+        engine.run(maps, 3, 0.0, seed=0)  # p_model 0: random actions, the same contexts whatever the model
+        keys = caches[0].layers[0].keys
+        assert keys.dtype == (cache_dtype or torch.float32) and keys.shape[1] == (kv_heads or 4)
+        return caches[0].nbytes()
+
+    mha = cache_bytes(None)
+    assert mha > 0
+    assert cache_bytes(2) * 2 == mha and cache_bytes(1) * 4 == mha
+    assert cache_bytes(2, torch.bfloat16) * 4 == mha
+
+
+def test_kv_heads_must_divide_heads():
+    fmt = compact_format()
+    for kv_heads in (3, 0, 8):
+        with pytest.raises(ValueError, match="kv_heads must divide heads"):
+            tiny(fmt, heads=4, kv_heads=kv_heads)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        RolloutCache(1, 1, cache_dtype=torch.int8)
+
+
+def bf16_kv_sdpa(module, query, key, value, *args, **kwargs):
+    """SDPA over keys and values rounded to bf16 (after RoPE, as the cache stores them), computed in fp32."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key.bfloat16().to(key.dtype), value.bfloat16().to(value.dtype),
+                                  *args, **kwargs)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+@pytest.mark.parametrize("window", [None, 23])
+def test_a_bf16_cache_under_an_fp32_model_equals_a_forward_over_bf16_keys_and_values(kv_heads, window):
+    """The cache stores keys and values in bf16 and the fp32 model attends to them cast back, so Q through it equals
+    a full forward whose attention rounds K and V to bf16 the same way -- at fp32 tolerance (1e-5): the rounding is
+    the only difference from fp32 and it is reproduced exactly. Against the plain fp32 full forward, the error is
+    within 2x what running the whole model in bf16 costs against fp32 (STYLE.md's low-precision rule); it is
+    nonzero (the bf16 storage is really used) and far below |Q|."""
+    from transformers import AttentionInterface
+
+    fmt = compact_format()
+    q = tiny(fmt, heads=4, kv_heads=kv_heads)
+    maps = generate_maps(5, seed=1, height=(3, 6), width=(3, 6))
+    engine = RolloutEngine(q, fmt, window=window, cache_dtype=torch.bfloat16)
+    caches = recording(engine)
+    episodes = 12 if window is None else 30
+    out = engine.run(maps, episodes, 0.0, seed=3)
+    assert all(layer.keys.dtype == layer.values.dtype == torch.bfloat16 for layer in caches[0].layers)
+    assert next(q.parameters()).dtype == torch.float32
+    fp32 = RolloutEngine(q, fmt, window=window).run(maps, episodes, 0.0, seed=3)  # same contexts (random actions)
+    assert all((a == b).all() for a, b in zip(out.tokens, fp32.tokens))
+    assert not all(np.array_equal(a, b) for a, b in zip(out.q, fp32.q))
+
+    AttentionInterface.register("test_bf16_kv_sdpa", bf16_kv_sdpa)
+    q.model.set_attn_implementation("test_bf16_kv_sdpa")
+    try:
+        assert_engine_equals_full_forward(q, fmt, out, window)
+    finally:
+        q.model.set_attn_implementation("sdpa")
+
+    whole_bf16 = copy.deepcopy(q).to(torch.bfloat16)
+    for b in range(len(out.tokens)):
+        decisions = torch.from_numpy(out.decision_pos[b])
+        ids = torch.from_numpy(out.tokens[b])[None]
+        full = full_forward_q(q, out.tokens[b], out.decision_pos[b], window)
+        with torch.no_grad():
+            h = whole_bf16.hidden(ids, attention_mask=sliding_window_mask(ids.shape[1], window, torch.bfloat16))[0]
+            bf16_err = np.abs(whole_bf16.q_values(h[decisions]).numpy() - full).max()
+        err = np.abs(out.q[b] - full).max()
+        assert 0 < bf16_err and err <= 2 * bf16_err and err < 0.05 * np.abs(full).max()
