@@ -12,9 +12,18 @@
   contexts already hold L tokens, vs a full re-encode of the L-token contexts (what a cache-less agent pays), at
   L = 256 and 4,096. Target (issue #6): ours(4096) <= 2x ours(256), where the re-encode grows >= 10x. On CUDA
   with flash-attn installed ours also runs on flash-attn's kv-cache kernel (``cache_seqlens``, no mask).
+  Each cached step is also set against its floor on this machine (issue #19): max(bytes read / copy bandwidth,
+  FLOPs / matmul rate), where the bytes are the KV cache read (layers x tokens x 2 x kv_heads x head_dim x dtype
+  bytes, over the cached and the real new tokens of every context) plus the weights read whole (decoder layers and
+  final norm), the FLOPs are 2 x decoder Linear weights x real new tokens + attention (2 x 2 x keys x heads x head_dim
+  per layer, each new token attending to its context), and both rates are measured in the same run with the same
+  thread count (a 256 MiB fp32 copy, read + write; the model's MLP matmul shape); the note gives step, floor and
+  step / floor, the JSON row ``floor_s``, ``vs_floor`` and the terms.
 
 Run: ``python -m pytest benchmarks/bench_rollout.py``.
 """
+
+import time
 
 import numpy as np
 import pytest
@@ -117,15 +126,151 @@ def prefilled(qnet, length: int, batch: int = 50, chunk: int = 256, seqlens: boo
     return cache
 
 
+# ---- the floor of a cached step on this machine (issue #19) -------------------------------------------------------
+# floor = max(bytes read / measured copy bandwidth, FLOPs / measured matmul rate), both rates measured in this run
+# with this process's thread count. The arithmetic is in the pure functions below (tests/test_bench_floor.py).
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` of a transformers Llama-style config: ``num_key_value_heads`` where the config
+    has it (grouped-query attention: K and V have fewer heads than Q), else ``num_attention_heads``; ``head_dim``
+    where the config has it, else ``hidden_size // num_attention_heads``."""
+    heads = int(config.num_attention_heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, int(kv_heads), int(head_dim)
+
+
+def keys_attended(lengths, counts) -> int:
+    """Keys the new tokens of one step attend to, summed over contexts and new tokens (per layer and head): context
+    ``b`` holds ``lengths[b]`` cached tokens and gets ``counts[b]`` new ones, the ``i``-th of which (1-based) attends
+    to ``lengths[b] + i`` keys (causal), so ``sum_b counts[b] * lengths[b] + counts[b] * (counts[b] + 1) / 2``."""
+    lengths, counts = np.asarray(lengths, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    return int((counts * lengths + counts * (counts + 1) // 2).sum())
+
+
+def kv_bytes_read(layers: int, tokens: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of KV cache one step reads: ``layers x tokens x 2 (K and V) x kv_heads x head_dim x dtype_bytes``, with
+    ``tokens`` the cached + new tokens summed over contexts (``contexts x context length`` for equal contexts)."""
+    return layers * tokens * 2 * kv_heads * head_dim * dtype_bytes
+
+
+def step_flops(matmul_params: int, new_tokens: int, keys: int, layers: int, heads: int, head_dim: int) -> int:
+    """FLOPs of one step: ``2 x matmul_params x new_tokens`` (every decoder Linear weight, one multiply-add per new
+    token) + attention ``2 x 2 x keys x heads x head_dim x layers`` (QK^T and AV: one multiply-add per key, query head
+    and head channel each; ``keys`` from ``keys_attended``, i.e. per new token its context length)."""
+    return 2 * matmul_params * new_tokens + 2 * 2 * keys * heads * head_dim * layers
+
+
+def floor_seconds(nbytes: float, bandwidth: float, flops: float, flop_rate: float) -> dict[str, float]:
+    """The floor of a step: ``max(nbytes / bandwidth, flops / flop_rate)`` (bytes/s, FLOP/s), returned with both
+    terms: ``{"floor_s", "memory_s", "compute_s"}``."""
+    if bandwidth <= 0 or flop_rate <= 0:
+        raise ValueError(f"rates must be positive, got bandwidth={bandwidth} B/s, flop_rate={flop_rate} FLOP/s")
+    memory_s, compute_s = nbytes / bandwidth, flops / flop_rate
+    return {"floor_s": max(memory_s, compute_s), "memory_s": memory_s, "compute_s": compute_s}
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, nbytes: int = 256 * 2 ** 20, repeats: int = 5) -> float:
+    """A STREAM-like copy: ``dst.copy_(src)`` of an fp32 tensor of ``nbytes``, best of ``repeats``; returns bytes/s
+    counting the read and the write (``2 x nbytes`` per copy)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of dst's pages
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def matmul_rate(device, m: int, k: int, n: int, dtype=torch.float32, repeats: int = 7, inner: int = 20) -> float:
+    """FLOP/s of ``[m, k] @ [k, n]`` in ``dtype`` (``2 m k n`` FLOPs each): best of ``repeats`` timings of ``inner``
+    back-to-back matmuls into a preallocated output."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(device, dtype)
+    b = torch.randn(k, n, generator=g).to(device, dtype)
+    out = torch.empty(m, n, dtype=dtype, device=device)
+    torch.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(inner):
+            torch.matmul(a, b, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n * inner / best
+
+
+def step_shape(qnet) -> dict:
+    """What the floor needs from the model: layers, heads, kv_heads, head_dim, dtype bytes, the decoder's Linear
+    weights (``matmul_params``) and the bytes of the parameters every step reads whole (``weight_bytes``: decoder
+    layers and final norm; the embedding and the LM head are row gathers of a few rows per step, left out)."""
+    base = qnet.model.get_base_model() if qnet.pretrained else qnet.model
+    c = base.config
+    heads, kv_heads, head_dim = attention_shape(c)
+    backbone = base.model
+    params = [*backbone.layers.parameters(), *backbone.norm.parameters()]
+    return {"layers": int(c.num_hidden_layers), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "hidden": int(c.hidden_size), "intermediate": int(c.intermediate_size), "dtype": base.dtype,
+            "dtype_bytes": base.dtype.itemsize,
+            "matmul_params": sum(m.weight.numel() for m in backbone.layers.modules() if isinstance(m, torch.nn.Linear)),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
+@pytest.fixture(scope="module")
+def floor_rates(qnet):
+    """The machine's rates for the floor, measured once in this run: copy bandwidth and the rate of the model's MLP
+    matmul shape (50 contexts x 8 new tokens by hidden, into the intermediate size) in the model's dtype."""
+    s = step_shape(qnet)
+    m, k, n = 50 * 8, s["hidden"], s["intermediate"]
+    rates = {"bandwidth": copy_bandwidth(DEVICE), "flop_rate": matmul_rate(DEVICE, m, k, n, s["dtype"]),
+             "threads": torch.get_num_threads(), "matmul_shape": [m, k, n]}
+    where = "" if DEVICE == "cuda" else f", {rates['threads']} thread(s)"
+    add_note(SUITE, f"floor rates measured in this run{where}: copy {rates['bandwidth'] / 1e9:.1f} GB/s (256 MiB fp32, "
+                    f"read + write, best of 5); matmul {rates['flop_rate'] / 1e9:.1f} GFLOP/s ([{m}, {k}] @ [{k}, {n}] "
+                    f"{str(s['dtype']).removeprefix('torch.')}, best of 7)")
+    return rates
+
+
+def cached_step_floor(qnet, rates: dict, length: int, drawn: list[torch.Tensor], rounds: int) -> dict:
+    """The floor of the timed calls of ``test_step_vs_context_ours``: every context starts at ``length`` cached tokens
+    and call ``j`` adds ``drawn[j]`` (the real new tokens, not the padded block of 8); the mean bytes and FLOPs of the
+    last ``rounds`` calls (the timed ones, after the warm-up) over the measured rates."""
+    s = step_shape(qnet)
+    lengths = np.full(len(drawn[0]), length, dtype=np.int64)
+    work = []
+    for counts in drawn:
+        counts = counts.numpy().astype(np.int64)
+        kv = kv_bytes_read(s["layers"], int((lengths + counts).sum()), s["kv_heads"], s["head_dim"], s["dtype_bytes"])
+        flops = step_flops(s["matmul_params"], int(counts.sum()), keys_attended(lengths, counts), s["layers"],
+                           s["heads"], s["head_dim"])
+        work.append((kv + s["weight_bytes"], flops, kv))
+        lengths = lengths + counts
+    nbytes, flops, kv = np.mean(work[-rounds:], axis=0)
+    return {**floor_seconds(nbytes, rates["bandwidth"], flops, rates["flop_rate"]), "bytes": float(nbytes),
+            "kv_bytes": float(kv), "weight_bytes": s["weight_bytes"], "flops": float(flops)}
+
+
 # the masked cache (SDPA) everywhere; flash-attn's kv-cache kernel with cache_seqlens where it runs (CUDA + flash-attn)
 ATTENTION = ["sdpa"] + (["kvcache"] if DEVICE == "cuda" and HAS_FLASH else [])
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("length", [256, 4096])
-def test_step_vs_context_ours(benchmark, record, qnet, length, attention):
+def test_step_vs_context_ours(benchmark, record, qnet, floor_rates, length, attention):
     impl = qnet.model.config._attn_implementation
     qnet.model.set_attn_implementation(register_kvcache_attention() if attention == "kvcache" else "sdpa")
+    drawn = []  # the new tokens per context of every call, warm-up included (for the floor)
     try:
         with torch.no_grad():
             cache = prefilled(qnet, length, seqlens=attention == "kvcache")
@@ -133,6 +278,7 @@ def test_step_vs_context_ours(benchmark, record, qnet, length, attention):
 
             def step():
                 counts = torch.randint(1, 9, (50,), generator=g)
+                drawn.append(counts)
                 ids = torch.randint(0, FMT.vocab_size, (50, 8), generator=g).to(DEVICE)
                 pos, mask = cache.plan(counts, 8)
                 h = qnet.hidden(ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True,
@@ -143,7 +289,14 @@ def test_step_vs_context_ours(benchmark, record, qnet, length, attention):
     finally:
         qnet.model.set_attn_implementation(impl)
     name = f"cached step at {length} tokens" + (" (flash kv-cache, cache_seqlens)" if attention == "kvcache" else "")
-    record(SUITE, name, 50, "steps/s", f"step-vs-context L={length}", "ours")
+    row = record(SUITE, name, 50, "steps/s", f"step-vs-context L={length}", "ours")
+    f = cached_step_floor(qnet, floor_rates, length, drawn, len(benchmark.stats.stats.data))
+    row.update({"floor_s": f["floor_s"], "vs_floor": row["median_s"] / f["floor_s"], "floor": {**f, **floor_rates}})
+    benchmark.extra_info.update(floor_s=row["floor_s"], vs_floor=row["vs_floor"])
+    add_note(SUITE, f"{name}: {row['median_s'] * 1e3:.3f} ms, floor {f['floor_s'] * 1e3:.3f} ms, "
+                    f"{row['vs_floor']:.2f}x the floor (memory: {f['bytes'] / 1e6:.1f} MB = KV {f['kv_bytes'] / 1e6:.1f} "
+                    f"+ weights {f['weight_bytes'] / 1e6:.1f}, {f['memory_s'] * 1e3:.3f} ms; compute: "
+                    f"{f['flops'] / 1e9:.3f} GFLOP, {f['compute_s'] * 1e3:.3f} ms)")
 
 
 @pytest.mark.parametrize("length", [256, 4096])
