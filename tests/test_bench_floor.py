@@ -2,34 +2,15 @@
 matmul rate, the larger of the two; checked on a hand-computed example with grouped-query attention (kv_heads !=
 heads), so that mixing up the two head counts, the causal keys of the new tokens or the K-and-V factor shows."""
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_modules import load_suite
 
 
 @pytest.fixture(scope="module")
 def bench():
-    saved = sys.modules.get("conftest")
-    sys.modules["conftest"] = _load("bench_conftest", BENCH / "conftest.py")
-    try:
-        yield _load("bench_rollout_for_test", BENCH / "bench_rollout.py")
-    finally:
-        if saved is None:
-            sys.modules.pop("conftest", None)
-        else:
-            sys.modules["conftest"] = saved
+    return load_suite("bench_rollout.py")
 
 
 def test_attention_shape_reads_grouped_query_heads(bench):

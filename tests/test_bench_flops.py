@@ -1,25 +1,13 @@
 """benchmarks/bench_train.py's MFU counts the FLOPs that run: decoder matmuls and attention per token, the LM head
 only at decision points, the embedding (a lookup) never."""
 
-import importlib.util
-import sys
-from pathlib import Path
+from bench_modules import load_suite
 
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_model_flops_count_what_runs(monkeypatch):
-    monkeypatch.setitem(sys.modules, "conftest", _load("bench_conftest", BENCH / "conftest.py"))
-    bench = _load("bench_train_for_test", BENCH / "bench_train.py")
+def test_model_flops_count_what_runs():
+    bench = load_suite("bench_train.py")
     d, inter, layers, vocab, length = 16, 32, 2, 50, 64
     q = QNetwork(ModelConfig(hidden_size=d, layers=layers, heads=2, intermediate_size=inter), vocab, [1, 2, 3, 4])
     linears = layers * (4 * d * d + 3 * d * inter)  # q, k, v, o and gate, up, down
