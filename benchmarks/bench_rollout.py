@@ -115,8 +115,10 @@ def test_rollout_paper(benchmark, record, qnet):
            "env-steps/s", "rollout", "reference")
 
 
-def prefilled(qnet, length: int, batch: int = 50, chunk: int = 256, seqlens: bool = False) -> RolloutCache:
-    cache = RolloutCache(qnet.num_layers, batch, device=DEVICE, initial_capacity=length + 512, seqlens=seqlens)
+def prefilled(qnet, length: int, batch: int = 50, chunk: int = 256, seqlens: bool = False,
+              cache_dtype: torch.dtype | None = None) -> RolloutCache:
+    cache = RolloutCache(qnet.num_layers, batch, device=DEVICE, initial_capacity=length + 512, seqlens=seqlens,
+                         cache_dtype=cache_dtype)
     g = torch.Generator().manual_seed(length)
     for _ in range(length // chunk):
         ids = torch.randint(0, FMT.vocab_size, (batch, chunk), generator=g).to(DEVICE)
@@ -242,11 +244,14 @@ def floor_rates(qnet):
     return rates
 
 
-def cached_step_floor(qnet, rates: dict, length: int, drawn: list[torch.Tensor], rounds: int) -> dict:
+def cached_step_floor(qnet, rates: dict, length: int, drawn: list[torch.Tensor], rounds: int,
+                      kv_dtype_bytes: int | None = None) -> dict:
     """The floor of the timed calls of ``test_step_vs_context_ours``: every context starts at ``length`` cached tokens
     and call ``j`` adds ``drawn[j]`` (the real new tokens, not the padded block of 8); the mean bytes and FLOPs of the
-    last ``rounds`` calls (the timed ones, after the warm-up) over the measured rates."""
+    last ``rounds`` calls (the timed ones, after the warm-up) over the measured rates. ``kv_dtype_bytes``: bytes per
+    cached value when the cache is stored narrower than the model (default: the model's)."""
     s = step_shape(qnet)
+    s["dtype_bytes"] = kv_dtype_bytes or s["dtype_bytes"]
     lengths = np.full(len(drawn[0]), length, dtype=np.int64)
     work = []
     for counts in drawn:
@@ -268,12 +273,38 @@ ATTENTION = ["sdpa"] + (["kvcache"] if DEVICE == "cuda" and HAS_FLASH else [])
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("length", [256, 4096])
 def test_step_vs_context_ours(benchmark, record, qnet, floor_rates, length, attention):
+    name = f"cached step at {length} tokens" + (" (flash kv-cache, cache_seqlens)" if attention == "kvcache" else "")
+    cached_step(benchmark, record, qnet, floor_rates, length, attention, name)
+
+
+@pytest.fixture(scope="module")
+def lean_qnet():
+    """The default model with one key/value head (grouped-query attention, 4 query heads per KV head)."""
+    torch.manual_seed(0)
+    return QNetwork(ModelConfig(kv_heads=1), FMT.vocab_size, FMT.action_ids, device=DEVICE, seed=0).eval()
+
+
+@pytest.mark.parametrize("length", [256, 4096])
+def test_step_vs_context_lean(benchmark, record, lean_qnet, floor_rates, length):
+    """The lean cache of issue 19: GQA (1 KV head for 4) and keys/values stored in bf16 under the fp32 model.
+    Target: the step at 4,096 tokens <= 2.5x the step at 256."""
+    cached_step(benchmark, record, lean_qnet, floor_rates, length, "sdpa",
+                f"cached step at {length} tokens, GQA 1 KV head + bf16 cache", cache_dtype=torch.bfloat16)
+    if length == 4096:
+        by = {r["name"]: r["median_s"] for r in rows_of(SUITE)}
+        lean = [by.get(f"cached step at {n} tokens, GQA 1 KV head + bf16 cache") for n in (256, 4096)]
+        if None not in lean:
+            add_note(SUITE, f"lean cached step 4096 vs 256 tokens: {lean[1] / lean[0]:.2f}x (target <= 2.5x)")
+
+
+def cached_step(benchmark, record, qnet, floor_rates, length, attention, name, cache_dtype=None):
+    """Time one cached step of 50 contexts at ``length`` tokens (1-8 new tokens each) and set it against its floor."""
     impl = qnet.model.config._attn_implementation
     qnet.model.set_attn_implementation(register_kvcache_attention() if attention == "kvcache" else "sdpa")
     drawn = []  # the new tokens per context of every call, warm-up included (for the floor)
     try:
         with torch.no_grad():
-            cache = prefilled(qnet, length, seqlens=attention == "kvcache")
+            cache = prefilled(qnet, length, seqlens=attention == "kvcache", cache_dtype=cache_dtype)
             g = torch.Generator().manual_seed(1)
 
             def step():
@@ -288,9 +319,9 @@ def test_step_vs_context_ours(benchmark, record, qnet, floor_rates, length, atte
             benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     finally:
         qnet.model.set_attn_implementation(impl)
-    name = f"cached step at {length} tokens" + (" (flash kv-cache, cache_seqlens)" if attention == "kvcache" else "")
     row = record(SUITE, name, 50, "steps/s", f"step-vs-context L={length}", "ours")
-    f = cached_step_floor(qnet, floor_rates, length, drawn, len(benchmark.stats.stats.data))
+    f = cached_step_floor(qnet, floor_rates, length, drawn, len(benchmark.stats.stats.data),
+                          kv_dtype_bytes=cache_dtype.itemsize if cache_dtype is not None else None)
     row.update({"floor_s": f["floor_s"], "vs_floor": row["median_s"] / f["floor_s"], "floor": {**f, **floor_rates}})
     benchmark.extra_info.update(floor_s=row["floor_s"], vs_floor=row["vs_floor"])
     add_note(SUITE, f"{name}: {row['median_s'] * 1e3:.3f} ms, floor {f['floor_s'] * 1e3:.3f} ms, "
