@@ -131,6 +131,9 @@ def training(run: Path) -> dict | None:
         last_tokens = tokens
     obj, model, optim = cfg.get("objective", {"td": 1.0}), cfg["model"], cfg["optim"]
     parts = [f"{k} {obj[k]:g}" for k in ("td", "imitation", "observation") if obj.get(k)]
+    tau = cfg.get("dqn", {}).get("tau", 0.1)
+    if obj.get("td") and tau != 0.1:  # the paper's Polyak factor is the default; say when a run changed it
+        parts[0] += f" (tau {tau:g})"
     if cfg.get("dqn", {}).get("cql"):
         parts.append(f"cql {cfg['dqn']['cql']:g}")
     s, base = ev["success_rate"], ev["baselines"]
