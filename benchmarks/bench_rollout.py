@@ -376,3 +376,36 @@ def test_rollout_env_backend(benchmark, record, compact_qnet, backend, envs):
     benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
     record(SUITE, f"{envs} maps x 1 episode, env backend {backend}", steps["n"], "env-steps/s",
            f"env backend, {envs} envs", "ours" if backend == "ext" else "reference")
+
+
+@pytest.mark.parametrize("mode", ["collect", "lockstep"])
+def test_rollout_continuous_batching(benchmark, record, compact_qnet, mode):
+    """64 maps x 10 episodes (the paper's ramp) with at most 16 contexts per model call: continuous batching
+    (``RolloutEngine.collect``: a finished context's cache row takes the next map) vs lockstep ``run`` on four
+    16-map chunks (each chunk lasts as long as its longest context, its late calls carry few contexts). The default
+    model untrained: greedy episodes often loop to the 100-step limit, so context lengths vary widely. One round
+    each (< 60 s together on one core). The two play different episodes (``collect`` explores from per-map streams),
+    so the row is env-steps/s; the note gives the model calls and the share of them at full width."""
+    qnet, fmt = compact_qnet
+    maps, width, episodes = generate_maps(64, seed=13), 16, 10
+    engine = RolloutEngine(qnet, fmt, device=DEVICE)
+    seen = {}
+
+    def play():
+        if mode == "collect":
+            steps = engine.collect(maps, episodes, paper_ramp(episodes), seed=0, width=width).length.sum()
+            sizes = list(engine.batch_sizes)
+        else:
+            steps, sizes = 0, []
+            for c in range(0, len(maps), width):
+                steps += engine.run(maps[np.arange(c, c + width)], episodes, paper_ramp(episodes), seed=0).length.sum()
+                sizes += engine.batch_sizes
+        seen["steps"], seen["sizes"] = int(steps), np.asarray(sizes)
+
+    benchmark.pedantic(play, rounds=1, iterations=1, warmup_rounds=0)
+    row = record(SUITE, f"64 maps x 10 episodes, width 16: {mode}", seen["steps"], "env-steps/s",
+                 "continuous batching", "ours" if mode == "collect" else "reference")
+    sizes = seen["sizes"]
+    add_note(SUITE, f"{mode} (64 maps x 10 episodes, width 16): {row['median_s']:.1f} s wall, {seen['steps']} env "
+                    f"steps, {len(sizes)} model calls, {(sizes == width).mean():.0%} of them at full width, mean "
+                    f"{sizes.mean():.1f} contexts per call")

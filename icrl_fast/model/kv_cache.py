@@ -135,6 +135,15 @@ class RolloutCache(Cache):
         for layer in self.layers:
             layer.keep(rows)
 
+    def restart(self, rows) -> None:
+        """Start contexts ``rows`` over (continuous batching: a finished context's row takes the next context): their
+        length is 0, their positions start at 0 again, and every slot of theirs is emptied (position -1), so the old
+        keys and values are never attended again -- neither through the mask nor through ``cache_seqlens`` (slots
+        beyond the length are not read); they stay in the buffers until the new context overwrites them."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.lengths[rows] = 0
+        self.slot_pos[rows] = -1
+
     def plan(self, counts: torch.Tensor, width: int, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reserve slots for ``counts[b]`` new tokens per context in a block of ``width`` columns.
 

@@ -16,17 +16,25 @@ training format (``ContextFormat``: compact or paper). Each step:
 
 The result (``Rollout``) holds the outcomes per episode and every context with its per-token episode index and
 per-episode return/termination: what the online learner's replay stores.
+
+``RolloutEngine.collect`` (continuous batching, for collection) plays M maps, M possibly much larger than its
+``width``, with at most ``width`` contexts per call: when a context has played its episodes, its cache row is
+restarted (``RolloutCache.restart``) and the next map starts there, so calls stay ``width`` wide until the maps run
+out, instead of lasting as long as each batch's longest context with ever fewer contexts per call (``run``'s tail).
+Both loops keep their books in a ``ContextLog`` and make their model calls through ``RolloutEngine._forward``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from numba import njit
 from tqdm import tqdm
 
 from icrl_fast.data.formats import ContextFormat
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
+from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
 from icrl_fast.model.attention import KVCACHE, rollout_attention
 from icrl_fast.model.kv_cache import CACHE_ARG, RolloutCache
 from icrl_fast.rl.device_loop import run_on_device
@@ -78,6 +86,103 @@ class ContextStreams:
                 + len(self.head) + len(f.pre_obs) + int(f.obs_len.max()) + len(f.post_obs))
 
 
+class ContextLog:
+    """What a rollout has played so far, per map: the tokens each context's next model call feeds (``pending``),
+    every token fed with its episode index, the decision positions and the Q read there, the paths and the outcome of
+    every episode. The lockstep loop (``run``) and continuous batching (``collect``) both keep their books here."""
+
+    def __init__(self, streams: ContextStreams, maps: int, episodes: int):
+        m = maps
+        self.streams, self.episodes = streams, episodes
+        self.episode = np.zeros(m, dtype=np.int64)  # the episode each map is playing (== episodes: done)
+        self.out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
+        self.length = np.zeros((m, episodes), dtype=np.int64)
+        self.ret = np.zeros((m, episodes), dtype=np.float32)
+        self.paths: list[list[list[int]]] = [[] for _ in range(m)]
+        self.tokens: list[list[int]] = [[] for _ in range(m)]
+        self.tok_ep: list[list[int]] = [[] for _ in range(m)]
+        self.dpos: list[list[int]] = [[] for _ in range(m)]
+        self.q_read: list[list[np.ndarray]] = [[] for _ in range(m)]
+        self.pending: list[list[int]] = [[] for _ in range(m)]
+        self.pending_ep: list[list[int]] = [[] for _ in range(m)]
+
+    def start(self, b: int, obs: int, prefix: list[int]) -> None:
+        """Map ``b``'s context opens: its ``prefix`` (episode index -1), then the first episode at ``obs``."""
+        head = self.streams.first_block(obs)
+        self.pending[b] = list(prefix) + head
+        self.pending_ep[b] = [-1] * len(prefix) + [0] * len(head)
+        self.paths[b] = [[obs]]
+
+    def feed(self, b: int) -> list[int]:
+        """Map ``b``'s pending tokens, now appended to its context; the last one is a decision point."""
+        block = self.pending[b]
+        self.tokens[b] += block
+        self.tok_ep[b] += self.pending_ep[b]
+        self.dpos[b].append(len(self.tokens[b]) - 1)
+        return block
+
+    def record(self, b: int, action: int, reward, ended: bool, landed: int, tile, cut: bool, next_obs: int) -> None:
+        """Book map ``b``'s step: ``action`` earned ``reward`` and landed on tile index ``landed``; when the episode
+        ``ended`` (``cut``: by the time limit), ``tile`` is the landing tile's code and ``next_obs`` the next
+        episode's start, else ``next_obs`` is ``landed``. Sets the tokens of ``b``'s next call (none when done: the
+        closing tokens go straight into the context)."""
+        st, e = self.streams, self.episode[b]
+        self.length[b, e] += 1
+        self.ret[b, e] += reward
+        self.paths[b][-1].append(landed)
+        if not ended:
+            tail, _ = st.after_action(action, float(reward), False, False, next_obs)
+            self.pending[b], self.pending_ep[b] = tail, [e] * len(tail)
+            return
+        out = self.out
+        out["success"][b, e], out["hole"][b, e] = tile == GOAL, tile == HOLE
+        out["truncated"][b, e] = cut and tile != GOAL and tile != HOLE
+        self.episode[b] += 1
+        more = self.episode[b] < self.episodes
+        if more:
+            self.paths[b].append([next_obs])
+        tail, head = st.after_action(action, float(reward), True, bool(out["truncated"][b, e]),
+                                     next_obs if more else None)
+        if not more:  # the context is complete: its closing tokens need no model call
+            self.tokens[b] += tail
+            self.tok_ep[b] += [e] * len(tail)
+            tail = []
+        self.pending[b] = tail + head
+        self.pending_ep[b] = [e] * len(tail) + [e + 1] * len(head)
+
+    def result(self) -> Rollout:
+        out = self.out
+        return Rollout(success=out["success"], hole=out["hole"], truncated=out["truncated"], length=self.length,
+                       episode_return=self.ret, tokens=[np.asarray(t, dtype=np.int64) for t in self.tokens],
+                       token_episode=[np.asarray(t, dtype=np.int64) for t in self.tok_ep],
+                       decision_pos=[np.asarray(d, dtype=np.int64) for d in self.dpos],
+                       q=[np.stack(x).astype(np.float32) for x in self.q_read], paths=self.paths)
+
+
+_EXPLORE_SALT = np.uint64(0x6A09E667F3BCC908)  # sqrt(2)'s fraction bits: exploration streams apart from env streams
+
+
+@njit(cache=True)
+def _explore_streams(seed, maps):
+    """The initial state of every map's exploration stream ``(seed, b)`` (``collect``)."""
+    state = np.empty(maps, dtype=np.uint64)
+    for b in range(maps):
+        state[b] = stream_state(seed, np.uint64(b))
+    return state
+
+
+@njit(cache=True)
+def _explore_draws(state, maps, u, action):
+    """Advance the exploration streams of ``maps`` by two draws each: ``u[i]`` uniform on [0, 1) (explore when
+    ``u >= p_model``) and ``action[i]`` uniform on 0..3 (the top two bits of the second draw)."""
+    for i in range(maps.shape[0]):
+        s, x = next_uniform(state[maps[i]])
+        s, z = next_u64(s)
+        state[maps[i]] = s
+        u[i] = x
+        action[i] = np.int64(z >> np.uint64(62))
+
+
 class HostView:
     """The rollout's env as numpy arrays on the host, whichever backend steps it: ``numba`` (``FrozenLakeBatch``)
     or ``ext`` (``TorchFrozenLakeBatch`` on ``device``: the step runs there, its outputs are copied back).
@@ -96,10 +201,10 @@ class HostView:
     def _host(self, x):
         return x.cpu().numpy() if self.torch else x.copy()
 
-    def reset(self, mask: np.ndarray | None = None) -> np.ndarray:
+    def reset(self, mask: np.ndarray | None = None, seed: int | None = None) -> np.ndarray:
         if mask is not None and self.torch:
             mask = torch.from_numpy(mask).to(self.env.device)
-        return self._host(self.env.reset(mask=mask))
+        return self._host(self.env.reset(seed=seed, mask=mask))
 
     def step(self, actions: np.ndarray):
         out = self.env.step(torch.from_numpy(actions).to(self.env.device) if self.torch else actions)
@@ -116,6 +221,10 @@ class RolloutEngine:
     back every ``sync_every`` steps), except for a map switch (the non-stationary experiment), which the host loop
     plays. ``cache_dtype``: the dtype the KV cache stores keys and values in (e.g. ``torch.bfloat16`` under an fp32
     model: half the bytes, Q within bf16 rounding of the keys and values); ``None``: the model's own dtype.
+
+    ``run`` plays B maps in lockstep (evaluation); ``collect`` plays M maps with at most ``width`` contexts per call
+    (continuous batching, collection). ``batch_sizes``: the contexts of every model call of the last host-loop call
+    of either (empty after ``run`` on the device loop).
     """
 
     def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
@@ -127,6 +236,7 @@ class RolloutEngine:
         self.cache_dtype = cache_dtype
         self.max_positions, self.sync_every = max_positions, sync_every
         self.streams = ContextStreams(fmt)
+        self.batch_sizes: list[int] = []  # the contexts of every model call of the last host-loop run or collect
         from icrl_fast.envs import ext
 
         if env_backend == "auto":
@@ -162,16 +272,40 @@ class RolloutEngine:
         """See ``_run``. A model on flash-attn 2 rolls out on flash-attn's kv-cache kernel with per-context
         ``cache_seqlens`` (``icrl_fast.model.attention.KVCACHE``), or on SDPA with a window (the ring's mask), and
         is switched back afterwards (``rollout_attention``)."""
+        return self._under_rollout_attention(self._run, maps, episodes, p_model, seed, **kwargs)
+
+    def collect(self, maps: MapBatch, episodes: int, p_model, seed: int, *, width: int, **kwargs) -> Rollout:
+        """See ``_collect`` (continuous batching); the attention switch is ``run``'s."""
+        return self._under_rollout_attention(self._collect, maps, episodes, p_model, seed, width=width, **kwargs)
+
+    def _under_rollout_attention(self, play, *args, **kwargs) -> Rollout:
         model = self.qnet.model
         impl = getattr(model.config, "_attn_implementation", None)
         use = rollout_attention(impl, self.window)
+        self.batch_sizes = []
         if use is None:
-            return self._run(maps, episodes, p_model, seed, **kwargs)
+            return play(*args, **kwargs)
         model.set_attn_implementation(use)
         try:
-            return self._run(maps, episodes, p_model, seed, **kwargs)
+            return play(*args, **kwargs)
         finally:
             model.set_attn_implementation(impl)
+
+    def _forward(self, cache: RolloutCache, blocks: list[list[int]]) -> np.ndarray:
+        """One model call: cache row ``r`` gets the tokens ``blocks[r]`` (at least one each), left-padded so every
+        context's decision token is the last column. Returns Q there, ``float32 [rows, 4]``, and appends the call's
+        batch size to ``batch_sizes``."""
+        counts = np.array([len(x) for x in blocks], dtype=np.int64)
+        width = int(counts.max())
+        ids = np.zeros((len(blocks), width), dtype=np.int64)
+        for row, block in enumerate(blocks):  # left-pad: every context's decision token is the last column
+            ids[row, width - counts[row]:] = block
+        pos, mask = cache.plan(torch.from_numpy(counts), width)
+        self.check_length(cache.get_seq_length())  # the cache knows every live context's length
+        h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
+                             **{CACHE_ARG: cache}, use_cache=True, **cache.attention_kwargs())
+        self.batch_sizes.append(len(blocks))
+        return self.qnet.q_values(h[:, -1]).cpu().numpy()
 
     @torch.no_grad()
     def _run(self, maps: MapBatch, episodes: int, p_model, seed: int, *, is_slippery: bool = False,
@@ -201,18 +335,11 @@ class RolloutEngine:
         which = np.arange(m)  # the env each context plays on (b, or b + m after a switch)
         obs = env.reset()[:m]
         rng = np.random.default_rng(seed)
-        st = self.streams
+        log = ContextLog(self.streams, m, episodes)
         pending, prefix = self.first_blocks(obs, prefix)
-        pending_ep = [[-1] * len(prefix[b]) + [0] * (len(p) - len(prefix[b])) for b, p in enumerate(pending)]
-        episode = np.zeros(m, dtype=np.int64)
-        out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
-        length = np.zeros((m, episodes), dtype=np.int64)
-        ret = np.zeros((m, episodes), dtype=np.float32)
-        paths = [[[int(obs[b])]] for b in range(m)]
-        tokens: list[list[int]] = [[] for _ in range(m)]
-        tok_ep: list[list[int]] = [[] for _ in range(m)]
-        dpos: list[list[int]] = [[] for _ in range(m)]
-        q_read: list[list[np.ndarray]] = [[] for _ in range(m)]
+        for b in range(m):
+            log.start(b, int(obs[b]), prefix[b])
+        episode = log.episode
         cache = self.new_cache(m, max(map(len, pending)))
         bar = tqdm(total=m * episodes, desc="rollout", unit="episode", leave=False, disable=not progress)
         live = np.arange(m)  # the maps still playing, in cache-row order (finished ones are dropped)
@@ -222,69 +349,110 @@ class RolloutEngine:
                 keep = np.flatnonzero(episode[live] < episodes)
                 cache.keep(torch.from_numpy(keep).to(self.device))
                 live = live[keep]
-            counts = np.array([len(pending[b]) for b in live], dtype=np.int64)
-            width = int(counts.max())
-            ids = np.zeros((len(live), width), dtype=np.int64)
-            for row, b in enumerate(live):  # left-pad: every context's decision token is the last column
-                ids[row, width - counts[row]:] = pending[b]
-                tokens[b] += pending[b]
-                tok_ep[b] += pending_ep[b]
-                dpos[b].append(len(tokens[b]) - 1)
-            pos, mask = cache.plan(torch.from_numpy(counts), width)
-            self.check_length(cache.get_seq_length())  # the cache knows every live context's length
-            h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
-                                 **{CACHE_ARG: cache}, use_cache=True, **cache.attention_kwargs())
-            q[live] = self.qnet.q_values(h[:, -1]).cpu().numpy()
+            q[live] = self._forward(cache, [log.feed(b) for b in live])
             for b in live:
-                q_read[b].append(q[b].copy())
+                log.q_read[b].append(q[b].copy())
             explore = rng.random(m) >= p_model[np.minimum(episode, episodes - 1)]
             actions = np.where(explore, rng.integers(0, 4, m), q.argmax(-1)).astype(np.int64)
             active = episode < episodes
             env_actions = np.zeros(len(env_maps), dtype=np.int64)
             env_actions[which] = actions
             o, r, term, trunc, final_obs = (x[which] for x in env.step(env_actions))
-            pending, pending_ep = [], []
-            for b in range(m):
-                if not active[b]:
-                    pending.append([])
-                    pending_ep.append([])
-                    continue
-                e = episode[b]
-                length[b, e] += 1
-                ret[b, e] += r[b]
+            for b in np.flatnonzero(active):
                 ended = bool(term[b] or trunc[b])
                 landed = int(final_obs[b]) if ended else int(o[b])
-                paths[b][-1].append(landed)
+                k = which[b]
+                tile = env_maps.tiles[k, landed // env_maps.ncol[k], landed % env_maps.ncol[k]] if ended else None
+                if ended and switch_to is not None and episode[b] + 1 == switch_after:  # the next episode: map B
+                    which[b] += m
+                    fresh = np.zeros(len(env_maps), dtype=bool)
+                    fresh[which[b]] = True
+                    o[b] = env.reset(fresh)[which[b]]
+                log.record(b, int(actions[b]), r[b], ended, landed, tile, bool(trunc[b]), int(o[b]))
                 if ended:
-                    k = which[b]
-                    tile = env_maps.tiles[k, landed // env_maps.ncol[k], landed % env_maps.ncol[k]]
-                    out["success"][b, e], out["hole"][b, e] = tile == GOAL, tile == HOLE
-                    out["truncated"][b, e] = bool(trunc[b]) and tile != GOAL and tile != HOLE
-                    episode[b] += 1
                     bar.update()
-                    more = episode[b] < episodes
-                    if switch_to is not None and episode[b] == switch_after:  # the next episode is on map B
-                        which[b] += m
-                        fresh = np.zeros(len(env_maps), dtype=bool)
-                        fresh[which[b]] = True
-                        o[b] = env.reset(fresh)[which[b]]
-                    if more:
-                        paths[b].append([int(o[b])])
-                    tail, head = st.after_action(int(actions[b]), float(r[b]), True, bool(out["truncated"][b, e]),
-                                                 int(o[b]) if more else None)
-                    if not more:  # the context is complete: its closing tokens need no model call
-                        tokens[b] += tail
-                        tok_ep[b] += [e] * len(tail)
-                        tail = []
-                    pending.append(tail + head)
-                    pending_ep.append([e] * len(tail) + [e + 1] * len(head))
-                else:
-                    tail, _ = st.after_action(int(actions[b]), float(r[b]), False, False, int(o[b]))
-                    pending.append(tail)
-                    pending_ep.append([e] * len(tail))
         bar.close()
-        return Rollout(success=out["success"], hole=out["hole"], truncated=out["truncated"], length=length,
-                       episode_return=ret, tokens=[np.asarray(t, dtype=np.int64) for t in tokens],
-                       token_episode=[np.asarray(t, dtype=np.int64) for t in tok_ep],
-                       decision_pos=[np.asarray(d, dtype=np.int64) for d in dpos],
-                       q=[np.stack(x).astype(np.float32) for x in q_read], paths=paths)
+        return log.result()
+
+    @torch.no_grad()
+    def _collect(self, maps: MapBatch, episodes: int, p_model, seed: int, *, width: int, is_slippery: bool = False,
+                 progress: bool = False, prefix: list[list[int]] | None = None) -> Rollout:
+        """Continuous batching: play ``episodes`` episodes on each of the M maps with at most ``width`` contexts in a
+        model call. Maps start in index order; when a context has played its episodes its cache row is restarted
+        (``RolloutCache.restart``: length 0, positions from 0, the old keys and values never attended again) and the
+        next map starts there, so every call carries ``width`` contexts until fewer than ``width`` maps are left
+        (then finished rows are dropped, as in ``run``). ``batch_sizes`` holds the contexts of every call.
+        ``p_model``, ``is_slippery``, ``progress``, ``prefix``: as in ``_run``. Returns ``run``'s ``Rollout``, one
+        entry per map in map order.
+
+        Determinism: map ``b``'s env draws from stream ``(seed, b)``, reseeded when the map starts (exactly as
+        ``run``'s env ``b``), and its exploration from its own stream ``(seed ^ salt, b)``, advanced twice per step
+        of map ``b`` only; so given the Q-values, map ``b``'s episodes are a function of ``(seed, b)`` alone, not of
+        ``width`` or of the other maps (with random actions, ``p_model = 0``, they are identical for every width).
+        The Q-values themselves are computed in batches whose make-up depends on the schedule and agree with a full
+        forward to fp32 rounding, which can flip a greedy action only at a near-tie. With greedy actions
+        (``p_model = 1``) and ``width >= M`` the result equals ``run``'s; with exploration it does not, since ``run``
+        draws the exploration of all its contexts from one shared generator (element ``b`` of each lockstep step's
+        draw), which a per-map stream cannot reproduce.
+        """
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+            raise ValueError(f"width must be a positive int (contexts per model call), got {width!r}")
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {episodes}")
+        m = len(maps)
+        if prefix is not None and len(prefix) != m:
+            raise ValueError(f"prefix needs one token list per map ({m}), got {len(prefix)}")
+        prefix = prefix if prefix is not None else [[] for _ in range(m)]
+        p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
+        env = HostView(maps, self.env_backend, self.device, is_slippery=is_slippery, seed=seed)
+        obs = env.reset()  # seeds every map's stream (seed, b); later starts reseed theirs
+        explore_state = _explore_streams(as_seed(seed) ^ _EXPLORE_SALT, m)
+        log = ContextLog(self.streams, m, episodes)
+        f = self.fmt
+        first_width = (max(map(len, prefix), default=0) + len(self.streams.head) + len(f.pre_obs)
+                       + int(f.obs_len.max()) + len(f.post_obs))  # any map's first block
+        slots = np.arange(min(width, m))  # the map each cache row plays
+        for b in slots:
+            log.start(b, int(obs[b]), prefix[b])
+        following = len(slots)  # the next map to start
+        cache = self.new_cache(len(slots), first_width)
+        bar = tqdm(total=m * episodes, desc="collect", unit="episode", leave=False, disable=not progress)
+        u = np.zeros(len(slots), dtype=np.float64)
+        rand = np.zeros(len(slots), dtype=np.int64)
+        while len(slots):
+            q = self._forward(cache, [log.feed(b) for b in slots])
+            for row, b in enumerate(slots):
+                log.q_read[b].append(q[row].copy())
+            _explore_draws(explore_state, slots, u, rand)
+            explore = u[: len(slots)] >= p_model[log.episode[slots]]
+            actions = np.where(explore, rand[: len(slots)], q.argmax(-1)).astype(np.int64)
+            env_actions = np.zeros(m, dtype=np.int64)  # maps not playing step too: a map's start reseeds its stream
+            env_actions[slots] = actions
+            o, r, term, trunc, final_obs = env.step(env_actions)
+            for row, b in enumerate(slots):
+                ended = bool(term[b] or trunc[b])
+                landed = int(final_obs[b]) if ended else int(o[b])
+                tile = maps.tiles[b, landed // maps.ncol[b], landed % maps.ncol[b]] if ended else None
+                log.record(b, int(actions[row]), r[b], ended, landed, tile, bool(trunc[b]), int(o[b]))
+                if ended:
+                    bar.update()
+            done = np.flatnonzero(log.episode[slots] >= episodes)
+            if not len(done):
+                continue
+            refill = done[: m - following]  # rows that take the next maps, in map order
+            if len(refill):
+                new = np.arange(following, following + len(refill))
+                following += len(refill)
+                fresh = np.zeros(m, dtype=bool)
+                fresh[new] = True
+                obs = env.reset(fresh, seed=seed)
+                for b in new:
+                    log.start(b, int(obs[b]), prefix[b])
+                slots[refill] = new
+                cache.restart(torch.from_numpy(refill).to(self.device))
+            if len(refill) < len(done):  # no maps left to start: drop the finished rows
+                keep = np.setdiff1d(np.arange(len(slots)), done[len(refill):])
+                cache.keep(torch.from_numpy(keep).to(self.device))
+                slots = slots[keep]
+        bar.close()
+        return log.result()
