@@ -245,7 +245,8 @@ def test_kv_heads_must_divide_heads():
 
 
 def bf16_kv_sdpa(module, query, key, value, *args, **kwargs):
-    """SDPA over keys and values rounded to bf16 (after RoPE, as the cache stores them), computed in fp32."""
+    """SDPA over keys and values rounded to bf16 (after RoPE, as the cache stores them), computed in the model's
+    dtype."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key.bfloat16().to(key.dtype), value.bfloat16().to(value.dtype),
@@ -275,12 +276,21 @@ def test_a_bf16_cache_under_an_fp32_model_equals_a_forward_over_bf16_keys_and_va
     assert all((a == b).all() for a, b in zip(out.tokens, fp32.tokens))
     assert not all(np.array_equal(a, b) for a, b in zip(out.q, fp32.q))
 
+    # The exact check runs on a float64 copy: in fp32 the cached path and the full forward compute K in matmuls of
+    # different shapes, whose last-ulp differences can round a K near a bf16 tie differently (one bf16 ulp; seen on
+    # two cores, not on one). In float64 no K lands that close to a tie, so the bf16 rounding is reproduced exactly.
+    q64 = copy.deepcopy(q).double()
+    out64 = RolloutEngine(q64, fmt, window=window, cache_dtype=torch.bfloat16).run(maps, episodes, 0.0, seed=3)
+    assert all((a == b).all() for a, b in zip(out64.tokens, out.tokens))
     AttentionInterface.register("test_bf16_kv_sdpa", bf16_kv_sdpa)
-    q.model.set_attn_implementation("test_bf16_kv_sdpa")
-    try:
-        assert_engine_equals_full_forward(q, fmt, out, window)
-    finally:
-        q.model.set_attn_implementation("sdpa")
+    q64.model.set_attn_implementation("test_bf16_kv_sdpa")
+    for b in range(len(out64.tokens)):
+        ids, decisions = torch.from_numpy(out64.tokens[b])[None], out64.decision_pos[b]
+        np.testing.assert_array_equal(decisions, np.flatnonzero(token_contract(fmt, out64.tokens[b])[0]))
+        with torch.no_grad():
+            h = q64.hidden(ids, attention_mask=sliding_window_mask(ids.shape[1], window, torch.float64))[0]
+            full = q64.q_values(h[torch.from_numpy(decisions)]).numpy()
+        np.testing.assert_allclose(out64.q[b], full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
 
     whole_bf16 = copy.deepcopy(q).to(torch.bfloat16)
     for b in range(len(out.tokens)):
