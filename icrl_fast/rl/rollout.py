@@ -336,11 +336,11 @@ class RolloutEngine:
         obs = env.reset()[:m]
         rng = np.random.default_rng(seed)
         log = ContextLog(self.streams, m, episodes)
-        pending, prefix = self.first_blocks(obs, prefix)
+        prefix = prefix if prefix is not None else [[] for _ in range(m)]
         for b in range(m):
             log.start(b, int(obs[b]), prefix[b])
         episode = log.episode
-        cache = self.new_cache(m, max(map(len, pending)))
+        cache = self.new_cache(m, max(map(len, log.pending)))  # the first blocks, as the log opened them
         bar = tqdm(total=m * episodes, desc="rollout", unit="episode", leave=False, disable=not progress)
         live = np.arange(m)  # the maps still playing, in cache-row order (finished ones are dropped)
         q = np.zeros((m, 4), dtype=np.float32)
