@@ -122,13 +122,13 @@ def deterministic_on(setting, device: str) -> bool:
     return (not str(device).startswith("cuda")) if value is None else value
 
 
-def protocol_recipe(preset_name: str = "protocol", **protocol) -> TrainConfig:
+def protocol_recipe(preset_name: str = "protocol", td: float = 0.0, **protocol) -> TrainConfig:
     """In-context RL taught on protocol contexts: the context teacher's choices (imitation) and the environment's
-    answers (observation) on the one Q head of a 2 x 128 Llama, AdamW 2e-3 with a cosine schedule (README, Teaching
-    the model; the measured runs are in docs/results/icrl-runs.md)."""
+    answers (observation) on the one Q head of a 2 x 128 Llama, AdamW 2e-3 with a cosine schedule, plus the paper's
+    TD loss at weight ``td`` (README, Teaching the model; the measured runs are in docs/results/icrl-runs.md)."""
     return TrainConfig(
         preset=preset_name, mode="protocol", data=DatasetConfig(format="compact", slice_len=1024),
-        protocol=ProtocolConfig(**protocol), objective=ObjectiveConfig(td=0.0, imitation=1.0, observation=0.5),
+        protocol=ProtocolConfig(**protocol), objective=ObjectiveConfig(td=td, imitation=1.0, observation=0.5),
         model=ModelConfig(layers=2), optim=OptimConfig(steps=3000, lr=2e-3, warmup_steps=30, schedule="cosine"),
         log_every=50, ckpt_every=500)
 
@@ -140,21 +140,19 @@ def preset(name: str) -> TrainConfig:
       docs/results/icrl-runs.md, e02), for 1,600 steps: what fits 20 minutes here;
     * ``protocol`` -- the protocol recipe without noise (e01), kept so every logged run can be rerun;
     * ``dqn`` -- the default before protocol contexts: offline Double DQN + CQL on success-weighted slices (0.21);
-    * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps; not yet
-      measured: no GPU has run it);
+    * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps; measured
+      only cut to 750 steps, ~95 s on an H200: 0.66, docs/results/icrl-runs.md g01);
     * ``smoke`` -- seconds, what the tests run; ``paper`` -- the paper's recipe (8B + IA3, pure DQN, on a GPU).
     """
     if name == "default":  # the protocol recipe + the paper's TD loss, sized to 20 minutes on this 2-core CPU
-        cfg = protocol_recipe("default")
-        return dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, td=1.0),
-                                   optim=dataclasses.replace(cfg.optim, steps=DEFAULT_STEPS))
+        cfg = protocol_recipe("default", td=1.0)
+        return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=DEFAULT_STEPS))
     if name == "protocol":
         return protocol_recipe("protocol")
     if name == "gpu":
-        cfg = protocol_recipe("gpu", contexts=32)
+        cfg = protocol_recipe("gpu", td=1.0, contexts=32)
         return dataclasses.replace(
-            cfg, objective=dataclasses.replace(cfg.objective, td=1.0),
-            model=ModelConfig(hidden_size=256, layers=6, heads=8, intermediate_size=768),
+            cfg, model=ModelConfig(hidden_size=256, layers=6, heads=8, intermediate_size=768),
             optim=dataclasses.replace(cfg.optim, steps=20000, lr=1e-3, warmup_steps=200), ckpt_every=1000)
     if name == "dqn":  # cql + success-weighted data: the best of the offline-DQN sessions (0.21)
         return TrainConfig(preset="dqn", data=DatasetConfig(format="compact", slice_len=1024, quality="high"),

@@ -40,7 +40,10 @@ _DC = np.array([-1, 0, 1, 0], dtype=np.int32)
 # machine: 1,024 envs 25 vs 28 us, 2,048 45 vs 36, 4,096 84 vs 58, 16,384 331 vs 211; from 4,096 up two threads
 # win steadily (~1.5x), at 2,048 it varied between runs (0.65x-1.16x). At normal priority beside that run, two
 # threads took ~8-12 ms per step at every size up to 65,536 (one: 8 us at 64 envs, 17 us at 1,024, 2.1 ms at
-# 65,536): a parallel step waits for a worker that the scheduler has parked behind the other process.
+# 65,536): a parallel step waits for a worker that the scheduler has parked behind the other process. With the
+# machine to itself (bench_env, 2026-11-30) two threads were ~2x faster at every size from 1,024 envs (78.8 M vs
+# 39.3 M env-steps/s at 1,024), so this threshold trades that for not collapsing beside a busy core (one thread:
+# 1,011x SyncVectorEnv there; two: 482x). A choice that sees the load would get both.
 PARALLEL_MIN_ENVS = 4096
 _MODE_CODE = {AutoresetMode.NEXT_STEP: NEXT_STEP, AutoresetMode.SAME_STEP: SAME_STEP, AutoresetMode.DISABLED: DISABLED}
 
