@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from icrl_fast import distributed
 from icrl_fast.config import from_dict
 from icrl_fast.data.dataset import OfflineDataset
+from icrl_fast.data.formats import make_format
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.model.qnet import QNetwork
 from icrl_fast.presets import TrainConfig
@@ -98,6 +99,21 @@ def init_networks(source: Path, qnet: QNetwork) -> None:
         raise ValueError(f"cannot start from {source}: its networks do not match this model ({e})") from None
 
 
+def run_format(cfg: TrainConfig, ds: OfflineDataset):
+    """The context format of a run: the dataset's, whose slices an offline or online run trains on; in protocol mode
+    the config's (``--data.format``): the contexts are played on the fly and the dataset gives only the test maps, so
+    a dataset built in another format may be reused (``--data_path``)."""
+    if cfg.mode == "protocol":
+        return make_format(cfg.data.format, cfg.data.tokenizer, cfg.data.max_obs)
+    return ds.format
+
+
+def build_qnet(cfg: TrainConfig, fmt, device: str) -> QNetwork:
+    """The run's Q-network for context format ``fmt`` (factored embeddings when the format has them)."""
+    return QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed,
+                    token_factors=getattr(fmt, "token_factors", None))
+
+
 def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str = "cpu"):
     """The trained network (on ``device``), its format, the maps to evaluate (test split, or fresh 6-7 maps for
     ``ood``) and the run's config."""
@@ -105,7 +121,8 @@ def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str =
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
     ds = OfflineDataset.load(Path(cfg.data_path) if cfg.data_path else run_dir / "dataset", verify=False)
-    qnet = QNetwork(cfg.model, ds.format.vocab_size, ds.format.action_ids, device=device, seed=cfg.seed)
+    fmt = run_format(cfg, ds)
+    qnet = build_qnet(cfg, fmt, device)
     if qnet.pretrained and (run_dir / "adapters").is_dir():
         qnet.load_adapters(run_dir / "adapters")  # the PEFT adapters of the finished run
     else:
@@ -115,4 +132,4 @@ def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str =
         maps = generate_maps(n_maps, seed=cfg.seed + 7919, height=(6, 7), width=(6, 7), min_hops=cfg.data.min_hops)
     else:
         maps = ds.maps[ds.test_map_ids[:n_maps]]
-    return qnet, ds.format, maps, cfg
+    return qnet, fmt, maps, cfg

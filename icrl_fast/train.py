@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from icrl_fast import distributed
-from icrl_fast.checkpoint import init_networks, load_checkpoint, load_run_for_eval, save_checkpoint  # noqa: F401
+from icrl_fast.checkpoint import (build_qnet, init_networks, load_checkpoint, load_run_for_eval,  # noqa: F401
+                                  run_format, save_checkpoint)
 from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
 from icrl_fast.data.dataset import OfflineDataset, build_dataset
 from icrl_fast.evaluate import evaluate, summary_rows, write_outputs
@@ -60,7 +61,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     torch.use_deterministic_algorithms(deterministic_on(cfg.deterministic, device), warn_only=device != "cpu")
     progress = progress and world.main
     ds = prepare_data(cfg, run_dir, world, progress)
-    fmt = ds.format
+    fmt = run_format(cfg, ds)
     qnet, opt, sched = build_learner(cfg, fmt, world, device)
     state = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0, "last_rollout": -1}
     replay = ContextReplay(fmt, cfg.online.capacity, cfg.online.slice_len) if cfg.mode == "online" else None
@@ -68,9 +69,10 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         init_networks(Path(cfg.online.init), qnet)
     if resume:
         state = {"last_rollout": -1, **load_checkpoint(run_dir, qnet, opt, sched, replay, rank=world.rank)}
-    source = make_source(cfg, ds, replay, world, progress, qnet, device)
+    source = make_source(cfg, ds, fmt, replay, world, progress, qnet, device)
     objective = Objectives(qnet, cfg.objective, cfg.dqn,
-                           lambda *a, **k: dqn_loss(*a, **k))  # dqn_loss looked up per call (tests patch it)
+                           lambda *a, **k: dqn_loss(*a, **k),  # dqn_loss looked up per call (tests patch it)
+                           landing_block=getattr(fmt, "landing_block", None))
     ddp = world.distributed and not qnet.sharded
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
@@ -163,7 +165,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         if qnet.pretrained:
             qnet.save_adapters(run_dir / "adapters", adapters)
         if cfg.eval.maps > 0:
-            result |= final_evaluation(cfg, qnet, ds, run_dir, device, tb, state["step"], progress)
+            result |= final_evaluation(cfg, qnet, ds, fmt, run_dir, device, tb, state["step"], progress)
         if tb is not None:
             tb.close()
     world.barrier()  # the other ranks wait while rank 0 saves and evaluates
@@ -218,7 +220,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, world, progress: bool) -> Offl
 
 def build_learner(cfg: TrainConfig, fmt, world, device: str):
     """The Q-network (sharded under ``--parallel fsdp``), AdamW and the learning-rate schedule."""
-    qnet = QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed)
+    qnet = build_qnet(cfg, fmt, device)
     if world.distributed and cfg.parallel == "fsdp":
         qnet.shard(distributed.mesh(world, device))
     opt = torch.optim.AdamW(qnet.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -226,12 +228,12 @@ def build_learner(cfg: TrainConfig, fmt, world, device: str):
     return qnet, opt, sched
 
 
-def make_source(cfg: TrainConfig, ds: OfflineDataset, replay, world, progress: bool, qnet, device: str):
+def make_source(cfg: TrainConfig, ds: OfflineDataset, fmt, replay, world, progress: bool, qnet, device: str):
     """The context source of ``cfg.mode`` (``icrl_fast.rl.sources``); DAgger chunks roll the network out."""
     if cfg.mode == "protocol":
-        engine = None if cfg.protocol.dagger == 0 else RolloutEngine(qnet, ds.format, device=device,
+        engine = None if cfg.protocol.dagger == 0 else RolloutEngine(qnet, fmt, device=device,
                                                                      max_positions=cfg.model.max_positions)
-        return ProtocolSource(cfg.protocol, ds.format, ds.maps[ds.test_map_ids], seed=cfg.seed,
+        return ProtocolSource(cfg.protocol, fmt, ds.maps[ds.test_map_ids], seed=cfg.seed,
                               height=cfg.data.height, width=cfg.data.width, min_hops=cfg.data.min_hops,
                               grad_accum=cfg.optim.grad_accum, rank_key=world.key(), engine=engine,
                               progress=progress)
@@ -240,12 +242,12 @@ def make_source(cfg: TrainConfig, ds: OfflineDataset, replay, world, progress: b
     return OfflineSource(ds, cfg.optim.batch_slices, cfg.seed, world)
 
 
-def final_evaluation(cfg: TrainConfig, qnet, ds: OfflineDataset, run_dir: Path, device: str, tb, step: int,
+def final_evaluation(cfg: TrainConfig, qnet, ds: OfflineDataset, fmt, run_dir: Path, device: str, tb, step: int,
                      progress: bool) -> dict:
     """The paper's protocol on the test maps: eval.json and plots in the run directory; returns the headline."""
     maps = ds.maps[ds.test_map_ids[: cfg.eval.maps]]
     qnet.eval()
-    ev = evaluate(qnet, ds.format, maps, dataclasses.replace(cfg.eval, maps=len(maps)), device=device,
+    ev = evaluate(qnet, fmt, maps, dataclasses.replace(cfg.eval, maps=len(maps)), device=device,
                   max_positions=cfg.model.max_positions, extra_config={"train": dataclasses.asdict(cfg)},
                   progress=progress)
     rows = summary_rows(ev)

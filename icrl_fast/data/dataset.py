@@ -75,7 +75,8 @@ class DatasetConfig:
     sets_per_map: int | None = None
     """Sets drawn per map; default ``episodes_per_map // mean set size`` (each episode about once)."""
     format: str = "paper"
-    """Context format: ``paper`` or ``compact``."""
+    """Context format: ``paper``, ``compact`` or ``step`` (one token per step). In protocol mode the contexts are
+    played in the run's own ``--data.format``; a dataset built in another format serves for its test maps."""
     tokenizer: str | None = None
     """Local tokenizer directory for the ``paper`` format (default: the built-in offline vocabulary)."""
     max_obs: int = 64

@@ -35,12 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from icrl_fast.data.step_format import StepFormat, decode_step, encode_step, step_contract
+
 BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 SPECIAL_TOKENS = (BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT)
 ACTION_WORDS = ("left", "down", "right", "up")
 REWARD_TEXT = "1.0"
-FORMATS = ("paper", "compact")
+FORMATS = ("paper", "compact", "step")
 
 
 class OfflineVocab:
@@ -190,14 +192,19 @@ def compact_format(max_obs: int = 64) -> ContextFormat:
         reward_block=_arr([COMPACT_REWARD]), trunc_block=_arr([COMPACT_TRUNCATED]), episode_end=empty)
 
 
-def make_format(name: str, tokenizer_path: str | None = None, max_obs: int = 64) -> ContextFormat:
-    """``paper`` (offline vocabulary, or the tokenizer in ``tokenizer_path``) or ``compact``."""
+def make_format(name: str, tokenizer_path: str | None = None, max_obs: int = 64) -> ContextFormat | StepFormat:
+    """``paper`` (offline vocabulary, or the tokenizer in ``tokenizer_path``), ``compact`` or ``step``
+    (``icrl_fast.data.step_format``: one token per step)."""
     if name == "paper":
         return paper_format(HFVocab.from_pretrained(tokenizer_path) if tokenizer_path else None, max_obs)
     if name == "compact":
         if tokenizer_path:
             raise ValueError("the compact format has its own vocabulary; --tokenizer applies to the paper format")
         return compact_format(max_obs)
+    if name == "step":
+        if tokenizer_path:
+            raise ValueError("the step format has its own vocabulary; --tokenizer applies to the paper format")
+        return StepFormat(max_obs)
     raise ValueError(f"unknown context format {name!r}; choose one of {FORMATS}")
 
 
@@ -260,8 +267,10 @@ def encode_episodes(fmt: ContextFormat, log, order: np.ndarray) -> tuple[np.ndar
     Returns ``(input_ids int32 [T], episode_index int32 [T])`` where ``episode_index`` is the position in
     ``order`` of the episode each token belongs to.
     """
-    order = np.ascontiguousarray(order, dtype=np.int64)
     check_encodable(fmt, log.obs, log.rewards)
+    if isinstance(fmt, StepFormat):
+        return encode_step(fmt, log, order)
+    order = np.ascontiguousarray(order, dtype=np.int64)
     trunc_only = log.truncated & ~log.terminated
     lengths = episode_token_lengths(fmt, log.obs, log.length, log.start, log.rewards, trunc_only)[order]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -281,6 +290,8 @@ def token_contract(fmt: ContextFormat, input_ids: np.ndarray) -> tuple[np.ndarra
     decision token and ``p + 1`` *in the same row* holds an action token; ``action`` is that action (0..3), -1
     elsewhere. A decision whose action token falls into the next slice is therefore not a decision of this one.
     """
+    if isinstance(fmt, StepFormat):
+        return step_contract(fmt, input_ids)
     ids = np.asarray(input_ids)
     lut = np.full(max(fmt.vocab_size, int(ids.max(initial=0)) + 1), -1, dtype=np.int8)
     lut[fmt.action_ids] = np.arange(4, dtype=np.int8)
@@ -292,6 +303,8 @@ def token_contract(fmt: ContextFormat, input_ids: np.ndarray) -> tuple[np.ndarra
 
 def pad_token(fmt: ContextFormat) -> int:
     """A padding id that adds no decision and no action: the smallest id that is neither."""
+    if isinstance(fmt, StepFormat):
+        return fmt.pad_id
     taken = set(fmt.decision_ids.tolist()) | set(fmt.action_ids.tolist())
     return next(i for i in range(fmt.vocab_size) if i not in taken)
 
@@ -306,6 +319,8 @@ def decode(fmt: ContextFormat, input_ids) -> list[dict]:
     Returns a list of ``{"obs": [int], "actions": [int], "rewards": [float], "terminated": bool,
     "truncated": bool}``; raises ``ValueError`` at the first token that does not fit the format.
     """
+    if isinstance(fmt, StepFormat):
+        return decode_step(fmt, input_ids)
     ids = [int(i) for i in np.asarray(input_ids).ravel()]
     obs_of = {tuple(fmt.obs_table[o, : fmt.obs_len[o]].tolist()): o for o in range(fmt.max_obs)}
     widths = sorted({int(x) for x in fmt.obs_len}, reverse=True)

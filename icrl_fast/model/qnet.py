@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from icrl_fast.model.attention import apply_liger, attn_implementation
+from icrl_fast.model.factored_embedding import FactoredEmbedding
 
 IA3_MODULES = ["k_proj", "v_proj", "down_proj"]
 
@@ -54,7 +55,10 @@ SHARD_NEEDS_PRETRAINED = ("--parallel fsdp shards a pretrained model (--model PA
 class QNetwork(nn.Module):
     """Online and target networks around one transformers Llama (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, action_ids, device: str = "cpu", seed: int = 0):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, action_ids, device: str = "cpu", seed: int = 0,
+                 token_factors=None):
+        """``token_factors``: int ``[vocab_size, F]`` (a format's, e.g. the step format's): a from-scratch model then
+        embeds a token as the sum of its factors' embeddings (``FactoredEmbedding``)."""
         super().__init__()
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -65,6 +69,9 @@ class QNetwork(nn.Module):
         self.register_buffer("action_ids", torch.as_tensor(action_ids, dtype=torch.long), persistent=False)
         self.pretrained = cfg.path is not None
         if self.pretrained:
+            if token_factors is not None:
+                raise ValueError("a pretrained model (--model PATH) keeps its own embeddings: use the paper format, "
+                                 "not one with factored tokens (step)")
             if cfg.kv_heads is not None:
                 raise ValueError("kv_heads shapes a from-scratch model; a pretrained one (--model PATH) brings its own "
                                  "num_key_value_heads: leave kv_heads unset")
@@ -102,6 +109,11 @@ class QNetwork(nn.Module):
                                num_key_value_heads=kv_heads, max_position_embeddings=cfg.max_positions,
                                tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
             self.model = LlamaForCausalLM._from_config(conf, attn_implementation=attn, dtype=dtype)
+            if token_factors is not None:
+                if len(token_factors) != vocab_size:
+                    raise ValueError(f"token_factors needs one row per token ({vocab_size}), got {len(token_factors)}")
+                self.model.model.embed_tokens = FactoredEmbedding(token_factors, cfg.hidden_size,
+                                                                  conf.initializer_range, dtype)
             self.target = copy.deepcopy(self.model).requires_grad_(False)
         # Liger on this model's modules only (the online net, and the target copy of a from-scratch model)
         targets = [self.target] if self.target is not None else []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,11 +61,20 @@ def imitation_loss(q: torch.Tensor, label: torch.Tensor, smoothing: float = 0.0)
     return loss, agree.float().mean()
 
 
-def observation_loss(qnet, hidden: torch.Tensor, input_ids: torch.Tensor, outcome_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy (full vocabulary, the online LM head) at ``outcome_mask`` positions ``[B, L]``."""
+def observation_loss(qnet, hidden: torch.Tensor, input_ids: torch.Tensor, outcome_mask: torch.Tensor,
+                     blocks: tuple[torch.Tensor, int] | None = None, action: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy (the online LM head) at ``outcome_mask`` positions ``[B, L]``: over the full
+    vocabulary, or, with ``blocks = (first [4], size)`` (the step format's landing blocks), over the ``size`` ids from
+    ``first[a]`` where ``a = action[position]``: the environment's answer to the action taken, given that action."""
     rows, pos = outcome_mask.nonzero(as_tuple=True)
     logits = hidden[rows, pos].float() @ qnet.head_weight().float().T
-    return F.cross_entropy(logits, input_ids[rows, pos + 1].long())
+    target = input_ids[rows, pos + 1].long()
+    if blocks is not None:
+        first, size = blocks
+        start = first[action[rows, pos].long()]
+        logits = logits.gather(1, start[:, None] + torch.arange(size, device=logits.device))
+        target = target - start
+    return F.cross_entropy(logits, target)
 
 
 class Objectives(torch.nn.Module):
@@ -73,11 +83,17 @@ class Objectives(torch.nn.Module):
     ``forward(batch)`` returns ``(loss, stats)``: stats hold each part as ``losses/<name>`` (unweighted), the TD
     statistics (``q``, ``target``, ``cql``) and ``charts/agreement`` with the teacher."""
 
-    def __init__(self, qnet, cfg: ObjectiveConfig, dqn: DQNConfig, td_fn=None):
+    def __init__(self, qnet, cfg: ObjectiveConfig, dqn: DQNConfig, td_fn=None, landing_block=None):
+        """``landing_block``: the step format's (``StepFormat.landing_block``): the observation loss then predicts
+        the answer among the action's landing tokens."""
         super().__init__()
         cfg.validate()
         self.qnet, self.cfg, self.dqn = qnet, cfg, dqn
         self.td_fn = td_fn or dqn_loss
+        self.blocks = None
+        if landing_block is not None:
+            first, size = landing_block(np.arange(4))
+            self.blocks = (torch.as_tensor(first, dtype=torch.long, device=qnet.action_ids.device), int(size))
 
     def forward(self, batch: dict[str, torch.Tensor]):
         cfg, ids = self.cfg, batch["input_ids"]
@@ -100,7 +116,7 @@ class Objectives(torch.nn.Module):
             total = total + cfg.imitation * im
             stats |= {"losses/imitation": im.detach(), "charts/agreement": agree}
         if cfg.observation > 0:
-            ob = observation_loss(self.qnet, hidden, ids, batch["outcome_mask"])
+            ob = observation_loss(self.qnet, hidden, ids, batch["outcome_mask"], self.blocks, batch.get("action"))
             total = total + cfg.observation * ob
             stats["losses/observation"] = ob.detach()
         return total, stats

@@ -32,6 +32,7 @@ from numba import njit
 from tqdm import tqdm
 
 from icrl_fast.data.formats import ContextFormat
+from icrl_fast.data.step_format import StepFormat, StepStreams
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
 from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
@@ -55,9 +56,15 @@ class ContextStreams:
         f = self.fmt
         return f.pre_obs.tolist() + f.obs_table[obs, : f.obs_len[obs]].tolist() + f.post_obs.tolist()
 
-    def after_action(self, action: int, reward: float, ended: bool, cut: bool,
-                     next_obs: int | None) -> tuple[list[int], list[int]]:
-        """Tokens from the action to the next decision point, split into ``(this episode's, the next one's)``."""
+    def first_width(self) -> int:
+        """The longest first block (an episode's opening) of any observation."""
+        f = self.fmt
+        return len(self.head) + len(f.pre_obs) + int(f.obs_len.max()) + len(f.post_obs)
+
+    def after_action(self, action: int, reward: float, ended: bool, cut: bool, next_obs: int | None,
+                     landed: int | None = None) -> tuple[list[int], list[int]]:
+        """Tokens from the action to the next decision point, split into ``(this episode's, the next one's)``;
+        ``landed`` (where an ending episode ended) is not shown in this format."""
         f = self.fmt
         tail = [int(f.action_ids[action])] + f.post_action.tolist()
         if reward != 0:
@@ -142,7 +149,7 @@ class ContextLog:
         if more:
             self.paths[b].append([next_obs])
         tail, head = st.after_action(action, float(reward), True, bool(out["truncated"][b, e]),
-                                     next_obs if more else None)
+                                     next_obs if more else None, landed=landed)
         if not more:  # the context is complete: its closing tokens need no model call
             self.tokens[b] += tail
             self.tok_ep[b] += [e] * len(tail)
@@ -235,7 +242,7 @@ class RolloutEngine:
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
         self.cache_dtype = cache_dtype
         self.max_positions, self.sync_every = max_positions, sync_every
-        self.streams = ContextStreams(fmt)
+        self.streams = StepStreams(fmt) if isinstance(fmt, StepFormat) else ContextStreams(fmt)
         self.batch_sizes: list[int] = []  # the contexts of every model call of the last host-loop run or collect
         from icrl_fast.envs import ext
 
@@ -321,7 +328,9 @@ class RolloutEngine:
         """
         m = len(maps)
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
-        if self.env_backend == "ext" and switch_to is None:  # the extension's env: the loop stays on the device
+        if self.env_backend == "ext" and switch_to is None and not isinstance(self.fmt, StepFormat):
+            # the extension's env: the loop stays on the device (it writes ContextFormat's token runs; the step
+            # format plays the host loop on the same env)
             return run_on_device(self, maps, episodes, p_model, seed, is_slippery=is_slippery, progress=progress,
                                  prefix=prefix, sync_every=self.sync_every)
         if switch_to is not None:
@@ -408,9 +417,7 @@ class RolloutEngine:
         obs = env.reset()  # seeds every map's stream (seed, b); later starts reseed theirs
         explore_state = _explore_streams(as_seed(seed) ^ _EXPLORE_SALT, m)
         log = ContextLog(self.streams, m, episodes)
-        f = self.fmt
-        first_width = (max(map(len, prefix), default=0) + len(self.streams.head) + len(f.pre_obs)
-                       + int(f.obs_len.max()) + len(f.post_obs))  # any map's first block
+        first_width = max(map(len, prefix), default=0) + self.streams.first_width()  # any map's first block
         slots = np.arange(min(width, m))  # the map each cache row plays
         for b in slots:
             log.start(b, int(obs[b]), prefix[b])

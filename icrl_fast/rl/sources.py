@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from icrl_fast.data.formats import ContextFormat, decode, encode_episodes, pad_token, token_contract
+from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.learners import EpisodeLog, play_protocol, teacher_labels
 from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
@@ -80,8 +81,9 @@ def exclude_maps(pool: MapBatch, excluded: MapBatch) -> MapBatch:
 
 def contexts_log(fmt: ContextFormat, contexts: list[np.ndarray]) -> EpisodeLog:
     """The episodes of whole token contexts (one map each, e.g. a rollout's ``tokens``) as an :class:`EpisodeLog`,
-    map ``b`` = context ``b``. Only what a context shows is filled in: ``final_obs`` is -1 (not shown)."""
-    obs, actions, rewards, map_id, length, returns, term, trunc = [], [], [], [], [], [], [], []
+    map ``b`` = context ``b``. Only what a context shows is filled in: ``final_obs`` is -1 where the format does not
+    show it (the step format does)."""
+    obs, actions, rewards, map_id, length, returns, term, trunc, final = [], [], [], [], [], [], [], [], []
     for b, ids in enumerate(contexts):
         for ep in decode(fmt, ids):
             obs += ep["obs"]
@@ -92,12 +94,13 @@ def contexts_log(fmt: ContextFormat, contexts: list[np.ndarray]) -> EpisodeLog:
             returns.append(sum(ep["rewards"]))
             term.append(ep["terminated"])
             trunc.append(ep["truncated"])
+            final.append(ep.get("final_obs", -1))
     length = np.asarray(length, dtype=np.int32)
     return EpisodeLog(obs=np.asarray(obs, np.int16), actions=np.asarray(actions, np.int8),
                       rewards=np.asarray(rewards, np.float32), map_id=np.asarray(map_id, np.int32),
                       start=np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64), length=length,
                       returns=np.asarray(returns, np.float32), terminated=np.asarray(term, bool),
-                      truncated=np.asarray(trunc, bool), final_obs=np.full(length.size, -1, np.int16))
+                      truncated=np.asarray(trunc, bool), final_obs=np.asarray(final, np.int16))
 
 
 def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray,
@@ -105,6 +108,8 @@ def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.nd
     """bool ``[B, L]``: positions from an action token up to (not including) the next decision, whose next token is
     a real one -- where the observation loss predicts the environment's answer (compact format: the token after
     the action; paper format: the reward and observation runs up to the next decision)."""
+    if isinstance(fmt, StepFormat):  # the answer to a decision's action is its next token
+        return decision_mask.copy()
     is_action = np.isin(input_ids, fmt.action_ids)
     event = np.where(is_action, 1, np.where(decision_mask, -1, 0))
     idx = np.where(event != 0, np.arange(event.shape[1])[None, :], 0)
