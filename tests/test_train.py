@@ -208,6 +208,27 @@ def test_protocol_mode_trains_every_objective_and_resumes_bit_identically(tmp_pa
                                                   + 0.5 * total["losses/observation"], rel=1e-5)
 
 
+def test_a_protocol_run_plays_its_own_format_over_a_dataset_built_in_another(tmp_path):
+    """``--data.format step`` with ``--data_path`` to a compact dataset: the contexts, the network, the evaluation and
+    ``load_run_for_eval`` are the step format's (before, the dataset's format silently replaced the run's)."""
+    from icrl_fast.checkpoint import load_run_for_eval
+    from icrl_fast.model.factored_embedding import FactoredEmbedding
+
+    compact = protocol_smoke(2)
+    T.run(compact, tmp_path / "compact", progress=False)
+    step = dataclasses.replace(compact, data=dataclasses.replace(compact.data, format="step"),
+                               data_path=str(tmp_path / "compact" / "dataset"),
+                               eval=dataclasses.replace(compact.eval, maps=2, episodes=3))
+    T.run(step, tmp_path / "step", progress=False)
+    tokens = [json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[-1])["perf/tokens"]
+              for r in ("compact", "step")]
+    assert tokens[1] < 0.6 * tokens[0]  # the same maps and steps in about half the tokens
+    qnet, fmt, maps, _ = load_run_for_eval(tmp_path / "step", "in-distribution", 2)
+    assert fmt.name == "step" and isinstance(qnet.model.model.embed_tokens, FactoredEmbedding) and len(maps) == 2
+    ev = json.loads((tmp_path / "step" / "eval.json").read_text())
+    assert ev["config"]["train"]["data"]["format"] == "step" and len(ev["success_rate"]) == 3
+
+
 def test_teacher_objectives_need_the_protocol_source(tmp_path, capsys):
     assert T.main(["--preset", "smoke", "--objective.imitation", "1", "--out", str(tmp_path / "r")]) == 2
     assert "need the teacher's labels of --mode protocol" in capsys.readouterr().err

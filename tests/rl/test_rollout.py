@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from icrl_fast.data.formats import compact_format, decode, paper_format, token_contract
+from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import paper_ramp
 from icrl_fast.model.attention import KVCACHE, kvcache_attention, register_kvcache_attention
@@ -14,12 +15,14 @@ from icrl_fast.model.kv_cache import RolloutCache, sliding_window_mask
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import RolloutEngine
 
-FORMATS = [compact_format(), paper_format()]
+FORMATS = [compact_format(), paper_format(), StepFormat()]
+FORMAT_IDS = ["compact", "paper", "step"]
 
 
 def tiny(fmt, max_positions=8192, heads=2, kv_heads=None):
     return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=heads, kv_heads=kv_heads, intermediate_size=64,
-                                max_positions=max_positions), fmt.vocab_size, fmt.action_ids, seed=1).eval()
+                                max_positions=max_positions), fmt.vocab_size, fmt.action_ids, seed=1,
+                    token_factors=getattr(fmt, "token_factors", None)).eval()
 
 
 def recording(engine: RolloutEngine) -> list[RolloutCache]:
@@ -47,7 +50,7 @@ def assert_engine_equals_full_forward(q, fmt, out, window):
         np.testing.assert_allclose(out.q[b], full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 def test_engine_q_equals_a_full_forward_over_each_finished_context(fmt):
     q = tiny(fmt)
     maps = generate_maps(7, seed=0, height=(2, 7), width=(2, 7), min_hops=1)  # mixed sizes: ragged blocks
@@ -57,17 +60,18 @@ def test_engine_q_equals_a_full_forward_over_each_finished_context(fmt):
     assert_engine_equals_full_forward(q, fmt, out, None)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("window", [23, 64])
 def test_ring_buffer_equals_a_sliding_window_full_forward(fmt, window):
     """Contexts many times the window: the ring wraps repeatedly and keeps absolute RoPE positions."""
     q = tiny(fmt)
     maps = generate_maps(5, seed=1, height=(3, 6), width=(3, 6))
-    out = RolloutEngine(q, fmt, window=window).run(maps, 30, 0.0, seed=3)
+    episodes = 70 if isinstance(fmt, StepFormat) else 30  # one token per step: more episodes to wrap as often
+    out = RolloutEngine(q, fmt, window=window).run(maps, episodes, 0.0, seed=3)
     assert min(len(t) for t in out.tokens) > 2 * window
     assert_engine_equals_full_forward(q, fmt, out, window)
     # and the window matters: the unwindowed engine reads different Q-values late in the context
-    unbounded = RolloutEngine(q, fmt).run(maps, 30, 0.0, seed=3)
+    unbounded = RolloutEngine(q, fmt).run(maps, episodes, 0.0, seed=3)
     assert not np.allclose(unbounded.q[0][-1], out.q[0][-1], rtol=1e-3)
 
 
@@ -81,7 +85,7 @@ def test_a_window_lets_contexts_outgrow_the_model_positions():
     assert max(len(t) for t in out.tokens) > 64
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 def test_rollout_records_episodes_as_the_training_format_does(fmt):
     maps = generate_maps(4, seed=5, height=(3, 5), width=(3, 5))
     out = RolloutEngine(tiny(fmt), fmt).run(maps, 5, 0.5, seed=2)
@@ -95,6 +99,7 @@ def test_rollout_records_episodes_as_the_training_format_does(fmt):
             assert float(out.episode_return[b, e]) == sum(ep["rewards"])
             assert len(ep["actions"]) == out.length[b, e]
             assert ep["obs"] == out.paths[b][e][:-1]
+            assert ep.get("final_obs", out.paths[b][e][-1]) == out.paths[b][e][-1]  # the step format shows it
 
 
 def test_rollouts_are_seeded():
@@ -169,7 +174,7 @@ def test_a_flash_attention_model_rolls_out_on_the_kvcache_path_and_is_restored(m
     assert_engine_equals_full_forward(q, fmt, out, window)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 def test_the_kvcache_attention_reads_q_equal_to_the_masked_cache_and_a_full_forward(fmt, monkeypatch):
     """The seqlens path (no mask; flash_attn_with_kvcache's contract, served by its reference on the CPU) reads the
     same Q as the masked SDPA path and as one full forward: ragged blocks, early finishers, mixed map sizes."""

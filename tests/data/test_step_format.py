@@ -1,0 +1,138 @@
+"""The step format (one token per step): exact round trips, its token contract, where episodes end, the rollout
+streams, factored embeddings and the observation loss over the action's landing block."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icrl_fast.data.formats import compact_format, decode, encode_episodes, make_format, pad_token, token_contract
+from icrl_fast.data.step_format import KINDS, StepFormat, StepStreams
+from icrl_fast.envs.learners import EpisodeLog, play_protocol
+from icrl_fast.envs.maps import generate_maps
+from icrl_fast.model.qnet import ModelConfig, QNetwork
+from icrl_fast.protocol import paper_ramp
+from icrl_fast.rl.objectives import observation_loss
+from icrl_fast.rl.sources import contexts_log
+
+FMT = StepFormat(max_obs=49)
+
+
+def make_log(episodes) -> EpisodeLog:
+    """episodes: (obs list, actions list, outcome in goal / hole / truncated, final obs)."""
+    obs, acts, rews, start, length, term, trunc, final = [], [], [], [], [], [], [], []
+    for o, a, outcome, end in episodes:
+        start.append(len(obs))
+        length.append(len(o))
+        obs += o
+        acts += a
+        rews += [0.0] * (len(o) - 1) + [1.0 if outcome == "goal" else 0.0]
+        term.append(outcome != "truncated")
+        trunc.append(outcome == "truncated")
+        final.append(end)
+    n = len(episodes)
+    return EpisodeLog(obs=np.array(obs, np.int16), actions=np.array(acts, np.int8), rewards=np.array(rews, np.float32),
+                      map_id=np.zeros(n, np.int32), start=np.array(start, np.int64), length=np.array(length, np.int32),
+                      returns=np.array([1.0 if e[2] == "goal" else 0.0 for e in episodes], np.float32),
+                      terminated=np.array(term), truncated=np.array(trunc), final_obs=np.array(final, np.int16))
+
+
+episode = st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(0, 48), min_size=n, max_size=n), st.lists(st.integers(0, 3), min_size=n, max_size=n),
+    st.sampled_from(["goal", "hole", "truncated"]), st.integers(0, 48)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(episode, min_size=1, max_size=8))
+def test_round_trip_one_token_per_step_plus_one_per_episode(episodes):
+    ids, idx = encode_episodes(FMT, make_log(episodes), np.arange(len(episodes)))
+    assert len(ids) == sum(len(o) + 1 for o, _, _, _ in episodes)
+    got = decode(FMT, ids)
+    for g, (o, a, outcome, end) in zip(got, episodes, strict=True):
+        assert g["obs"] == o and g["actions"] == a and g["final_obs"] == end
+        assert g["rewards"] == [0.0] * (len(o) - 1) + [1.0 if outcome == "goal" else 0.0]
+        assert (g["terminated"], g["truncated"]) == (outcome != "truncated", outcome == "truncated")
+    mask, action = token_contract(FMT, ids)
+    assert action[mask].tolist() == [x for _, a, _, _ in episodes for x in a]
+    assert np.bincount(idx[mask], minlength=len(episodes)).tolist() == [len(o) for o, _, _, _ in episodes]
+
+
+def test_tokens_say_where_the_agent_landed_and_how_the_episode_ended():
+    log = make_log([([3, 4], [2, 1], "hole", 9), ([3], [0], "goal", 7), ([3, 2], [1, 1], "truncated", 5)])
+    ids, _ = encode_episodes(FMT, log, np.arange(3))
+    assert ids.tolist() == [FMT.start(3), FMT.land(2, "move", 4), FMT.land(1, "hole", 9),
+                            FMT.start(3), FMT.land(0, "goal", 7),
+                            FMT.start(3), FMT.land(1, "move", 2), FMT.land(1, "cut", 5)]
+    mask, action = token_contract(FMT, ids)
+    assert np.flatnonzero(mask).tolist() == [0, 1, 3, 5, 6]  # START and move tokens followed by a landing
+    assert action[mask].tolist() == [2, 1, 0, 1, 1]
+    # a decision whose landing is in the next row (slice) is not one of this row's
+    assert not token_contract(FMT, ids[None, :2])[0][0, 1]
+    assert pad_token(FMT) not in ids and pad_token(FMT) not in FMT.action_ids
+    # every landing block holds the four kinds of one action, contiguous
+    first, size = FMT.landing_block(2)
+    assert size == len(KINDS) * 49 and first <= FMT.land(2, "move", 0) and FMT.land(2, "cut", 48) == first + size - 1
+
+
+def test_half_the_tokens_of_the_compact_format_on_protocol_contexts():
+    maps = generate_maps(30, seed=3)
+    log, _ = play_protocol(maps, paper_ramp(30), seed=5)
+    fmt = make_format("step")
+    step, _ = encode_episodes(fmt, log, np.arange(log.num_episodes))
+    compact, _ = encode_episodes(compact_format(), log, np.arange(log.num_episodes))
+    assert len(step) == log.obs.shape[0] + log.num_episodes and len(step) < 0.55 * len(compact)
+    # and the model's own contexts (a decoded log keeps final_obs) re-encode to the same tokens (DAgger's path)
+    again, _ = encode_episodes(fmt, contexts_log(fmt, [step]), np.arange(log.num_episodes))
+    np.testing.assert_array_equal(again, step)
+
+
+def test_bad_input_is_a_clear_error():
+    log = make_log([([3], [0], "hole", 0)])
+    log.final_obs[:] = -1  # e.g. a log decoded from compact tokens: where it ended is not known
+    with pytest.raises(ValueError, match="final_obs"):
+        encode_episodes(FMT, log, np.arange(1))
+    with pytest.raises(ValueError, match="START"):
+        decode(FMT, [FMT.land(0, "move", 1)])
+    with pytest.raises(ValueError, match="end inside an episode"):
+        decode(FMT, [FMT.start(1), FMT.land(0, "move", 2)])
+    with pytest.raises(ValueError, match="own vocabulary"):
+        make_format("step", tokenizer_path="/somewhere")
+    with pytest.raises(ValueError, match="own embeddings"):
+        QNetwork(ModelConfig(path="/nowhere"), FMT.vocab_size, FMT.action_ids, token_factors=FMT.token_factors)
+
+
+def test_streams_write_what_the_encoder_writes():
+    log = make_log([([3, 4, 5], [2, 1, 0], "goal", 6), ([3], [3], "truncated", 3)])
+    ids, _ = encode_episodes(FMT, log, np.arange(2))
+    s = StepStreams(FMT)
+    assert s.episode([3, 4, 5, 6], [2, 1, 0], [0.0, 0.0, 1.0]) + s.episode([3, 3], [3], [0.0], cut=True) == ids.tolist()
+
+
+def test_factored_embedding_is_the_sum_of_type_action_and_observation_embeddings():
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), FMT.vocab_size, FMT.action_ids,
+                 token_factors=FMT.token_factors)
+    emb = q.model.model.embed_tokens
+    ids = torch.tensor([FMT.start(5), FMT.land(1, "move", 5), FMT.land(3, "move", 5), FMT.land(1, "hole", 8)])
+    type_, act, obs = (t.weight for t in emb.tables)
+    with torch.no_grad():
+        got = emb(ids)
+        # a move to 5 by action 1 and one by action 3 differ by exactly the two action embeddings
+        torch.testing.assert_close(got[1] - got[2], act[2] - act[4])
+        torch.testing.assert_close(got[3], type_[5] + act[2] + obs[9])  # hole = type 3 + kind 2; action/obs + 1
+    assert torch.equal(q.target.model.embed_tokens.tables[0].weight, type_)  # the target copies it
+    assert emb.num_embeddings == FMT.vocab_size and 0.005 < float(obs.detach().std()) < 0.05
+
+
+def test_observation_loss_is_the_cross_entropy_over_the_actions_landing_block():
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), FMT.vocab_size, FMT.action_ids)
+    ids = torch.tensor([[FMT.start(2), FMT.land(3, "move", 4), FMT.land(0, "goal", 6), FMT.pad_id]])
+    mask, action = (torch.from_numpy(x) for x in token_contract(FMT, ids.numpy()))
+    h = torch.randn(1, 4, 16)
+    first, size = FMT.landing_block(np.arange(4))
+    got = observation_loss(q, h, ids, mask, (torch.as_tensor(first), size), action)
+    w = q.head_weight().detach()
+    want = torch.stack([F.cross_entropy((h[0, p] @ w[first[a]: first[a] + size].T)[None],
+                                        torch.tensor([int(ids[0, p + 1]) - first[a]])) for p, a in ((0, 3), (1, 0))])
+    torch.testing.assert_close(got, want.mean())
