@@ -138,11 +138,12 @@ def training(run: Path) -> dict | None:
         parts.append(f"cql {cfg['dqn']['cql']:g}")
     s, base = ev["success_rate"], ev["baselines"]
     noise = cfg.get("protocol", {}).get("noise", 0.0) if cfg["mode"] == "protocol" else 0.0
+    fmt = cfg.get("data", {}).get("format")  # step: one token per env step (compact ~2): tokens count differently
     point = run / "train_point.json"  # a run sized to a wall-clock budget on a lent GPU (benchmarks/gpu/train_point.py)
     device = json.loads(point.read_text())["device"] if point.is_file() else "CPU"
     return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else ""),
             "objectives": " + ".join(parts),
-            "model": f"{model['layers']}x{model['hidden_size']}",
+            "model": f"{model['layers']}x{model['hidden_size']}" + (", step format" if fmt == "step" else ""),
             "lr": f"{optim['lr']:g} {optim.get('schedule', 'constant')}",
             "steps": recs[-1]["step"] if recs else 0, "tokens": last_tokens, "minutes": seconds / 60,
             "tok_s": last_tokens / seconds if seconds else float("nan"), "early": _mean(s, 0, 2),
@@ -171,12 +172,12 @@ def compute_figure(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, r in enumerate(rows):
         where = "" if r["device"] == "CPU" else f", {r['device']}"
-        ax.plot(r["tokens"] / 1e6, r["late"], "o", color=f"C{i % 10}",
+        ax.plot(r["tokens"] / 1e6, r["late"], "s" if "step format" in r["model"] else "o", color=f"C{i % 10}",
                 label=f"{r['run']} ({r['minutes']:.1f} min{where})")
     if rows:
         ax.axhline(rows[0]["tabular_q"], color="k", ls="-.", lw=1, label="tabular Q from scratch")
         ax.axhline(0.8, color="C3", ls=":", lw=1, label="the bar (0.8)")
-    ax.set(xscale="log", xlabel="training tokens (millions)", ylabel="success, episodes 20-29", ylim=(0, 1),
+    ax.set(xscale="log", xlabel="training tokens (millions; squares: step format, ~half the tokens per env step)", ylabel="success, episodes 20-29", ylim=(0, 1),
            title="in-context RL vs training compute (50 unseen maps)")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from icrl_fast.data.formats import compact_format, paper_format
+from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import EvalConfig, evaluate, paper_ramp, wilson, write_outputs
 from icrl_fast.model.qnet import ModelConfig, QNetwork
@@ -39,7 +40,8 @@ def test_eval_json_contract_and_plots(tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
 
 
-@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],
+                         ids=["compact", "paper", "step"])
 def test_evaluation_contexts_are_in_the_training_format(fmt):
     """Each evaluation context decodes (with the training decoder) into exactly the episodes that were played."""
     from icrl_fast.data.formats import decode

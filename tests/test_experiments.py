@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from icrl_fast.data.formats import compact_format, decode, paper_format
+from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
 from icrl_fast.evaluate import EvalConfig
 from icrl_fast.evaluate import main as evaluate_main
@@ -52,7 +53,8 @@ def test_non_stationary_contract_and_recovery():
     assert recovery([1.0] * 30 + [0.0] * 30, 30)["episodes_to_recover"] is None
 
 
-@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],
+                         ids=["compact", "paper", "step"])
 def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
     q = tiny(fmt)
     engine = RolloutEngine(q, fmt)
@@ -70,7 +72,8 @@ def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
     assert st["stitched"] == [p == [8, 9, 10, 14, 18, 22] for p in st["paths"]]
 
 
-@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],
+                         ids=["compact", "paper", "step"])
 def test_imitation_probe_shows_successful_episodes_then_plays_greedily(fmt):
     maps = generate_maps(4, seed=11)
     prefix, counts = demonstrations(fmt, maps, 3, seed=2)
@@ -164,4 +167,8 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     assert row["device"] == "CPU" and "| 0.45 | CPU |" in text
     (run / "train_point.json").write_text(json.dumps({"device": "NVIDIA H200"}))  # sized on a lent GPU
     assert training(run)["device"] == "NVIDIA H200"
+    step = json.loads((run / "config.json").read_text())
+    step["data"]["format"] = "step"  # one token per env step: its tokens are not the compact format's
+    (run / "config.json").write_text(json.dumps(step))
+    assert training(run)["model"] == "2x128, step format"
     assert training(tmp_path) is None  # not a run directory

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from icrl_fast.data.formats import compact_format, paper_format, token_contract
+from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.dqn import transitions
@@ -18,7 +19,8 @@ def played(fmt, n=4, episodes=5, seed=0):
     return RolloutEngine(q, fmt).run(generate_maps(n, seed=seed), episodes, 0.3, seed=seed)
 
 
-@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],
+                         ids=["compact", "paper", "step"])
 def test_whole_context_slices_give_one_transition_per_action_with_episode_returns(fmt):
     out = played(fmt)
     replay = ContextReplay(fmt, capacity=10, slice_len=100_000)  # longer than any context: whole, right-padded

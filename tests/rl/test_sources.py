@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from icrl_fast.data.formats import ACTION_WORDS, compact_format, decode, paper_format, token_contract
+from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.learners import teacher_labels
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.rl.sources import ProtocolConfig, ProtocolSource, contexts_log, exclude_maps, outcome_mask
@@ -15,7 +16,8 @@ def source(fmt=None, **kw):
     return ProtocolSource(cfg, fmt or compact_format(), test, seed=3), test
 
 
-@pytest.mark.parametrize("fmt", [compact_format(), paper_format()], ids=["compact", "paper"])
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],
+                         ids=["compact", "paper", "step"])
 def test_protocol_batches_are_whole_labelled_contexts_of_one_map_each(fmt):
     src, _ = source(fmt)
     batch = src.batch(step=1, micro=0)
