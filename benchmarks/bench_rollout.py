@@ -19,10 +19,16 @@
   per layer, each new token attending to its context), and both rates are measured in the same run with the same
   thread count (a 256 MiB fp32 copy, read + write; the model's MLP matmul shape); the note gives step, floor and
   step / floor, the JSON row ``floor_s``, ``vs_floor`` and the terms.
+* ``continuous batching``: ``RolloutEngine.collect`` (at most W contexts per call, a finished context's row takes the
+  next map) vs lockstep ``run`` on W-map chunks; a small case (64 maps x 10 episodes, the paper's ramp) in the default
+  run, and issue #19's acceptance line marked ``slow`` (``-m slow``): 256 maps x 30 episodes, greedy from episode 0,
+  batch width >= 80 % of W until the last 5 % of maps.
 
 Run: ``python -m pytest benchmarks/bench_rollout.py``.
 """
 
+import heapq
+import math
 import time
 
 import numpy as np
@@ -409,3 +415,87 @@ def test_rollout_continuous_batching(benchmark, record, compact_qnet, mode):
     add_note(SUITE, f"{mode} (64 maps x 10 episodes, width 16): {row['median_s']:.1f} s wall, {seen['steps']} env "
                     f"steps, {len(sizes)} model calls, {(sizes == width).mean():.0%} of them at full width, mean "
                     f"{sizes.mean():.1f} contexts per call")
+
+
+def call_schedule(steps, width: int, lockstep: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The model calls of a rollout rebuilt from its maps' env-steps (one call per step of a map): ``(sizes,
+    finish)``, the contexts of every call and the call in which each map takes its last step. ``lockstep``: ``run``
+    on ``width``-map chunks in turn (a chunk lasts as long as its longest map); else ``collect`` (maps start in index
+    order, each in the call after a row frees)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    start = np.zeros(len(steps), dtype=np.int64)
+    if lockstep:
+        for c in range(width, len(steps), width):
+            start[c: c + width] = start[c - width] + steps[c - width: c].max()
+    else:
+        free = [0] * min(width, len(steps))  # the first call each row is free for
+        for b, n in enumerate(steps):
+            start[b] = heapq.heappop(free)
+            heapq.heappush(free, start[b] + n)
+    finish = start + steps - 1
+    calls = int(finish.max()) + 2
+    sizes = np.cumsum(np.bincount(start, minlength=calls) - np.bincount(finish + 1, minlength=calls))
+    return sizes[:-1], finish
+
+
+def width_until(sizes, finish, width: int, share: float = 0.95, bar: float = 0.8) -> dict:
+    """Batch width over the calls before ``share`` of the maps have finished (up to the call in which the
+    ``ceil(share x M)``-th map ends): the share of those calls, and of their env-steps (a context in a call is one
+    env-step), with at least ``bar x width`` contexts, and the narrowest call."""
+    last = int(np.sort(finish)[math.ceil(share * len(finish)) - 1])
+    head = np.asarray(sizes[: last + 1])
+    full = head >= bar * width
+    return {"calls": int(last + 1), "call_share": float(full.mean()), "step_share": float(head[full].sum() / head.sum()),
+            "min_width": int(head.min())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["collect", "lockstep"])
+def test_rollout_continuous_batching_256(benchmark, record, mode):
+    """Issue #19's acceptance line: 256 maps x 30 episodes, greedy from episode 0 (an untrained model loops to the
+    100-step limit, so most contexts reach ~3,000 steps), at most W = 16 contexts per call: ``collect`` vs lockstep
+    ``run`` on sixteen 16-map chunks. W = 16 is the widest the bar admits: once every map has started, ``collect``'s
+    width is the maps left, 12.8 at the last 5 %, and 0.8 W <= 12.8 needs W <= 16. To fit a few minutes per mode on one
+    core the engine attends to a 256-token window (the full context, up to ~6,000 tokens, made a call of the default
+    model ~50 ms, the window ~12) and the model is the default with one layer (~4-5 ms a call on one quiet thread).
+    The two play slightly different episodes (``run`` seeds a chunk's env ``b`` as stream ``b`` of the chunk,
+    ``collect`` as map ``b``: another start cell where a map has several), so the row is env-steps/s. The width per
+    call is rebuilt from the maps' env-steps (``call_schedule``) and checked against ``engine.batch_sizes``."""
+    fmt = compact_format()
+    qnet = QNetwork(ModelConfig(layers=1), fmt.vocab_size, fmt.action_ids, device=DEVICE, seed=0).eval()
+    maps, width, episodes, greedy = generate_maps(256, seed=19), 16, 30, np.ones(30)
+    engine = RolloutEngine(qnet, fmt, window=256, device=DEVICE)
+    seen = {}
+
+    def play():
+        if mode == "collect":
+            steps = engine.collect(maps, episodes, greedy, seed=0, width=width).length.sum(1)
+            sizes = list(engine.batch_sizes)
+        else:
+            steps, sizes = [], []
+            for c in range(0, len(maps), width):
+                steps.append(engine.run(maps[np.arange(c, c + width)], episodes, greedy, seed=0).length.sum(1))
+                sizes += engine.batch_sizes
+            steps = np.concatenate(steps)
+        seen["steps"], seen["sizes"] = steps, np.asarray(sizes)
+
+    benchmark.pedantic(play, rounds=1, iterations=1, warmup_rounds=0)
+    steps, sizes = seen["steps"], seen["sizes"]
+    rebuilt, finish = call_schedule(steps, width, lockstep=mode == "lockstep")
+    assert np.array_equal(rebuilt, sizes), "the schedule rebuilt from per-map steps differs from engine.batch_sizes"
+    w = width_until(sizes, finish, width)
+    name = f"256 maps x 30 episodes greedy, width 16: {mode}"
+    row = record(SUITE, name, int(steps.sum()), "env-steps/s", "continuous batching, 256 x 30 greedy",
+                 "ours" if mode == "collect" else "reference")
+    add_note(SUITE, f"{mode} (256 maps x 30 episodes greedy, width 16, 1-layer model, window 256): "
+                    f"{row['median_s']:.1f} s wall, {steps.sum()} env steps ({np.median(steps):.0f} per map median, "
+                    f"{(steps == 3000).mean():.0%} of maps at 30 x 100), {row['throughput']:,.0f} env-steps/s, "
+                    f"{len(sizes)} model calls; before 95 % of maps finished (calls 1-{w['calls']}): "
+                    f"{w['call_share']:.1%} of calls and {w['step_share']:.1%} of env-steps at >= 80 % of width 16, "
+                    f"narrowest {w['min_width']}")
+    if mode == "lockstep":
+        by = {r["name"]: r for r in rows_of(SUITE)}
+        ours = by.get(name.replace("lockstep", "collect"))
+        if ours is not None:
+            add_note(SUITE, f"256 x 30 greedy: lockstep / collect wall {row['median_s'] / ours['median_s']:.2f}x, "
+                            f"env-steps/s collect / lockstep {ours['throughput'] / row['throughput']:.2f}x")

@@ -63,7 +63,9 @@ def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=RESULTS.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "icrl_fast", "kernels", "benchmarks"],
+        # pathspecs from the repository root (this file's folder is benchmarks/); results are outputs, not code
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/icrl_fast", ":/kernels", ":/csrc",
+                                ":/benchmarks", ":(top,exclude)benchmarks/results"],
                                capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
