@@ -138,7 +138,7 @@ def training(run: Path) -> dict | None:
         parts.append(f"cql {cfg['dqn']['cql']:g}")
     s, base = ev["success_rate"], ev["baselines"]
     noise = cfg.get("protocol", {}).get("noise", 0.0) if cfg["mode"] == "protocol" else 0.0
-    fmt = cfg.get("data", {}).get("format")  # step: one token per env step (compact ~2): tokens count differently
+    fmt = run_format_name(run, cfg)  # step: one token per env step (compact ~2): tokens count differently
     point = run / "train_point.json"  # a run sized to a wall-clock budget on a lent GPU (benchmarks/gpu/train_point.py)
     device = json.loads(point.read_text())["device"] if point.is_file() else "CPU"
     return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else ""),
@@ -150,6 +150,18 @@ def training(run: Path) -> dict | None:
             "mid": _mean(s, 10, 20), "late": _mean(s, 20, 30), "tabular_q": _mean(base["tabular_q"], 20, 30),
             "random": _mean(base["random"], 20, 30), "ramp": ev["config"].get("eval", {}).get("ramp", "paper"),
             "device": device}
+
+
+def run_format_name(run: Path, cfg: dict) -> str | None:
+    """The context format a run trained in (``checkpoint.run_format``'s rule): a protocol run's own
+    ``--data.format``; an offline or online run's dataset's (its manifest), when that can be read."""
+    if cfg["mode"] == "protocol":
+        return cfg.get("data", {}).get("format")
+    manifest = Path(cfg["data_path"]) if cfg.get("data_path") else run / "dataset"
+    try:
+        return json.loads((manifest / "manifest.json").read_text())["format"]["name"]
+    except (OSError, KeyError, ValueError):
+        return cfg.get("data", {}).get("format")
 
 
 def training_table(rows: list[dict]) -> list[str]:

@@ -32,6 +32,7 @@ from icrl_fast.checkpoint import (build_qnet, init_networks, load_checkpoint, lo
                                   run_format, save_checkpoint)
 from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
 from icrl_fast.data.dataset import OfflineDataset, build_dataset
+from icrl_fast.data.formats import FORMATS
 from icrl_fast.evaluate import evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import SHARD_NEEDS_PRETRAINED, ModelConfig, QNetwork  # noqa: F401  (ModelConfig: tests)
 from icrl_fast.presets import PRESETS, OnlineConfig, OptimConfig, TrainConfig, deterministic_on, preset  # noqa: F401
@@ -196,6 +197,11 @@ def check_config(cfg: TrainConfig) -> None:
     if size > 1 and cfg.mode == "online" and cfg.online.maps < size:
         raise ValueError(f"--online.maps ({cfg.online.maps}) must be at least the number of processes ({size}): "
                          "each process plays its share of the maps")
+    if cfg.data.format not in FORMATS:
+        raise ValueError(f"--data.format must be one of {FORMATS}, got {cfg.data.format!r}")
+    if cfg.data.format == "step" and cfg.model.path:
+        raise ValueError("--data.format step embeds its own tokens (factored): it trains a from-scratch model, not a "
+                         "pretrained one (--model PATH: use --data.format paper)")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.parallel == "fsdp" and cfg.model.path is None:

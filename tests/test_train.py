@@ -113,6 +113,8 @@ def test_cli_errors_are_clear(tmp_path):
     (["--mode", "online", "--online.epsilon_end", "1.5"], "epsilons must be probabilities"),
     (["--eval.window", "0"], "eval window must be >= 1"),
     (["--eval.ramp", "sometimes"], "ramp paper or greedy"),
+    (["--data.format", "tiny"], "--data.format must be one of"),
+    (["--data.format", "step", "--model.path", "/models/llama"], "trains a from-scratch model"),
 ])
 def test_bad_online_and_eval_settings_stop_before_any_work(tmp_path, capsys, flags, message):
     assert T.main(["--preset", "smoke", "--out", str(tmp_path / "run"), *flags]) == 2
@@ -208,18 +210,22 @@ def test_protocol_mode_trains_every_objective_and_resumes_bit_identically(tmp_pa
                                                   + 0.5 * total["losses/observation"], rel=1e-5)
 
 
-def test_a_protocol_run_plays_its_own_format_over_a_dataset_built_in_another(tmp_path):
+def test_a_protocol_run_plays_its_own_format_over_a_dataset_built_in_another(tmp_path, monkeypatch):
     """``--data.format step`` with ``--data_path`` to a compact dataset: the contexts, the network, the evaluation and
     ``load_run_for_eval`` are the step format's (before, the dataset's format silently replaced the run's)."""
     from icrl_fast.checkpoint import load_run_for_eval
     from icrl_fast.model.factored_embedding import FactoredEmbedding
+    from icrl_fast.rl.objectives import Objectives
 
     compact = protocol_smoke(2)
     T.run(compact, tmp_path / "compact", progress=False)
     step = dataclasses.replace(compact, data=dataclasses.replace(compact.data, format="step"),
                                data_path=str(tmp_path / "compact" / "dataset"),
                                eval=dataclasses.replace(compact.eval, maps=2, episodes=3))
+    built = []
+    monkeypatch.setattr(T, "Objectives", lambda *a, **k: built.append(Objectives(*a, **k)) or built[-1])
     T.run(step, tmp_path / "step", progress=False)
+    assert built[0].blocks is not None and built[0].blocks[1] == 4 * 64  # the landing-block observation loss
     tokens = [json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[-1])["perf/tokens"]
               for r in ("compact", "step")]
     assert tokens[1] < 0.6 * tokens[0]  # the same maps and steps in about half the tokens

@@ -52,16 +52,24 @@ class StepFormat:
             np.select([ids < 4, ids == PAD, is_start, is_land], [TYPE_ACT, TYPE_PAD, TYPE_START, TYPE_LAND0 + kind]),
             np.where(is_land, land // (len(KINDS) * self.max_obs) + 1, 0),
             np.select([is_start, is_land], [ids - START0 + 1, land % self.max_obs + 1], 0)], axis=1).astype(np.int64)
-        self.factor_sizes = (TYPE_LAND0 + len(KINDS), 5, self.max_obs + 1)
         # contract lookups: a decision token (START or LAND move), and the action a token reveals (-1: none)
         self.is_decision = (self.token_factors[:, 0] == TYPE_START) | (self.token_factors[:, 0] == TYPE_LAND0)
         self.action_of = np.where(is_land, self.token_factors[:, 1] - 1, -1).astype(np.int8)
 
+    def _obs(self, obs) -> int:
+        obs = int(obs)
+        if not 0 <= obs < self.max_obs:  # else it would silently be another token
+            raise ValueError(f"observation {obs} is outside this step format's 0..{self.max_obs - 1} (max_obs="
+                             f"{self.max_obs}; a model trained on smaller maps cannot read larger ones)")
+        return obs
+
     def start(self, obs: int) -> int:
-        return START0 + int(obs)
+        return START0 + self._obs(obs)
 
     def land(self, action: int, kind: str, obs: int) -> int:
-        return self.land0 + (int(action) * len(KINDS) + KINDS.index(kind)) * self.max_obs + int(obs)
+        if not 0 <= int(action) < 4 or kind not in KINDS:
+            raise ValueError(f"a landing needs an action in 0..3 and a kind in {KINDS}, got {action!r}, {kind!r}")
+        return self.land0 + (int(action) * len(KINDS) + KINDS.index(kind)) * self.max_obs + self._obs(obs)
 
     def landing_block(self, action) -> tuple:
         """First id and size of the block of ``LAND(action, ., .)`` ids (``action`` may be an array)."""
@@ -74,12 +82,12 @@ class StepFormat:
 
 
 @njit(cache=True)
-def _encode(order, ep_start, ep_len, obs, actions, rewards, trunc_only, final_obs, offsets, land0, max_obs,
+def _encode(order, ep_start, ep_len, obs, actions, rewards, trunc_only, final_obs, offsets, start0, land0, max_obs,
             out_ids, out_episode):
     for k in range(order.shape[0]):
         e = order[k]
         p = offsets[k]
-        out_ids[p] = 5 + obs[ep_start[e]]
+        out_ids[p] = start0 + obs[ep_start[e]]
         out_episode[p] = k
         last = ep_start[e] + ep_len[e] - 1
         for t in range(ep_start[e], last + 1):
@@ -107,7 +115,8 @@ def encode_step(fmt: StepFormat, log, order: np.ndarray) -> tuple[np.ndarray, np
     out_ids = np.empty(int(offsets[-1]), dtype=np.int32)
     out_episode = np.empty(int(offsets[-1]), dtype=np.int32)
     _encode(order, log.start, log.length, log.obs.astype(np.int64), log.actions.astype(np.int64), log.rewards,
-            trunc_only, log.final_obs.astype(np.int64), offsets, fmt.land0, fmt.max_obs, out_ids, out_episode)
+            trunc_only, log.final_obs.astype(np.int64), offsets, START0, fmt.land0, fmt.max_obs, out_ids,
+            out_episode)
     return out_ids, out_episode
 
 

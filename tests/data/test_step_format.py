@@ -73,7 +73,7 @@ def test_tokens_say_where_the_agent_landed_and_how_the_episode_ended():
     assert pad_token(FMT) not in ids and pad_token(FMT) not in FMT.action_ids
     # every landing block holds the four kinds of one action, contiguous
     first, size = FMT.landing_block(2)
-    assert size == len(KINDS) * 49 and first <= FMT.land(2, "move", 0) and FMT.land(2, "cut", 48) == first + size - 1
+    assert size == len(KINDS) * 49 and first == FMT.land(2, "move", 0) and FMT.land(2, "cut", 48) == first + size - 1
 
 
 def test_half_the_tokens_of_the_compact_format_on_protocol_contexts():
@@ -97,6 +97,10 @@ def test_bad_input_is_a_clear_error():
         decode(FMT, [FMT.land(0, "move", 1)])
     with pytest.raises(ValueError, match="end inside an episode"):
         decode(FMT, [FMT.start(1), FMT.land(0, "move", 2)])
+    with pytest.raises(ValueError, match="outside this step format's 0..48"):  # not silently another token
+        StepStreams(FMT).first_block(49)
+    with pytest.raises(ValueError, match="outside"):
+        StepStreams(FMT).after_action(1, 0.0, True, False, None, landed=60)
     with pytest.raises(ValueError, match="own vocabulary"):
         make_format("step", tokenizer_path="/somewhere")
     with pytest.raises(ValueError, match="own embeddings"):
