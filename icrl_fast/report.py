@@ -189,7 +189,8 @@ def compute_figure(rows: list[dict], path: Path) -> Path:
     if rows:
         ax.axhline(rows[0]["tabular_q"], color="k", ls="-.", lw=1, label="tabular Q from scratch")
         ax.axhline(0.8, color="C3", ls=":", lw=1, label="the bar (0.8)")
-    ax.set(xscale="log", xlabel="training tokens (millions; squares: step format, ~half the tokens per env step)", ylabel="success, episodes 20-29", ylim=(0, 1),
+    ax.set(xscale="log", xlabel="training tokens (millions; squares: step format, ~half the tokens per env step)",
+           ylabel="success, episodes 20-29", ylim=(0, 1),
            title="in-context RL vs training compute (50 unseen maps)")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

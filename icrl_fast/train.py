@@ -28,8 +28,14 @@ import torch
 from tqdm import tqdm
 
 from icrl_fast import distributed
-from icrl_fast.checkpoint import (build_qnet, init_networks, load_checkpoint, load_run_for_eval,  # noqa: F401
-                                  run_format, save_checkpoint)
+from icrl_fast.checkpoint import (  # noqa: F401
+    build_qnet,
+    init_networks,
+    load_checkpoint,
+    load_run_for_eval,
+    run_format,
+    save_checkpoint,
+)
 from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
 from icrl_fast.data.dataset import OfflineDataset, build_dataset
 from icrl_fast.data.formats import FORMATS
