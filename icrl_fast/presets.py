@@ -16,9 +16,10 @@ from icrl_fast.rl.objectives import ObjectiveConfig
 from icrl_fast.rl.sources import ProtocolConfig
 
 PRESETS = ("default", "protocol", "dqn", "gpu", "smoke", "paper")
-#: Optimizer steps of the default: 1,600 x ~5.2k tokens at ~9.7k tokens/s (two threads, td on) is ~14 min of
-#: training, which keeps the README's install-and-train command under 20 minutes. 3,000 steps measured 0.59 (e02).
-DEFAULT_STEPS = 1600
+#: Optimizer steps of the default: 3,000 x ~2.65k tokens (the step format: one token per env step) at ~8.9k
+#: tokens/s (two threads, td on) is ~15 min of training, which keeps the README's install-and-train command under
+#: 20 minutes. 3,200 steps measured 0.82 (e19; the compact format's 1,600, the same wall time: 0.41).
+DEFAULT_STEPS = 3000
 
 
 @dataclass
@@ -122,12 +123,14 @@ def deterministic_on(setting, device: str) -> bool:
     return (not str(device).startswith("cuda")) if value is None else value
 
 
-def protocol_recipe(preset_name: str = "protocol", td: float = 0.0, **protocol) -> TrainConfig:
+def protocol_recipe(preset_name: str = "protocol", td: float = 0.0, data_format: str = "compact",
+                    **protocol) -> TrainConfig:
     """In-context RL taught on protocol contexts: the context teacher's choices (imitation) and the environment's
     answers (observation) on the one Q head of a 2 x 128 Llama, AdamW 2e-3 with a cosine schedule, plus the paper's
-    TD loss at weight ``td`` (README, Teaching the model; the measured runs are in docs/results/icrl-runs.md)."""
+    TD loss at weight ``td``, in context format ``data_format`` (README, Teaching the model; the measured runs are
+    in docs/results/icrl-runs.md)."""
     return TrainConfig(
-        preset=preset_name, mode="protocol", data=DatasetConfig(format="compact", slice_len=1024),
+        preset=preset_name, mode="protocol", data=DatasetConfig(format=data_format, slice_len=1024),
         protocol=ProtocolConfig(**protocol), objective=ObjectiveConfig(td=td, imitation=1.0, observation=0.5),
         model=ModelConfig(layers=2), optim=OptimConfig(steps=3000, lr=2e-3, warmup_steps=30, schedule="cosine"),
         log_every=50, ckpt_every=500)
@@ -136,8 +139,9 @@ def protocol_recipe(preset_name: str = "protocol", td: float = 0.0, **protocol) 
 def preset(name: str) -> TrainConfig:
     """Where a run starts from (every field can then be changed by a flag):
 
-    * ``default`` -- the best recipe measured on this 2-core CPU, ``protocol`` plus the paper's TD loss (weight 1;
-      docs/results/icrl-runs.md, e02), for 1,600 steps: what fits 20 minutes here;
+    * ``default`` -- the best recipe measured on this 2-core CPU: ``protocol`` plus the paper's TD loss (weight 1;
+      docs/results/icrl-runs.md, e02) in the step format (one token per env step, e19), for 3,000 steps: what fits
+      20 minutes here;
     * ``protocol`` -- the protocol recipe without noise (e01), kept so every logged run can be rerun;
     * ``dqn`` -- the default before protocol contexts: offline Double DQN + CQL on success-weighted slices (0.21);
     * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps; measured
@@ -145,7 +149,7 @@ def preset(name: str) -> TrainConfig:
     * ``smoke`` -- seconds, what the tests run; ``paper`` -- the paper's recipe (8B + IA3, pure DQN, on a GPU).
     """
     if name == "default":  # the protocol recipe + the paper's TD loss, sized to 20 minutes on this 2-core CPU
-        cfg = protocol_recipe("default", td=1.0)
+        cfg = protocol_recipe("default", td=1.0, data_format="step")
         return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=DEFAULT_STEPS))
     if name == "protocol":
         return protocol_recipe("protocol")
