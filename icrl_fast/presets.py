@@ -144,8 +144,9 @@ def preset(name: str) -> TrainConfig:
       20 minutes here;
     * ``protocol`` -- the protocol recipe without noise (e01), kept so every logged run can be rerun;
     * ``dqn`` -- the default before protocol contexts: offline Double DQN + CQL on success-weighted slices (0.21);
-    * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps; measured
-      only cut to 750 steps, ~95 s on an H200: 0.66, docs/results/icrl-runs.md g01);
+    * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps, the step
+      format); measured once, in the compact format and cut to 750 steps (``--data.format compact``, ~95 s on an
+      H200: 0.66, docs/results/icrl-runs.md g01); in the step format not yet;
     * ``smoke`` -- seconds, what the tests run; ``paper`` -- the paper's recipe (8B + IA3, pure DQN, on a GPU).
     """
     if name == "default":  # the protocol recipe + the paper's TD loss, sized to 20 minutes on this 2-core CPU
@@ -154,7 +155,7 @@ def preset(name: str) -> TrainConfig:
     if name == "protocol":
         return protocol_recipe("protocol")
     if name == "gpu":
-        cfg = protocol_recipe("gpu", td=1.0, contexts=32)
+        cfg = protocol_recipe("gpu", td=1.0, data_format="step", contexts=32)
         return dataclasses.replace(
             cfg, model=ModelConfig(hidden_size=256, layers=6, heads=8, intermediate_size=768),
             optim=dataclasses.replace(cfg.optim, steps=20000, lr=1e-3, warmup_steps=200), ckpt_every=1000)
