@@ -110,8 +110,8 @@ def run_format(cfg: TrainConfig, ds: OfflineDataset):
 
 def build_qnet(cfg: TrainConfig, fmt, device: str) -> QNetwork:
     """The run's Q-network for context format ``fmt`` (factored embeddings when the format has them)."""
-    return QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed,
-                    token_factors=getattr(fmt, "token_factors", None))
+    factors = getattr(fmt, "token_factors", None) if cfg.model.factored_embedding else None
+    return QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed, token_factors=factors)
 
 
 def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str = "cpu"):

@@ -143,13 +143,20 @@ def training(run: Path) -> dict | None:
     device = json.loads(point.read_text())["device"] if point.is_file() else "CPU"
     return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else ""),
             "objectives": " + ".join(parts),
-            "model": f"{model['layers']}x{model['hidden_size']}" + (", step format" if fmt == "step" else ""),
+            "model": f"{model['layers']}x{model['hidden_size']}" + FORMAT_NOTE.get(fmt, "")
+            + ("" if model.get("factored_embedding", True) or not FORMAT_NOTE.get(fmt)
+               else ", one embedding per token"),
             "lr": f"{optim['lr']:g} {optim.get('schedule', 'constant')}",
             "steps": recs[-1]["step"] if recs else 0, "tokens": last_tokens, "minutes": seconds / 60,
             "tok_s": last_tokens / seconds if seconds else float("nan"), "early": _mean(s, 0, 2),
             "mid": _mean(s, 10, 20), "late": _mean(s, 20, 30), "tabular_q": _mean(base["tabular_q"], 20, 30),
             "random": _mean(base["random"], 20, 30), "ramp": ev["config"].get("eval", {}).get("ramp", "paper"),
             "device": device}
+
+
+#: what the training table says of a run's context format (the compact format, the default of the logged runs
+#: before e19, says nothing)
+FORMAT_NOTE = {"step": ", step format", "step-noend": ", step format without where episodes ended"}
 
 
 def run_format_name(run: Path, cfg: dict) -> str | None:

@@ -205,7 +205,7 @@ def check_config(cfg: TrainConfig) -> None:
                          "each process plays its share of the maps")
     if cfg.data.format not in FORMATS:
         raise ValueError(f"--data.format must be one of {FORMATS}, got {cfg.data.format!r}")
-    if cfg.data.format == "step" and cfg.model.path:
+    if cfg.data.format.startswith("step") and cfg.model.path:
         raise ValueError("--data.format step embeds its own tokens (factored): it trains a from-scratch model, not a "
                          "pretrained one (--model PATH: use --data.format paper)")
     if cfg.parallel not in ("ddp", "fsdp"):

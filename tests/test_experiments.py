@@ -162,7 +162,8 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
                       "<!-- training:end -->\nc\n")
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text and "| e9-noise | protocol | td 1 + imitation 1 + observation 0.5 | 2x128, step format |" in text
+    assert "old" not in text
+    assert "| e9-noise | protocol | td 1 + imitation 1 + observation 0.5 | 2x128, step format |" in text
     assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
     assert row["device"] == "CPU" and "| 0.45 | CPU |" in text
     (run / "train_point.json").write_text(json.dumps({"device": "NVIDIA H200"}))  # sized on a lent GPU
@@ -171,4 +172,7 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     step["data"]["format"] = "compact"  # the step format's tokens (one per env step) are ~half the compact's
     (run / "config.json").write_text(json.dumps(step))
     assert training(run)["model"] == "2x128"
+    step["data"]["format"], step["model"]["factored_embedding"] = "step-noend", False
+    (run / "config.json").write_text(json.dumps(step))
+    assert training(run)["model"] == "2x128, step format without where episodes ended, one embedding per token"
     assert training(tmp_path) is None  # not a run directory

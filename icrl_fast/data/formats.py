@@ -42,7 +42,7 @@ BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT = (
 SPECIAL_TOKENS = (BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT)
 ACTION_WORDS = ("left", "down", "right", "up")
 REWARD_TEXT = "1.0"
-FORMATS = ("paper", "compact", "step")
+FORMATS = ("paper", "compact", "step", "step-noend")
 
 
 class OfflineVocab:
@@ -201,10 +201,10 @@ def make_format(name: str, tokenizer_path: str | None = None, max_obs: int = 64)
         if tokenizer_path:
             raise ValueError("the compact format has its own vocabulary; --tokenizer applies to the paper format")
         return compact_format(max_obs)
-    if name == "step":
+    if name in ("step", "step-noend"):
         if tokenizer_path:
             raise ValueError("the step format has its own vocabulary; --tokenizer applies to the paper format")
-        return StepFormat(max_obs)
+        return StepFormat(max_obs, show_end=name == "step")
     raise ValueError(f"unknown context format {name!r}; choose one of {FORMATS}")
 
 

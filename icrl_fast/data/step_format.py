@@ -31,14 +31,16 @@ ACT0, PAD, START0 = 0, 4, 5
 
 
 class StepFormat:
-    """Token ids of the step format over observations ``0 .. max_obs - 1`` (see the module docstring)."""
+    """Token ids of the step format over observations ``0 .. max_obs - 1`` (see the module docstring).
 
-    name = "step"
+    ``show_end=False`` (format ``step-noend``, an ablation): the goal, hole and cut tokens say how an episode ended
+    but not where (their observation is always 0), as little as the compact format shows."""
 
-    def __init__(self, max_obs: int = 64):
+    def __init__(self, max_obs: int = 64, show_end: bool = True):
         if max_obs < 1:
             raise ValueError(f"max_obs must be >= 1, got {max_obs}")
-        self.max_obs = int(max_obs)
+        self.max_obs, self.show_end = int(max_obs), bool(show_end)
+        self.name = "step" if show_end else "step-noend"
         self.land0 = START0 + self.max_obs
         self.vocab_size = self.land0 + 4 * len(KINDS) * self.max_obs
         self.action_ids = np.arange(ACT0, ACT0 + 4, dtype=np.int32)
@@ -69,6 +71,8 @@ class StepFormat:
     def land(self, action: int, kind: str, obs: int) -> int:
         if not 0 <= int(action) < 4 or kind not in KINDS:
             raise ValueError(f"a landing needs an action in 0..3 and a kind in {KINDS}, got {action!r}, {kind!r}")
+        if kind != "move" and not self.show_end:
+            obs = 0
         return self.land0 + (int(action) * len(KINDS) + KINDS.index(kind)) * self.max_obs + self._obs(obs)
 
     def landing_block(self, action) -> tuple:
@@ -83,7 +87,7 @@ class StepFormat:
 
 @njit(cache=True)
 def _encode(order, ep_start, ep_len, obs, actions, rewards, trunc_only, final_obs, offsets, start0, land0, max_obs,
-            out_ids, out_episode):
+            show_end, out_ids, out_episode):
     for k in range(order.shape[0]):
         e = order[k]
         p = offsets[k]
@@ -95,7 +99,7 @@ def _encode(order, ep_start, ep_len, obs, actions, rewards, trunc_only, final_ob
                 kind, landed = 0, obs[t + 1]
             else:
                 kind = 1 if rewards[t] != 0 else (3 if trunc_only[e] else 2)
-                landed = final_obs[e]
+                landed = final_obs[e] if show_end else 0
             p += 1
             out_ids[p] = land0 + (actions[t] * 4 + kind) * max_obs + landed
             out_episode[p] = k
@@ -105,7 +109,7 @@ def encode_step(fmt: StepFormat, log, order: np.ndarray) -> tuple[np.ndarray, np
     """``encode_episodes`` for the step format (same contract); needs ``log.final_obs`` (where episodes ended)."""
     order = np.ascontiguousarray(order, dtype=np.int64)
     ends = log.final_obs[order]
-    if ends.size and (ends.min() < 0 or ends.max() >= fmt.max_obs):
+    if fmt.show_end and ends.size and (ends.min() < 0 or ends.max() >= fmt.max_obs):
         raise ValueError("the step format shows where each episode ended: the log's final_obs must be filled in "
                          f"(0..{fmt.max_obs - 1}), got {ends.min()}..{ends.max()} (-1: not known, e.g. a log decoded "
                          f"from compact-format tokens)")
@@ -115,8 +119,8 @@ def encode_step(fmt: StepFormat, log, order: np.ndarray) -> tuple[np.ndarray, np
     out_ids = np.empty(int(offsets[-1]), dtype=np.int32)
     out_episode = np.empty(int(offsets[-1]), dtype=np.int32)
     _encode(order, log.start, log.length, log.obs.astype(np.int64), log.actions.astype(np.int64), log.rewards,
-            trunc_only, log.final_obs.astype(np.int64), offsets, START0, fmt.land0, fmt.max_obs, out_ids,
-            out_episode)
+            trunc_only, log.final_obs.astype(np.int64), offsets, START0, fmt.land0, fmt.max_obs,
+            fmt.show_end, out_ids, out_episode)
     return out_ids, out_episode
 
 

@@ -46,6 +46,9 @@ class ModelConfig:
                                                              "sdpa, eager, flash_attention_2"})
     liger: bool = field(default=False, metadata={"help": "apply Liger RMSNorm/RoPE/SwiGLU kernels (CUDA only)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    factored_embedding: bool = field(default=True, metadata={"help": "embed a format's factored tokens (step) as the "
+                                                                     "sum of their factors' embeddings; false: one "
+                                                                     "embedding per token id (an ablation)"})
 
 
 SHARD_NEEDS_PRETRAINED = ("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "

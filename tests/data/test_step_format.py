@@ -1,6 +1,8 @@
 """The step format (one token per step): exact round trips, its token contract, where episodes end, the rollout
 streams, factored embeddings and the observation loss over the action's landing block."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,31 @@ def test_observation_loss_is_the_cross_entropy_over_the_actions_landing_block():
     want = torch.stack([F.cross_entropy((h[0, p] @ w[first[a]: first[a] + size].T)[None],
                                         torch.tensor([int(ids[0, p + 1]) - first[a]])) for p, a in ((0, 3), (1, 0))])
     torch.testing.assert_close(got, want.mean())
+
+
+def test_the_noend_ablation_hides_where_episodes_ended_and_nothing_else():
+    fmt = make_format("step-noend", max_obs=49)
+    log = make_log([([3, 4], [2, 1], "hole", 9), ([3], [0], "goal", 7), ([3, 2], [1, 1], "truncated", 5)])
+    log.final_obs[0] = -1  # not needed: it is not shown
+    ids, _ = encode_episodes(fmt, log, np.arange(3))
+    assert ids.tolist() == [fmt.start(3), fmt.land(2, "move", 4), FMT.land(1, "hole", 0),
+                            fmt.start(3), FMT.land(0, "goal", 0),
+                            fmt.start(3), fmt.land(1, "move", 2), FMT.land(1, "cut", 0)]
+    got = decode(fmt, ids)
+    assert [g["actions"] for g in got] == [[2, 1], [0], [1, 1]] and [g["final_obs"] for g in got] == [0, 0, 0]
+    assert [(g["terminated"], g["rewards"][-1]) for g in got] == [(True, 0.0), (True, 1.0), (False, 0.0)]
+    ended = StepStreams(fmt).after_action(3, 0.0, True, False, 1, landed=40)
+    assert ended == ([fmt.land(3, "hole", 0)], [fmt.start(1)])
+    assert fmt.name == "step-noend" and fmt.describe()["name"] == "step-noend"
+
+
+def test_factored_embeddings_can_be_switched_off_for_an_ablation():
+    from icrl_fast.checkpoint import build_qnet
+    from icrl_fast.model.factored_embedding import FactoredEmbedding
+    from icrl_fast.presets import preset
+
+    cfg = preset("default")
+    assert isinstance(build_qnet(cfg, FMT, "cpu").model.model.embed_tokens, FactoredEmbedding)
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, factored_embedding=False))
+    emb = build_qnet(plain, FMT, "cpu").model.model.embed_tokens
+    assert type(emb) is torch.nn.Embedding and emb.num_embeddings == FMT.vocab_size
