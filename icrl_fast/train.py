@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -176,6 +177,12 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         if tb is not None:
             tb.close()
     world.barrier()  # the other ranks wait while rank 0 saves and evaluates
+    # Drop the DDP wrapper while the process group is alive and idle: freed after teardown (when run returned), its
+    # reducer held the last reference to the gloo group, whose destructor joined a worker thread waiting for the GIL
+    # this thread held: a hang seen twice under load (gdb: ~ProcessGroupGloo -> thread join in Reducer dealloc).
+    del objective
+    gc.collect()
+    world.barrier()
     distributed.teardown(world)
     return result
 
