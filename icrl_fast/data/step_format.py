@@ -165,7 +165,6 @@ class StepStreams:
 
     def __init__(self, fmt: StepFormat):
         self.fmt = fmt
-        self.head: list[int] = []
 
     def first_block(self, obs: int) -> list[int]:
         return [self.fmt.start(obs)]

@@ -90,7 +90,7 @@ class ContextStreams:
         """An upper bound on the tokens one step adds to one context."""
         f = self.fmt
         return (2 + len(f.post_action) + len(f.reward_block) + len(f.trunc_block) + len(f.episode_end)
-                + len(self.head) + len(f.pre_obs) + int(f.obs_len.max()) + len(f.post_obs))
+                + self.first_width())
 
 
 class ContextLog:
