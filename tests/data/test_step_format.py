@@ -135,13 +135,40 @@ def test_observation_loss_is_the_cross_entropy_over_the_actions_landing_block():
     q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), FMT.vocab_size, FMT.action_ids)
     ids = torch.tensor([[FMT.start(2), FMT.land(3, "move", 4), FMT.land(0, "goal", 6), FMT.pad_id]])
     mask, action = (torch.from_numpy(x) for x in token_contract(FMT, ids.numpy()))
-    h = torch.randn(1, 4, 16)
+    h = torch.randn(1, 4, 16, requires_grad=True)
     first, size = FMT.landing_block(np.arange(4))
     got = observation_loss(q, h, ids, mask, (torch.as_tensor(first), size), action)
-    w = q.head_weight().detach()
+    w = q.head_weight()
     want = torch.stack([F.cross_entropy((h[0, p] @ w[first[a]: first[a] + size].T)[None],
                                         torch.tensor([int(ids[0, p + 1]) - first[a]])) for p, a in ((0, 3), (1, 0))])
     torch.testing.assert_close(got, want.mean())
+    # the gradients too: only the two taken blocks of the head get any
+    got_grads = torch.autograd.grad(got, [h, w])
+    want_grads = torch.autograd.grad(want.mean(), [h, w])
+    for g, r in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, r)
+    touched = got_grads[1].abs().sum(1).nonzero().squeeze(1)
+    assert set(touched.tolist()) <= set(range(first[3], first[3] + size)) | set(range(first[0], first[0] + size))
+
+
+def test_observation_loss_by_blocks_equals_the_gathered_full_vocabulary_loss():
+    # many positions and all four actions, against a gather from the full vocabulary's logits
+    torch.manual_seed(0)
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), FMT.vocab_size, FMT.action_ids)
+    first, size = FMT.landing_block(np.arange(4))
+    rng = np.random.default_rng(3)
+    ids = torch.tensor([[FMT.start(int(rng.integers(0, 20)))] +
+                        [FMT.land(int(rng.integers(0, 4)), "move", int(rng.integers(0, 20))) for _ in range(37)]
+                        for _ in range(2)])
+    mask, action = (torch.from_numpy(x) for x in token_contract(FMT, ids.numpy()))
+    h = torch.randn(2, ids.shape[1], 16, dtype=torch.float64).float()
+    got = observation_loss(q, h, ids, mask, (first, size), action)
+    rows, pos = mask.nonzero(as_tuple=True)
+    logits = h[rows, pos] @ q.head_weight().T
+    start = torch.as_tensor(first)[action[rows, pos].long()]
+    want = F.cross_entropy(logits.gather(1, start[:, None] + torch.arange(size)), ids[rows, pos + 1] - start)
+    assert len(set(action[rows, pos].tolist())) == 4 and len(rows) > 60
+    torch.testing.assert_close(got, want)
 
 
 def test_the_noend_ablation_hides_where_episodes_ended_and_nothing_else():
