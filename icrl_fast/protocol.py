@@ -96,6 +96,10 @@ def eval_result(cfg: EvalConfig, outcomes: dict, ramp, base: dict, extra_config:
             "per_map": {k: np.asarray(outcomes[k]).astype(int).tolist() for k in OUTCOMES}}
 
 
+def _after(episodes: int | None) -> str:
+    return "never" if episodes is None else f"after {episodes} episodes"
+
+
 def summary_rows(result: dict) -> list[str]:
     """A text table: success by episode index vs the baselines."""
     s, b = result["success_rate"], result["baselines"]
@@ -110,7 +114,12 @@ def summary_rows(result: dict) -> list[str]:
         k = rec["episodes_to_recover"]
         rows.append(f"non-stationary: pre-switch level {rec['pre_switch']:.2f} (the 10 episodes before the switch), "
                     f"last 10 after it {rec['post_switch_last10']:.2f}; back to {rec['level']:.0%} of the pre-switch "
-                    f"level {'after ' + str(k) + ' episodes' if k is not None else 'never'}")
+                    f"level {_after(k)}")
+        if "ceiling" in rec:
+            c = rec["ceiling"]
+            rows.append(f"  the ceiling (a player that knows the new map, under the same restarted ramp): "
+                        f"{_after(c['episodes_to_recover'])}; episodes 0-9 after the switch: model "
+                        f"{np.mean(s[-len(c['success_rate']):][:10]):.2f}, ceiling {np.mean(c['success_rate'][:10]):.2f}")
     elif "stitching" in result:
         st = result["stitching"]
         rows.append(f"stitching: {st['successes']}/{st['trials']} trials reached the goal, {sum(st['stitched'])} by "

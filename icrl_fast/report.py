@@ -74,6 +74,10 @@ def row(label: str, ev: dict) -> str:
         k = r["episodes_to_recover"]
         ours = (f"pre-switch {r['pre_switch']:.2f}, last 10 after the switch {r['post_switch_last10']:.2f}, "
                 f"back to 90 % {'after ' + str(k) + ' episodes' if k is not None else 'never'}")
+        if "ceiling" in r:
+            c = r["ceiling"]["episodes_to_recover"]
+            ours += (f" (the ceiling under the restarted ramp, a player that knows the new map: "
+                     f"{'after ' + str(c) if c is not None else 'never'})")
     else:
         ours = (f"episodes 0-1 **{_mean(s, 0, 2):.2f}**, 10-19 {_mean(s, 10, 20):.2f}, 20-29 **{_mean(s, 20, 30):.2f}**"
                 f" (tabular Q {_mean(base['tabular_q'], 20, 30):.2f}, random {_mean(base['random'], 20, 30):.2f})")

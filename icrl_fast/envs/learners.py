@@ -165,8 +165,8 @@ NO_UPDATE, Q_LEARNING, COPIER = 0, 1, 2  # what _learn_kernel's acting policy le
 
 
 @njit(parallel=True, cache=True)
-def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps, alpha, gamma, eps_start, eps_end,
-                  eps_decay, learn, slippery, success_rate, reward_of_tile, q, winner, avoid, obs_log, act_log,
+def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps, alpha, gamma, eps_by_episode,
+                  learn, slippery, success_rate, reward_of_tile, q, winner, avoid, obs_log, act_log,
                   rew_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final):
     for b in prange(tiles.shape[0]):
         st = stream_state(seed, np.uint64(b))
@@ -174,10 +174,7 @@ def _learn_kernel(tiles, nrow, ncol, starts, n_starts, seed, episodes, max_steps
         cursor = 0
         current = np.full(tiles.shape[1] * tiles.shape[2], -1, dtype=np.int8)  # copier: this episode's last exits
         for e in range(episodes):
-            if eps_decay > 0 and e < eps_decay:
-                eps = eps_start + (eps_end - eps_start) * e / eps_decay
-            else:
-                eps = eps_end
+            eps = eps_by_episode[e]
             st, u = next_uniform(st)
             s = starts[b, start_slot(u, n_starts[b])]
             ret = 0.0
@@ -244,23 +241,34 @@ def _episode_log(steps: list, eps: list) -> tuple[EpisodeLog, np.ndarray]:
     return log, keep
 
 
+def epsilon_schedule(cfg: QLearningConfig) -> np.ndarray:
+    """Exploration probability per episode: linear from ``epsilon_start`` to ``epsilon_end`` over
+    ``epsilon_decay_episodes``, then ``epsilon_end``."""
+    e = np.arange(cfg.episodes)
+    start, end, decay = float(cfg.epsilon_start), float(cfg.epsilon_end), int(cfg.epsilon_decay_episodes)
+    return np.where(e < decay, start + (end - start) * e / max(decay, 1), end)
+
+
 def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slippery: bool,
-         success_rate: float, reward_schedule) -> tuple[EpisodeLog, np.ndarray]:
+         success_rate: float, reward_schedule, q: np.ndarray | None = None,
+         eps_by_episode: np.ndarray | None = None) -> tuple[EpisodeLog, np.ndarray]:
+    """One ``_learn_kernel`` call; ``q``: the starting table (zeros when None); ``eps_by_episode``: overrides
+    ``cfg``'s epsilon schedule."""
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
     cfg.validate()
     success_rate, reward_of_tile, _ = validate_dynamics(success_rate, reward_schedule, cfg.max_episode_steps)
     n, e_count = len(maps), cfg.episodes
     cells = maps.tiles.shape[1] * maps.tiles.shape[2]
-    q = np.zeros((n, cells, 4), dtype=np.float64)
+    q = np.zeros((n, cells, 4), dtype=np.float64) if q is None else q
     winner = np.full((n, cells), -1, dtype=np.int8)
     avoid = np.zeros((n, cells, 4), dtype=np.bool_)
     steps, eps = _log_buffers(n, e_count, cfg.max_episode_steps)
-    eps_decay = int(cfg.epsilon_decay_episodes)
+    schedule = epsilon_schedule(cfg) if eps_by_episode is None else eps_by_episode
     _learn_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), e_count,
-                  cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma), float(cfg.epsilon_start),
-                  float(cfg.epsilon_end), eps_decay, learn, bool(is_slippery), success_rate, reward_of_tile, q,
-                  winner, avoid, *steps, *eps)
+                  cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma),
+                  np.ascontiguousarray(schedule, dtype=np.float64), learn, bool(is_slippery), success_rate,
+                  reward_of_tile, q, winner, avoid, *steps, *eps)
     return _episode_log(steps, eps)[0], q
 
 
@@ -294,6 +302,40 @@ def copier(maps: MapBatch, config: QLearningConfig = QLearningConfig(), *, seed:
     success is enough to succeed ever after (when it acts). ``alpha`` and ``gamma`` are unused.
     """
     return _run(maps, config, seed, COPIER, is_slippery, success_rate, reward_schedule)[0]
+
+
+@njit(cache=True)
+def _optimal_q_kernel(tiles, nrow, ncol, dist, q):
+    for b in range(tiles.shape[0]):
+        w = ncol[b]
+        for r in range(nrow[b]):
+            for c in range(w):
+                for a in range(4):
+                    r2, c2, _, _ = transition(tiles, b, nrow[b], w, r, c, a, 1)
+                    d = dist[b, r2 * w + c2]
+                    q[b, r * w + c, a] = -1e9 if d < 0 else -float(d)
+
+
+def optimal_q(maps: MapBatch) -> np.ndarray:
+    """float64 ``[B, cells, 4]`` on the non-slippery env: minus the hole-free moves from where each action lands to
+    the nearest goal (-1e9 where it lands in a hole or a dead end), so acting greedily follows a shortest path."""
+    cells = maps.tiles.shape[1] * maps.tiles.shape[2]
+    q = np.zeros((len(maps), cells, 4), dtype=np.float64)
+    _optimal_q_kernel(maps.tiles, maps.nrow, maps.ncol, maps.goal_distances(), q)
+    return q
+
+
+def optimal_under_ramp(maps: MapBatch, p_optimal, *, seed: int, max_episode_steps: int = 100) -> EpisodeLog:
+    """Episodes of a player that knows the map, forced through an exploration ramp: in episode ``k`` each action is
+    a shortest-path one (uniform among ties) with probability ``p_optimal[k]``, else uniform random. Under the
+    evaluation's ramp this is the best any learner can do, even one that needs no episode to learn the map: the
+    ceiling of the protocol's success per episode."""
+    p = np.asarray(p_optimal, dtype=np.float64)
+    if p.ndim != 1 or p.size < 1 or ((p < 0) | (p > 1)).any():
+        raise ValueError(f"p_optimal must be a non-empty 1-D array of probabilities, got {p_optimal!r}")
+    cfg = QLearningConfig(episodes=int(p.size), max_episode_steps=max_episode_steps)
+    return _run(maps, cfg, seed, NO_UPDATE, False, 1.0 / 3.0, (1, 0, 0), q=optimal_q(maps),
+                eps_by_episode=1.0 - p)[0]
 
 
 @njit(parallel=True, cache=True)

@@ -5,7 +5,8 @@ import numba
 import numpy as np
 import pytest
 
-from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, copier, greedy_solves, q_learning, random_policy
+from icrl_fast.envs.learners import (EpisodeLog, QLearningConfig, copier, greedy_solves, optimal_under_ramp, q_learning,
+                                    random_policy)
 from icrl_fast.envs.maps import MapBatch, generate_maps
 
 
@@ -47,6 +48,27 @@ def test_q_learning_solves_the_paper_maps():
     assert solved.mean() >= 0.95, solved.mean()
     per_episode = log.success.reshape(250, -1).mean(0)
     assert per_episode[-100:].mean() > per_episode[:100].mean() + 0.5  # it learns
+
+
+def test_the_optimal_player_takes_shortest_paths_and_under_a_ramp_mixes_in_random_moves():
+    maps = generate_maps(80, seed=5, height=(2, 6), width=(2, 6), p_start=0.2, min_hops=2)
+    dist = maps.goal_distances()
+    solvable = np.array([(dist[b, maps.starts[b, : maps.n_starts[b]]] >= 0).all() for b in range(len(maps))])
+    assert solvable.all()  # generate_maps only makes solvable maps: every episode below must succeed
+    sure = optimal_under_ramp(maps, np.ones(6), seed=1)
+    starts = sure.obs[sure.start]
+    assert sure.success.all() and (sure.length == dist[sure.map_id, starts]).all()  # shortest, from each start
+    replay_in_gymnasium(maps, sure, range(sure.num_episodes))
+    # P(optimal) 0 is the random policy, draw for draw (same stream, same consumption)
+    never, rand = optimal_under_ramp(maps, np.zeros(7), seed=2), random_policy(maps, 7, seed=2)
+    assert np.array_equal(never.obs, rand.obs) and np.array_equal(never.actions, rand.actions)
+    # in between: success rises with P(optimal), and the logs replay in gymnasium
+    mixed = optimal_under_ramp(maps, np.repeat([0.0, 0.5, 1.0], 40), seed=3)
+    rate = mixed.success.reshape(len(maps), 3, 40).mean((0, 2))
+    assert rate[0] + 0.2 < rate[1] < rate[2] == 1.0, rate
+    replay_in_gymnasium(maps, mixed, range(0, mixed.num_episodes, 7))
+    with pytest.raises(ValueError, match="p_optimal"):
+        optimal_under_ramp(maps, np.array([0.5, 1.5]), seed=0)
 
 
 def test_random_policy_is_uniform_and_does_not_learn():
