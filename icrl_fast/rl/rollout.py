@@ -288,7 +288,8 @@ class RolloutEngine:
     def _under_rollout_attention(self, play, *args, **kwargs) -> Rollout:
         model = self.qnet.model
         impl = getattr(model.config, "_attn_implementation", None)
-        use = rollout_attention(impl, self.window)
+        grouped = getattr(model.config, "num_key_value_heads", None) not in (None, model.config.num_attention_heads)
+        use = rollout_attention(impl, self.window, grouped, self.device)
         self.batch_sizes = []
         if use is None:
             return play(*args, **kwargs)
