@@ -50,6 +50,10 @@ class ProtocolConfig:
                                                         "teacher's label says go back to it"})
     dagger: float = field(default=0.0, metadata={"help": "fraction of chunks the model itself plays (through the "
                                                          "rollout engine, same ramp), labelled by the teacher: DAgger"})
+    switch: float = field(default=0.0, metadata={"help": "fraction of (teacher-played) contexts that go on, after "
+                                                         "their episodes, on a fresh map for as many more, the ramp "
+                                                         "restarted and the teacher starting over, nothing marking "
+                                                         "the switch: the non-stationary experiment's contexts"})
 
     def validate(self) -> None:
         if min(self.pool_maps, self.episodes, self.contexts, self.bucket) < 1 or self.max_len < 8:
@@ -59,6 +63,8 @@ class ProtocolConfig:
             raise ValueError(f"protocol noise must be a probability below 1, got {self.noise}")
         if not 0.0 <= self.dagger <= 1.0:
             raise ValueError(f"protocol dagger must be a fraction in [0, 1], got {self.dagger}")
+        if not 0.0 <= self.switch <= 1.0:
+            raise ValueError(f"protocol switch must be a fraction in [0, 1], got {self.switch}")
         if self.ramp not in ("paper", "teacher"):
             raise ValueError(f"protocol ramp must be paper or teacher, got {self.ramp!r}")
 
@@ -101,6 +107,33 @@ def contexts_log(fmt: ContextFormat, contexts: list[np.ndarray]) -> EpisodeLog:
                       start=np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64), length=length,
                       returns=np.asarray(returns, np.float32), terminated=np.asarray(term, bool),
                       truncated=np.asarray(trunc, bool), final_obs=np.asarray(final, np.int16))
+
+
+def append_contexts(first: EpisodeLog, second: EpisodeLog, partner: np.ndarray) -> tuple[EpisodeLog, np.ndarray]:
+    """One log of ``len(partner)`` contexts: context ``c`` is ``first``'s episodes of map ``c``, then, where
+    ``partner[c] >= 0``, ``second``'s episodes of map ``partner[c]``. ``map_id`` becomes the context.
+
+    Returns ``(log, take)``: ``take`` picks the joined log's steps out of both logs' steps concatenated (``first``'s
+    then ``second``'s), for per-step arrays such as teacher labels."""
+    n = len(partner)
+    fa = np.searchsorted(first.map_id, np.arange(n + 1))
+    fb = np.searchsorted(second.map_id, np.arange(int(partner.max(initial=-1)) + 2))
+    episodes, context = [], []
+    for c in range(n):
+        own = list(range(fa[c], fa[c + 1]))
+        more = [] if partner[c] < 0 else list(range(first.num_episodes + fb[partner[c]],
+                                                     first.num_episodes + fb[partner[c] + 1]))
+        episodes += own + more
+        context += [c] * (len(own) + len(more))
+    g = np.asarray(episodes, dtype=np.int64)
+    per_episode = {k: np.concatenate([getattr(first, k), getattr(second, k)])[g]
+                   for k in ("length", "returns", "terminated", "truncated", "final_obs")}
+    starts = np.concatenate([first.start, second.start + first.obs.shape[0]])[g]
+    take = (np.concatenate([np.arange(s, s + n_) for s, n_ in zip(starts, per_episode["length"])])
+            if g.size else np.zeros(0, dtype=np.int64))
+    steps = {k: np.concatenate([getattr(first, k), getattr(second, k)])[take] for k in ("obs", "actions", "rewards")}
+    start = np.concatenate([[0], np.cumsum(per_episode["length"])[:-1]]).astype(np.int64)
+    return EpisodeLog(**steps, **per_episode, map_id=np.asarray(context, dtype=np.int32), start=start), take
 
 
 def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray,
@@ -175,6 +208,8 @@ class ProtocolSource:
             self.dagger_success.append(float(played.success.mean()))
         else:
             log, labels = play_protocol(maps, self.p_teacher, seed=seed)
+            if cfg.switch > 0:
+                log, labels = self._switch(log, labels, rng, key)
         ids, ep_of_token = encode_episodes(fmt, log, np.arange(log.num_episodes))
         first_ep = np.searchsorted(log.map_id, np.arange(n + 1))  # map b's episodes: first_ep[b] .. first_ep[b+1]
         tok_start = np.searchsorted(ep_of_token, first_ep)  # episode indices per token are in play order
@@ -188,6 +223,21 @@ class ProtocolSource:
         groups = [order[g * cfg.contexts: (g + 1) * cfg.contexts] for g in range(cfg.bucket)]
         perm = rng.permutation(cfg.bucket)  # do not feed short contexts first, long ones last
         return [self._collate([contexts[j] for j in groups[g]], log) for g in perm]
+
+    def _switch(self, log: EpisodeLog, labels: np.ndarray, rng, key: tuple) -> tuple[EpisodeLog, np.ndarray]:
+        """Each context goes on with probability ``switch`` on a fresh pool map, played from scratch (the teacher
+        knows nothing of the first map: it labels what to do given the context since the switch)."""
+        n = self.cfg.contexts * self.cfg.bucket
+        switched = np.flatnonzero(rng.random(n) < self.cfg.switch)
+        if switched.size == 0:
+            return log, labels
+        maps_b = self.pool[rng.choice(len(self.pool), size=switched.size, replace=len(self.pool) < switched.size)]
+        seed_b = int(np.random.SeedSequence([self.seed, 8, *key]).generate_state(1)[0])
+        log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b)
+        partner = np.full(n, -1)
+        partner[switched] = np.arange(switched.size)
+        log, take = append_contexts(log, log_b, partner)
+        return log, np.concatenate([labels, labels_b])[take]
 
     def _collate(self, contexts: list, log) -> dict[str, np.ndarray]:
         fmt = self.fmt

@@ -1,13 +1,16 @@
 """The protocol context source: contexts are the protocol's episodes, labelled by the teacher, test maps excluded."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from icrl_fast.data.formats import ACTION_WORDS, compact_format, decode, paper_format, token_contract
 from icrl_fast.data.step_format import StepFormat
-from icrl_fast.envs.learners import teacher_labels
+from icrl_fast.envs.learners import play_protocol, teacher_labels
 from icrl_fast.envs.maps import generate_maps
-from icrl_fast.rl.sources import ProtocolConfig, ProtocolSource, contexts_log, exclude_maps, outcome_mask
+from icrl_fast.rl.sources import (ProtocolConfig, ProtocolSource, append_contexts, contexts_log, exclude_maps,
+                                  outcome_mask)
 
 
 def source(fmt=None, **kw):
@@ -114,3 +117,47 @@ def test_noise_caps_the_teachers_share_in_every_episode():
     assert (ProtocolConfig(episodes=30).p_teacher()[20:] == 1.0).all()
     with pytest.raises(ValueError, match="noise"):
         ProtocolConfig(noise=1.0).validate()
+
+
+@pytest.mark.parametrize("fmt", [compact_format(), StepFormat()], ids=["compact", "step"])
+def test_switch_contexts_go_on_on_a_fresh_map_that_the_teacher_learns_from_scratch(fmt):
+    """--protocol.switch: some contexts hold 2 x episodes, the second half on another map (the ramp restarted,
+    nothing marking the switch); its labels are the teacher's given the context since the switch only."""
+    src, _ = source(fmt, switch=0.5)
+    seen, remembered_differs = {6: 0, 12: 0}, False
+    for micro in range(2):
+        batch = src.batch(step=0, micro=micro)
+        ids, mask, label, length = batch["input_ids"], batch["decision_mask"], batch["label"], batch["length"]
+        for r in range(ids.shape[0]):
+            log = contexts_log(fmt, [ids[r, : length[r]]])
+            seen[log.num_episodes] += 1
+            labels = label[r][mask[r]]
+            first = log.start[6] if log.num_episodes == 12 else log.obs.size
+            np.testing.assert_array_equal(labels[:first], teacher_labels(log)[:first])
+            if log.num_episodes == 12:  # the second half labelled as a context of its own
+                halves = dataclasses.replace(log, map_id=(np.arange(12) >= 6).astype(np.int32))
+                np.testing.assert_array_equal(labels[first:], teacher_labels(halves)[first:])
+                remembered_differs |= bool((labels[first:] != teacher_labels(log)[first:]).any())
+            ret = batch["episode_return"][r][mask[r]]
+            assert set(np.unique(ret)) <= {0.0, 1.0}
+    assert seen[6] > 0 and seen[12] > 0  # both kinds, from the chunk's own draw
+    assert remembered_differs  # a teacher that remembered the first map would have said otherwise somewhere
+    again = source(fmt, switch=0.5)[0].batch(step=0, micro=1)
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)  # still a pure function of (seed, step, micro)
+    with pytest.raises(ValueError, match="switch"):
+        ProtocolConfig(switch=1.5).validate()
+
+
+def test_append_contexts_joins_two_logs_context_by_context():
+    maps = generate_maps(3, seed=2)
+    a, la = play_protocol(maps, np.ones(2), seed=0)
+    b, lb = play_protocol(maps[[2, 0]], np.ones(3), seed=1)
+    log, take = append_contexts(a, b, np.array([1, -1, 0]))
+    assert log.num_episodes == 2 + 3 + 2 + 2 + 3 and log.map_id.tolist() == [0] * 5 + [1] * 2 + [2] * 5
+    for e_new, (src, e) in enumerate([(a, 0), (a, 1), (b, 3), (b, 4), (b, 5), (a, 2), (a, 3), (a, 4), (a, 5),
+                                      (b, 0), (b, 1), (b, 2)]):
+        for got, want in zip(log.episode(e_new), src.episode(e)):
+            np.testing.assert_array_equal(got, want)
+        assert log.final_obs[e_new] == src.final_obs[e] and log.returns[e_new] == src.returns[e]
+    np.testing.assert_array_equal(np.concatenate([la, lb])[take][: a.length[:2].sum()], la[: a.length[:2].sum()])
+    assert take.size == log.obs.size == a.obs.size + b.obs.size
