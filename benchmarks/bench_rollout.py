@@ -40,7 +40,7 @@ from icrl_fast.data.formats import HFVocab, compact_format, paper_format
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import paper_ramp
-from icrl_fast.model.attention import HAS_FLASH, register_kvcache_attention, rollout_attention
+from icrl_fast.model.attention import HAS_FLASH, register_kvcache_attention
 from icrl_fast.model.kv_cache import CACHE_ARG, RolloutCache
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import ContextStreams, RolloutEngine
@@ -292,10 +292,9 @@ def lean_qnet():
 
 @pytest.mark.parametrize("length", [256, 4096])
 def test_step_vs_context_lean(benchmark, record, lean_qnet, floor_rates, length):
-    """The lean cache of issue 19: GQA (1 KV head for 4) and keys/values stored in bf16 under the fp32 model, under
-    the attention the rollout engine picks for it (on the CPU: SDPA reading the KV head in place).
+    """The lean cache of issue 19: GQA (1 KV head for 4) and keys/values stored in bf16 under the fp32 model.
     Target: the step at 4,096 tokens <= 2.5x the step at 256."""
-    cached_step(benchmark, record, lean_qnet, floor_rates, length, "rollout",
+    cached_step(benchmark, record, lean_qnet, floor_rates, length, "sdpa",
                 f"cached step at {length} tokens, GQA 1 KV head + bf16 cache", cache_dtype=torch.bfloat16)
     if length == 4096:
         by = {r["name"]: r["median_s"] for r in rows_of(SUITE)}
@@ -307,12 +306,7 @@ def test_step_vs_context_lean(benchmark, record, lean_qnet, floor_rates, length)
 def cached_step(benchmark, record, qnet, floor_rates, length, attention, name, cache_dtype=None):
     """Time one cached step of 50 contexts at ``length`` tokens (1-8 new tokens each) and set it against its floor."""
     impl = qnet.model.config._attn_implementation
-    if attention == "rollout":  # what RolloutEngine runs this model under
-        c = qnet.model.config
-        use = rollout_attention("sdpa", None, c.num_key_value_heads != c.num_attention_heads, DEVICE) or "sdpa"
-    else:
-        use = register_kvcache_attention() if attention == "kvcache" else "sdpa"
-    qnet.model.set_attn_implementation(use)
+    qnet.model.set_attn_implementation(register_kvcache_attention() if attention == "kvcache" else "sdpa")
     drawn = []  # the new tokens per context of every call, warm-up included (for the floor)
     try:
         with torch.no_grad():

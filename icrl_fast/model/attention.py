@@ -2,8 +2,7 @@
 (or ``eager``).
 
 Also the rollout's KV-cache attention (``KVCACHE``: flash-attn's ``flash_attn_with_kvcache`` with per-context
-``cache_seqlens``, its pure-torch reference where flash-attn is absent), the rollout's grouped-query SDPA on the CPU
-(``SDPA_GQA``: keys/values read in place, not expanded to every query head) and the explicit, opt-in Liger kernels
+``cache_seqlens``, its pure-torch reference where flash-attn is absent) and the explicit, opt-in Liger kernels
 (RMSNorm, RoPE, SwiGLU) for a Llama on CUDA, scoped to the model they are applied to. Nothing is patched on import.
 """
 
@@ -35,7 +34,6 @@ CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn's kernels take these only (an fp32 input raises)
 KVCACHE = "icrl_kvcache"  # the rollout's flash path as a transformers attention implementation (a name with
 # "flash" in it would make transformers look for a flash-attn build of that name)
-SDPA_GQA = "icrl_sdpa_gqa"  # the rollout's grouped-query SDPA on the CPU (see sdpa_gqa_attention)
 
 
 def attn_implementation(device: str, requested: str = "auto", dtype: torch.dtype = torch.float32) -> str:
@@ -169,37 +167,10 @@ def register_kvcache_attention() -> str:
     return KVCACHE
 
 
-def sdpa_gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None,
-                       scaling: float | None = None, dropout: float = 0.0, **kwargs):
-    """The ``SDPA_GQA`` attention implementation: PyTorch SDPA with ``enable_gqa``, under the rollout's additive
-    mask. ``query [B, H, S, D]``, ``key``/``value [B, Hk, K, D]`` (``H`` a multiple of ``Hk``), ``attention_mask``
-    ``[B, 1, S, >= K]`` or None. transformers' SDPA path passes ``enable_gqa`` to torch only without a mask and
-    otherwise copies the keys and values once per query head of their group in every layer (``repeat_kv``; or packs
-    the query when ``S == 1`` in recent versions): with one KV head for four query heads that copy is 4x the cache
-    the step reads. Returns ``[B, S, H, D]`` and no weights, like transformers' implementations."""
-    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
-                                                           scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register_sdpa_gqa_attention() -> str:
-    """Make ``SDPA_GQA`` a transformers attention implementation (idempotent); returns its name."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(SDPA_GQA, sdpa_gqa_attention)
-    return SDPA_GQA
-
-
-def rollout_attention(impl: str | None, window: int | None, grouped: bool = False,
-                      device: str | torch.device = "cpu") -> str | None:
+def rollout_attention(impl: str | None, window: int | None) -> str | None:
     """The attention implementation a rollout runs under, for a model on ``impl``: flash-attn 2 models use
     ``KVCACHE`` (per-context ``cache_seqlens``) without a window and SDPA with one (a ring buffer's positions are
-    not contiguous, which flash-attn's kv-cache kernel needs); an SDPA model with grouped-query attention
-    (``grouped``: fewer KV heads than query heads) on the CPU uses ``SDPA_GQA`` (on CUDA, SDPA's fused kernels
-    take no mask with GQA, so transformers' expansion stays); every other model keeps its own (None: no switch)."""
-    if impl == "sdpa" and grouped and torch.device(device).type == "cpu":
-        return register_sdpa_gqa_attention()
+    not contiguous, which flash-attn's kv-cache kernel needs); every other model keeps its own (None: no switch)."""
     if impl != "flash_attention_2":
         return None
     return register_kvcache_attention() if window is None else "sdpa"

@@ -288,8 +288,7 @@ class RolloutEngine:
     def _under_rollout_attention(self, play, *args, **kwargs) -> Rollout:
         model = self.qnet.model
         impl = getattr(model.config, "_attn_implementation", None)
-        grouped = getattr(model.config, "num_key_value_heads", None) not in (None, model.config.num_attention_heads)
-        use = rollout_attention(impl, self.window, grouped, self.device)
+        use = rollout_attention(impl, self.window)
         self.batch_sizes = []
         if use is None:
             return play(*args, **kwargs)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from icrl_fast.model import attention
-from icrl_fast.model.attention import SDPA_GQA, attn_implementation, rollout_attention, sdpa_gqa_attention
+from icrl_fast.model.attention import attn_implementation
 
 
 def test_flash_only_for_half_precision_models(monkeypatch):
@@ -126,27 +126,3 @@ def test_liger_is_refused_on_the_cpu():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         attention.apply_liger(True, "cpu", [])
     assert attention.apply_liger(False, "cpu", []) is False
-
-
-@pytest.mark.parametrize("heads,kv_heads,s", [(4, 1, 1), (4, 2, 7), (6, 3, 5), (3, 3, 2)])
-def test_the_in_place_gqa_attention_equals_transformers_sdpa_under_a_mask(heads, kv_heads, s):
-    """SDPA_GQA reads grouped keys/values without expanding them; same output as transformers' SDPA path (which
-    expands them under a mask), with a ragged additive mask (the rollout's kind)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    g = torch.Generator().manual_seed(heads * 10 + s)
-    b, k_len, d = 3, 37, 8
-    q = torch.randn(b, heads, s, d, generator=g)
-    k, v = torch.randn(b, kv_heads, k_len, d, generator=g), torch.randn(b, kv_heads, k_len, d, generator=g)
-    ok = torch.rand(b, 1, s, k_len, generator=g) < 0.7
-    ok[..., 0] = True  # every query sees a key
-    mask = torch.zeros(ok.shape).masked_fill_(~ok, torch.finfo(torch.float32).min)
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
-    got, _ = sdpa_gqa_attention(module, q, k, v, mask, scaling=0.3)
-    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
-    assert got.shape == (b, s, heads, d)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert rollout_attention("sdpa", None, grouped=True, device="cpu") == SDPA_GQA
-    assert rollout_attention("sdpa", None, grouped=False, device="cpu") is None
-    assert rollout_attention("sdpa", None, grouped=True, device="cuda") is None  # fused CUDA kernels: no masked GQA
