@@ -4,9 +4,11 @@
 * ``non_stationary``: 30 episodes on map A, then 30 on map B in the same context, the exploration ramp restarted,
   nothing in the context marking the switch; 50 trials (maps). Adds ``recovery``: the pre-switch level (success
   in episodes 20-29) and how many episodes after the switch the model needs to get back to 90 % of it, and the
-  same for the ceiling: a player that knows map B from the switch on, forced through the restarted ramp (the
-  ramp's random moves alone keep any learner below 90 % of a pre-switch level above ~0.72 for more than 10
-  episodes: it needs 12 after 0.78, 16 after 0.99).
+  same for the ceiling: the exact best success of a player that knows map B from the switch on, forced through
+  the restarted ramp (``learners.ramp_ceiling``). On 2,000 random maps the ramp's random moves alone hold it to
+  0.68 / 0.68 / 0.76 in episodes 10-12 after the switch: it is back at 90 % of a 0.78 pre-switch level at the
+  10th episode and of 0.9 only at the 14th, so above ~0.78 no learner meets "within 10 episodes", and one that
+  must first find the new goal needs more.
 * ``stitching``: the fixed 4 x 6 map ``HHFF FFFF SFFH HFFF HFFF HFGF`` (S = tile 8, G = tile 22). The context
   starts with two hand-written episodes that cross at tile 10: a successful detour over the top row
   (8 -> 4 -> 5 -> 6 -> 10 -> 14 -> 18 -> 22) and a short start into a hole (8 -> 9 -> 10 -> 11). Stitching = taking
@@ -27,7 +29,7 @@ from dataclasses import replace
 import numpy as np
 
 from icrl_fast.data.formats import encode_episodes
-from icrl_fast.envs.learners import QLearningConfig, optimal_under_ramp, q_learning
+from icrl_fast.envs.learners import QLearningConfig, q_learning, ramp_ceiling
 from icrl_fast.envs.maps import MAPS, MapBatch
 from icrl_fast.protocol import EvalConfig, baselines, eval_result, make_ramp, wilson
 from icrl_fast.rl.rollout import RolloutEngine
@@ -52,9 +54,9 @@ def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfi
     result = eval_result(cfg, vars(out), ramp, base, extra_config)
     result["config"]["switch_after"] = half
     result["recovery"] = recovery(result["success_rate"], half)
-    # The ceiling under the restarted ramp: a player that knows map B from the switch on, forced through the same
-    # ramp. Its random moves alone keep it below 90 % of a high pre-switch level for more than 10 episodes.
-    best = optimal_under_ramp(maps_b, ramp[half:], seed=cfg.seed + 1).success.reshape(len(maps_b), half).mean(0)
+    # The ceiling under the restarted ramp: the best a player that knows map B from the switch on can expect, forced
+    # through the same ramp (exact). The ramp's random moves alone hold it near 0.7 ten episodes after the switch.
+    best = ramp_ceiling(maps_b, ramp[half:]).mean(0)
     result["recovery"]["ceiling"] = {
         "success_rate": best.tolist(),
         "episodes_to_recover": recovery([*result["success_rate"][:half], *best], half)["episodes_to_recover"]}

@@ -117,9 +117,10 @@ def summary_rows(result: dict) -> list[str]:
                     f"level {_after(k)}")
         if "ceiling" in rec:
             c = rec["ceiling"]
-            rows.append(f"  the ceiling (a player that knows the new map, under the same restarted ramp): "
-                        f"{_after(c['episodes_to_recover'])}; episodes 0-9 after the switch: model "
-                        f"{np.mean(s[-len(c['success_rate']):][:10]):.2f}, ceiling {np.mean(c['success_rate'][:10]):.2f}")
+            after, n = c["success_rate"], min(10, len(c["success_rate"]))
+            rows.append(f"  the ceiling (the best a player that knows the new map can expect under the same restarted "
+                        f"ramp): {_after(c['episodes_to_recover'])}; episodes 0-{n - 1} after the switch: model "
+                        f"{np.mean(s[-len(after):][:n]):.2f}, ceiling {np.mean(after[:n]):.2f}")
     elif "stitching" in result:
         st = result["stitching"]
         rows.append(f"stitching: {st['successes']}/{st['trials']} trials reached the goal, {sum(st['stitched'])} by "

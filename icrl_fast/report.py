@@ -77,7 +77,7 @@ def row(label: str, ev: dict) -> str:
         if "ceiling" in r:
             c = r["ceiling"]["episodes_to_recover"]
             ours += (f" (the ceiling under the restarted ramp, a player that knows the new map: "
-                     f"{'after ' + str(c) if c is not None else 'never'})")
+                     f"{'after ' + str(c) + ' episodes' if c is not None else 'never'})")
     else:
         ours = (f"episodes 0-1 **{_mean(s, 0, 2):.2f}**, 10-19 {_mean(s, 10, 20):.2f}, 20-29 **{_mean(s, 20, 30):.2f}**"
                 f" (tabular Q {_mean(base['tabular_q'], 20, 30):.2f}, random {_mean(base['random'], 20, 30):.2f})")

@@ -7,7 +7,7 @@ import pytest
 
 from icrl_fast.data.formats import compact_format, decode, paper_format
 from icrl_fast.data.step_format import StepFormat
-from icrl_fast.envs.learners import optimal_under_ramp
+from icrl_fast.envs.learners import ramp_ceiling
 from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
 from icrl_fast.evaluate import EvalConfig
 from icrl_fast.evaluate import main as evaluate_main
@@ -53,20 +53,20 @@ def test_non_stationary_contract_and_recovery():
     assert all(len(v) == 8 for v in res["baselines"].values()) and set(res["recovery"]) >= {"pre_switch"}
     assert recovery([0.0] * 20 + [0.8] * 10 + [0.1, 0.5, 0.9, 0.9, 0.9] + [0.9] * 25, 30)["episodes_to_recover"] == 1
     assert recovery([1.0] * 30 + [0.0] * 30, 30)["episodes_to_recover"] is None
-    ceiling = res["recovery"]["ceiling"]  # the player that knows map B, through the restarted ramp 0, 0, 0.1, 0.1
-    assert len(ceiling["success_rate"]) == 4 and all(0.0 <= x <= 1.0 for x in ceiling["success_rate"])
-    assert ceiling["success_rate"] == optimal_under_ramp(maps[np.roll(np.arange(4), 1)], [0.0, 0.0, 0.1, 0.1],
-                                                         seed=EvalConfig().seed + 1).success.reshape(4, 4).mean(0).tolist()
+    ceiling = res["recovery"]["ceiling"]  # the best under the restarted ramp 0, 0, 0.1, 0.1 on map B, exact
+    want = ramp_ceiling(maps[np.roll(np.arange(4), 1)], [0.0, 0.0, 0.1, 0.1]).mean(0)
+    np.testing.assert_allclose(ceiling["success_rate"], want)
+    assert ceiling["episodes_to_recover"] == recovery([*res["success_rate"][:4], *want], 4)["episodes_to_recover"]
     assert any("the ceiling" in row for row in summary_rows(res))
 
 
-def test_the_restarted_ramp_keeps_even_a_player_that_knows_the_map_from_recovering_within_10_episodes():
-    # why the non-stationary bar "back to 90 % within 10 episodes" is out of reach under the paper's protocol
+def test_the_restarted_ramp_holds_even_a_player_that_knows_the_map_near_0_7_ten_episodes_after_the_switch():
+    # why the non-stationary bar "back to 90 % within 10 episodes" needs a pre-switch level of at most ~0.78
     maps = generate_maps(400, seed=7)
-    best = optimal_under_ramp(maps, paper_ramp(30), seed=0).success.reshape(400, 30).mean(0)
-    assert 0.6 < best[10:13].mean() < 0.7 and best[20:].mean() == 1.0
-    assert recovery([0.78] * 30 + best.tolist(), 30)["episodes_to_recover"] > 10
-    assert recovery([0.7] * 30 + best.tolist(), 30)["episodes_to_recover"] <= 10  # a worse model would "recover"
+    best = ramp_ceiling(maps, paper_ramp(30)).mean(0)
+    assert 0.65 < best[10:13].mean() < 0.75 and np.allclose(best[20:], 1.0)
+    assert recovery([0.9] * 30 + best.tolist(), 30)["episodes_to_recover"] > 10
+    assert recovery([0.7] * 30 + best.tolist(), 30)["episodes_to_recover"] <= 10
 
 
 @pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],

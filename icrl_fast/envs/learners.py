@@ -250,25 +250,20 @@ def epsilon_schedule(cfg: QLearningConfig) -> np.ndarray:
 
 
 def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slippery: bool,
-         success_rate: float, reward_schedule, q: np.ndarray | None = None,
-         eps_by_episode: np.ndarray | None = None) -> tuple[EpisodeLog, np.ndarray]:
-    """One ``_learn_kernel`` call; ``q``: the starting table (zeros when None); ``eps_by_episode``: overrides
-    ``cfg``'s epsilon schedule."""
+         success_rate: float, reward_schedule) -> tuple[EpisodeLog, np.ndarray]:
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
     cfg.validate()
     success_rate, reward_of_tile, _ = validate_dynamics(success_rate, reward_schedule, cfg.max_episode_steps)
     n, e_count = len(maps), cfg.episodes
     cells = maps.tiles.shape[1] * maps.tiles.shape[2]
-    q = np.zeros((n, cells, 4), dtype=np.float64) if q is None else q
+    q = np.zeros((n, cells, 4), dtype=np.float64)
     winner = np.full((n, cells), -1, dtype=np.int8)
     avoid = np.zeros((n, cells, 4), dtype=np.bool_)
     steps, eps = _log_buffers(n, e_count, cfg.max_episode_steps)
-    schedule = epsilon_schedule(cfg) if eps_by_episode is None else eps_by_episode
     _learn_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), e_count,
-                  cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma),
-                  np.ascontiguousarray(schedule, dtype=np.float64), learn, bool(is_slippery), success_rate,
-                  reward_of_tile, q, winner, avoid, *steps, *eps)
+                  cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma), epsilon_schedule(cfg), learn,
+                  bool(is_slippery), success_rate, reward_of_tile, q, winner, avoid, *steps, *eps)
     return _episode_log(steps, eps)[0], q
 
 
@@ -304,38 +299,57 @@ def copier(maps: MapBatch, config: QLearningConfig = QLearningConfig(), *, seed:
     return _run(maps, config, seed, COPIER, is_slippery, success_rate, reward_schedule)[0]
 
 
-@njit(cache=True)
-def _optimal_q_kernel(tiles, nrow, ncol, dist, q):
-    for b in range(tiles.shape[0]):
+@njit(parallel=True, cache=True)
+def _ceiling_kernel(tiles, nrow, ncol, starts, n_starts, p_values, max_steps, out):
+    cells = tiles.shape[1] * tiles.shape[2]
+    for b in prange(tiles.shape[0]):
         w = ncol[b]
-        for r in range(nrow[b]):
-            for c in range(w):
-                for a in range(4):
-                    r2, c2, _, _ = transition(tiles, b, nrow[b], w, r, c, a, 1)
-                    d = dist[b, r2 * w + c2]
-                    q[b, r * w + c, a] = -1e9 if d < 0 else -float(d)
+        n = nrow[b] * w
+        nxt = np.empty((n, 4), dtype=np.int64)
+        for s in range(n):
+            for a in range(4):
+                r2, c2, _, _ = transition(tiles, b, nrow[b], w, s // w, s % w, a, 1)
+                nxt[s, a] = r2 * w + c2
+        v = np.empty(cells)
+        new = np.empty(cells)
+        for k in range(p_values.shape[0]):
+            p = p_values[k]
+            v[:] = 0.0  # no step left: truncated, no success
+            for _ in range(max_steps):
+                for s in range(n):
+                    tile = tiles[b, s // w, s % w]
+                    if tile == GOAL or tile == HOLE:
+                        continue  # never acted from: an episode ends on arrival
+                    best = -1.0
+                    mean = 0.0
+                    for a in range(4):
+                        s2 = nxt[s, a]
+                        t2 = tiles[b, s2 // w, s2 % w]
+                        val = 1.0 if t2 == GOAL else (0.0 if t2 == HOLE else v[s2])
+                        best = max(best, val)
+                        mean += 0.25 * val
+                    new[s] = p * best + (1.0 - p) * mean
+                for s in range(n):
+                    v[s] = new[s]
+            total = 0.0
+            for i in range(n_starts[b]):
+                total += v[starts[b, i]]
+            out[b, k] = total / n_starts[b]
 
 
-def optimal_q(maps: MapBatch) -> np.ndarray:
-    """float64 ``[B, cells, 4]`` on the non-slippery env: minus the hole-free moves from where each action lands to
-    the nearest goal (-1e9 where it lands in a hole or a dead end), so acting greedily follows a shortest path."""
-    cells = maps.tiles.shape[1] * maps.tiles.shape[2]
-    q = np.zeros((len(maps), cells, 4), dtype=np.float64)
-    _optimal_q_kernel(maps.tiles, maps.nrow, maps.ncol, maps.goal_distances(), q)
-    return q
-
-
-def optimal_under_ramp(maps: MapBatch, p_optimal, *, seed: int, max_episode_steps: int = 100) -> EpisodeLog:
-    """Episodes of a player that knows the map, forced through an exploration ramp: in episode ``k`` each action is
-    a shortest-path one (uniform among ties) with probability ``p_optimal[k]``, else uniform random. Under the
-    evaluation's ramp this is the best any learner can do, even one that needs no episode to learn the map: the
-    ceiling of the protocol's success per episode."""
+def ramp_ceiling(maps: MapBatch, p_optimal, max_episode_steps: int = 100) -> np.ndarray:
+    """float64 ``[B, E]``: the highest success probability of episode ``k`` on map ``b`` for a player that knows the
+    map (non-slippery) but whose every action is replaced by a uniform random one with probability
+    ``1 - p_optimal[k]`` (the evaluation's ramp), within ``max_episode_steps`` steps: value iteration on that mixed
+    dynamics from a uniform S tile. Exact, so no learner does better under the ramp, whatever it knows (a
+    shortest path is not always best: a longer one may pass fewer holes for the forced random moves to find)."""
     p = np.asarray(p_optimal, dtype=np.float64)
     if p.ndim != 1 or p.size < 1 or ((p < 0) | (p > 1)).any():
         raise ValueError(f"p_optimal must be a non-empty 1-D array of probabilities, got {p_optimal!r}")
-    cfg = QLearningConfig(episodes=int(p.size), max_episode_steps=max_episode_steps)
-    return _run(maps, cfg, seed, NO_UPDATE, False, 1.0 / 3.0, (1, 0, 0), q=optimal_q(maps),
-                eps_by_episode=1.0 - p)[0]
+    values, index = np.unique(p, return_inverse=True)
+    out = np.empty((len(maps), values.size))
+    _ceiling_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, values, int(max_episode_steps), out)
+    return out[:, index]
 
 
 @njit(parallel=True, cache=True)

@@ -70,6 +70,8 @@ def observation_loss(qnet, hidden: torch.Tensor, input_ids: torch.Tensor, outcom
     With blocks only those logits are computed: positions are grouped by action and each group meets its own
     ``size`` rows of the head (a quarter of the step format's vocabulary per position instead of all of it)."""
     rows, pos = outcome_mask.nonzero(as_tuple=True)
+    if rows.numel() == 0:  # nothing to predict: zero, still part of the graph
+        return hidden.sum() * 0.0
     h = hidden[rows, pos].float()
     target = input_ids[rows, pos + 1].long()
     weight = qnet.head_weight()
@@ -84,7 +86,7 @@ def observation_loss(qnet, hidden: torch.Tensor, input_ids: torch.Tensor, outcom
             start = int(first[a])
             logits = h[group] @ weight[start: start + size].float().T
             total = total + F.cross_entropy(logits, target[group] - start, reduction="sum")
-    return total / max(len(taken), 1)
+    return total / len(taken)
 
 
 class Objectives(torch.nn.Module):
@@ -103,7 +105,7 @@ class Objectives(torch.nn.Module):
         self.blocks = None
         if landing_block is not None:
             first, size = landing_block(np.arange(4))
-            self.blocks = (tuple(int(f) for f in first), int(size))  # host ints: slicing the head needs no sync
+            self.blocks = (tuple(int(f) for f in first), int(size))  # host ints: the head is sliced by Python ints
 
     def forward(self, batch: dict[str, torch.Tensor]):
         cfg, ids = self.cfg, batch["input_ids"]

@@ -8,7 +8,9 @@
   teacher (``icrl_fast.envs.learners.play_protocol``) with uniform random actions, generated on the fly. Every
   decision carries the teacher's choice (``label``), also where a random action was executed. With ``dagger`` > 0
   a fraction of the chunks is played by the model itself through the rollout engine (same ramp: the evaluation's
-  own distribution of contexts) and labelled by the same teacher -- DAgger.
+  own distribution of contexts) and labelled by the same teacher -- DAgger. With ``switch`` > 0 a fraction of the
+  teacher-played contexts go on, after their episodes, on a second fresh map (the non-stationary experiment's
+  contexts: two maps in one context).
 
 Every source has ``batch(step, micro, pos) -> dict of numpy arrays``. A batch is the learner's token contract
 (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
@@ -39,7 +41,7 @@ class ProtocolConfig:
     pool_maps: int = field(default=20000, metadata={"help": "fresh training maps the contexts are drawn from (test "
                                                             "maps removed by content)"})
     episodes: int = field(default=30, metadata={"help": "episodes per context (the evaluation's 30)"})
-    contexts: int = field(default=8, metadata={"help": "contexts (one map each) per micro-batch"})
+    contexts: int = field(default=8, metadata={"help": "contexts (one map each, two with switch) per micro-batch"})
     bucket: int = field(default=8, metadata={"help": "micro-batches generated together and grouped by length (less "
                                                      "padding)"})
     ramp: str = field(default="paper", metadata={"help": "P(teacher) per episode: paper (the evaluation's ramp, "
@@ -211,7 +213,7 @@ class ProtocolSource:
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
         ids, ep_of_token = encode_episodes(fmt, log, np.arange(log.num_episodes))
-        first_ep = np.searchsorted(log.map_id, np.arange(n + 1))  # map b's episodes: first_ep[b] .. first_ep[b+1]
+        first_ep = np.searchsorted(log.map_id, np.arange(n + 1))  # context b's: first_ep[b] .. first_ep[b+1]
         tok_start = np.searchsorted(ep_of_token, first_ep)  # episode indices per token are in play order
         step_start = np.append(log.start, log.obs.shape[0])[first_ep]
         contexts = []

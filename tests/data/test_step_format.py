@@ -197,3 +197,15 @@ def test_factored_embeddings_can_be_switched_off_for_an_ablation():
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, factored_embedding=False))
     emb = build_qnet(plain, FMT, "cpu").model.model.embed_tokens
     assert type(emb) is torch.nn.Embedding and emb.num_embeddings == FMT.vocab_size
+
+
+def test_observation_loss_of_a_batch_with_nothing_to_predict_is_zero_in_both_modes():
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), FMT.vocab_size, FMT.action_ids)
+    ids = torch.tensor([[FMT.start(2), FMT.pad_id]])
+    h = torch.randn(1, 2, 16, requires_grad=True)
+    none = torch.zeros(1, 2, dtype=torch.bool)
+    for blocks in (None, (FMT.landing_block(np.arange(4))[0], FMT.landing_block(0)[1])):
+        loss = observation_loss(q, h, ids, none, blocks, torch.full((1, 2), -1))
+        assert loss.item() == 0.0 and loss.requires_grad
+        loss.backward()
+        assert h.grad is not None and not h.grad.any()

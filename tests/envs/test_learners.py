@@ -5,8 +5,8 @@ import numba
 import numpy as np
 import pytest
 
-from icrl_fast.envs.learners import (EpisodeLog, QLearningConfig, copier, greedy_solves, optimal_under_ramp, q_learning,
-                                    random_policy)
+from icrl_fast.envs.learners import (EpisodeLog, QLearningConfig, copier, epsilon_schedule, greedy_solves, q_learning,
+                                    ramp_ceiling, random_policy)
 from icrl_fast.envs.maps import MapBatch, generate_maps
 
 
@@ -50,25 +50,42 @@ def test_q_learning_solves_the_paper_maps():
     assert per_episode[-100:].mean() > per_episode[:100].mean() + 0.5  # it learns
 
 
-def test_the_optimal_player_takes_shortest_paths_and_under_a_ramp_mixes_in_random_moves():
-    maps = generate_maps(80, seed=5, height=(2, 6), width=(2, 6), p_start=0.2, min_hops=2)
-    dist = maps.goal_distances()
-    solvable = np.array([(dist[b, maps.starts[b, : maps.n_starts[b]]] >= 0).all() for b in range(len(maps))])
-    assert solvable.all()  # generate_maps only makes solvable maps: every episode below must succeed
-    sure = optimal_under_ramp(maps, np.ones(6), seed=1)
-    starts = sure.obs[sure.start]
-    assert sure.success.all() and (sure.length == dist[sure.map_id, starts]).all()  # shortest, from each start
-    replay_in_gymnasium(maps, sure, range(sure.num_episodes))
-    # P(optimal) 0 is the random policy, draw for draw (same stream, same consumption)
-    never, rand = optimal_under_ramp(maps, np.zeros(7), seed=2), random_policy(maps, 7, seed=2)
-    assert np.array_equal(never.obs, rand.obs) and np.array_equal(never.actions, rand.actions)
-    # in between: success rises with P(optimal), and the logs replay in gymnasium
-    mixed = optimal_under_ramp(maps, np.repeat([0.0, 0.5, 1.0], 40), seed=3)
-    rate = mixed.success.reshape(len(maps), 3, 40).mean((0, 2))
-    assert rate[0] + 0.2 < rate[1] < rate[2] == 1.0, rate
-    replay_in_gymnasium(maps, mixed, range(0, mixed.num_episodes, 7))
+def expectimax_in_gymnasium(desc, p: float, steps: int) -> float:
+    """The best success probability within ``steps`` when each action is replaced by a uniform one with probability
+    ``1 - p``, from gymnasium's own transition table and start distribution (an independent reference)."""
+    env = gym.make("FrozenLake-v1", desc=desc, is_slippery=False).unwrapped
+    n = env.observation_space.n
+    v = np.zeros(n)
+    for _ in range(steps):
+        q = np.array([[sum(prob * (r if done else v[s2]) for prob, s2, r, done in env.P[s][a]) for a in range(4)]
+                      for s in range(n)])
+        v = p * q.max(1) + (1 - p) * q.mean(1)
+    return float(env.initial_state_distrib @ v)
+
+
+def test_the_ramp_ceiling_is_the_best_success_under_forced_random_moves():
+    maps = generate_maps(12, seed=5, height=(2, 5), width=(2, 5), p_start=0.2, min_hops=2)
+    ps = [0.0, 0.3, 0.75, 1.0]
+    for steps in (3, 8, 100):
+        got = ramp_ceiling(maps, ps, max_episode_steps=steps)
+        want = np.array([[expectimax_in_gymnasium(maps.to_desc(b), p, steps) for p in ps] for b in range(len(maps))])
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.allclose(ramp_ceiling(maps, [1.0]), 1.0)  # knowing the map and acting on it always succeeds
+    # P(optimal) 0 is the random policy: its sampled success agrees within sampling error
+    rand = random_policy(maps, 400, seed=1).success.reshape(len(maps), 400).mean(1)
+    exact = ramp_ceiling(maps, [0.0])[:, 0]
+    assert (np.abs(rand - exact) < 4 * np.sqrt(exact * (1 - exact) / 400) + 1e-9).all()
+    # repeated values map back to their episodes
+    assert ramp_ceiling(maps, [0.3, 1.0, 0.3]).tolist() == ramp_ceiling(maps, [0.3, 1.0, 0.3]).tolist()
+    np.testing.assert_array_equal(ramp_ceiling(maps, [0.3, 1.0, 0.3])[:, 0], ramp_ceiling(maps, [0.3])[:, 0])
     with pytest.raises(ValueError, match="p_optimal"):
-        optimal_under_ramp(maps, np.array([0.5, 1.5]), seed=0)
+        ramp_ceiling(maps, np.array([0.5, 1.5]))
+
+
+def test_the_epsilon_schedule_is_linear_then_flat():
+    cfg = QLearningConfig(episodes=7, epsilon_start=1.0, epsilon_end=0.2, epsilon_decay_episodes=4)
+    np.testing.assert_allclose(epsilon_schedule(cfg), [1.0, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2])
+    assert (epsilon_schedule(QLearningConfig(episodes=3, epsilon_end=0.05, epsilon_decay_episodes=0)) == 0.05).all()
 
 
 def test_random_policy_is_uniform_and_does_not_learn():
