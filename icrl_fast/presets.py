@@ -16,11 +16,13 @@ from icrl_fast.rl.objectives import ObjectiveConfig
 from icrl_fast.rl.sources import ProtocolConfig
 
 PRESETS = ("default", "protocol", "dqn", "gpu", "smoke", "paper")
-#: Optimizer steps of the default: 3,200 x ~2.65k tokens (the step format: one token per env step) at ~9.5k
-#: tokens/s (two threads, td on, the observation loss over the landing block only) is ~15 min of training, which
-#: keeps the README's install-and-train command under 20 minutes (measured: 19 min 07 s). On seed 0, 3,000 steps
-#: measured 0.78, 3,200 0.82 (e19) and 0.78 (the README run); the compact format's 1,600 in the same time: 0.41.
-DEFAULT_STEPS = 3200
+#: Optimizer steps of the default: 2,400 x ~3.5k tokens (the step format: one token per env step; 30 % of the
+#: contexts switch maps and are twice as long) at ~9.3k tokens/s (two threads, td on) is ~15 min of training, which
+#: keeps the README's install-and-train command under 20 minutes. Without switches, 3,200 x ~2.65k tokens measured
+#: 19 min 07 s end to end and 0.78 on seed 0; with them 3,200 steps reached 0.89 (e27, one thread).
+DEFAULT_STEPS = 2400
+#: Fraction of the default's training contexts that switch to a fresh map after their 30 episodes (e27).
+DEFAULT_SWITCH = 0.3
 
 
 @dataclass
@@ -141,8 +143,8 @@ def preset(name: str) -> TrainConfig:
     """Where a run starts from (every field can then be changed by a flag):
 
     * ``default`` -- the best recipe measured on this 2-core CPU: ``protocol`` plus the paper's TD loss (weight 1;
-      docs/results/icrl-runs.md, e02) in the step format (one token per env step, e19), for 3,000 steps: what fits
-      20 minutes here;
+      docs/results/icrl-runs.md, e02) in the step format (one token per env step, e19), 30 % of its contexts switching
+      to a fresh map halfway (e27), for 2,400 steps: what fits 20 minutes here;
     * ``protocol`` -- the protocol recipe without noise (e01), kept so every logged run can be rerun;
     * ``dqn`` -- the default before protocol contexts: offline Double DQN + CQL on success-weighted slices (0.21);
     * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps, the step
@@ -151,7 +153,7 @@ def preset(name: str) -> TrainConfig:
     * ``smoke`` -- seconds, what the tests run; ``paper`` -- the paper's recipe (8B + IA3, pure DQN, on a GPU).
     """
     if name == "default":  # the protocol recipe + the paper's TD loss, sized to 20 minutes on this 2-core CPU
-        cfg = protocol_recipe("default", td=1.0, data_format="step")
+        cfg = protocol_recipe("default", td=1.0, data_format="step", switch=DEFAULT_SWITCH)
         return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=DEFAULT_STEPS))
     if name == "protocol":
         return protocol_recipe("protocol")
