@@ -58,6 +58,10 @@ def failures(ev: dict) -> dict:
             "never_saw_goal": int((failed & ~seen_before).sum())}
 
 
+def _after(episodes: int | None) -> str:
+    return "never" if episodes is None else f"after {episodes} episodes"
+
+
 def row(label: str, ev: dict) -> str:
     s, base = ev["success_rate"], ev["baselines"]
     exp, ramp = ev["experiment"], ev["config"].get("eval", {}).get("ramp", "paper")
@@ -73,11 +77,10 @@ def row(label: str, ev: dict) -> str:
         r = ev["recovery"]
         k = r["episodes_to_recover"]
         ours = (f"pre-switch {r['pre_switch']:.2f}, last 10 after the switch {r['post_switch_last10']:.2f}, "
-                f"back to 90 % {'after ' + str(k) + ' episodes' if k is not None else 'never'}")
+                f"back to 90 % {_after(k)}")
         if "ceiling" in r:
-            c = r["ceiling"]["episodes_to_recover"]
             ours += (f" (the ceiling under the restarted ramp, a player that knows the new map: "
-                     f"{'after ' + str(c) + ' episodes' if c is not None else 'never'})")
+                     f"{_after(r['ceiling']['episodes_to_recover'])})")
     else:
         ours = (f"episodes 0-1 **{_mean(s, 0, 2):.2f}**, 10-19 {_mean(s, 10, 20):.2f}, 20-29 **{_mean(s, 20, 30):.2f}**"
                 f" (tabular Q {_mean(base['tabular_q'], 20, 30):.2f}, random {_mean(base['random'], 20, 30):.2f})")

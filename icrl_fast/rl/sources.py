@@ -194,7 +194,7 @@ class ProtocolSource:
         cfg, fmt = self.cfg, self.fmt
         n = cfg.contexts * cfg.bucket
         rng = np.random.default_rng([self.seed, 6, *key])
-        maps = self.pool[rng.choice(len(self.pool), size=n, replace=len(self.pool) < n)]
+        maps = self._draw_maps(rng, n)
         seed = int(np.random.SeedSequence([self.seed, 7, *key]).generate_state(1)[0])
         if self.is_dagger(key[0]):
             if self.engine is None:
@@ -226,6 +226,10 @@ class ProtocolSource:
         perm = rng.permutation(cfg.bucket)  # do not feed short contexts first, long ones last
         return [self._collate([contexts[j] for j in groups[g]], log) for g in perm]
 
+    def _draw_maps(self, rng, n: int) -> MapBatch:
+        """``n`` pool maps (with replacement only when the pool is smaller than ``n``)."""
+        return self.pool[rng.choice(len(self.pool), size=n, replace=len(self.pool) < n)]
+
     def _switch(self, log: EpisodeLog, labels: np.ndarray, rng, key: tuple) -> tuple[EpisodeLog, np.ndarray]:
         """Each context goes on with probability ``switch`` on a fresh pool map, played from scratch (the teacher
         knows nothing of the first map: it labels what to do given the context since the switch)."""
@@ -233,7 +237,7 @@ class ProtocolSource:
         switched = np.flatnonzero(rng.random(n) < self.cfg.switch)
         if switched.size == 0:
             return log, labels
-        maps_b = self.pool[rng.choice(len(self.pool), size=switched.size, replace=len(self.pool) < switched.size)]
+        maps_b = self._draw_maps(rng, switched.size)
         seed_b = int(np.random.SeedSequence([self.seed, 8, *key]).generate_state(1)[0])
         log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b)
         partner = np.full(n, -1)
