@@ -23,7 +23,7 @@ token see padding, so no attention mask is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -56,6 +56,10 @@ class ProtocolConfig:
                                                          "their episodes, on a fresh map for as many more, the ramp "
                                                          "restarted and the teacher starting over, nothing marking "
                                                          "the switch: the non-stationary experiment's contexts"})
+    relabel: float = field(default=0.0, metadata={"help": "fraction of contexts whose observation numbers are renamed "
+                                                          "by a random permutation of 0 .. max_obs - 1 (one per "
+                                                          "context): every observation token is trained, and a map "
+                                                          "can be known only from the context"})
 
     def validate(self) -> None:
         if min(self.pool_maps, self.episodes, self.contexts, self.bucket) < 1 or self.max_len < 8:
@@ -67,6 +71,8 @@ class ProtocolConfig:
             raise ValueError(f"protocol dagger must be a fraction in [0, 1], got {self.dagger}")
         if not 0.0 <= self.switch <= 1.0:
             raise ValueError(f"protocol switch must be a fraction in [0, 1], got {self.switch}")
+        if not 0.0 <= self.relabel <= 1.0:
+            raise ValueError(f"protocol relabel must be a fraction in [0, 1], got {self.relabel}")
         if self.ramp not in ("paper", "teacher"):
             raise ValueError(f"protocol ramp must be paper or teacher, got {self.ramp!r}")
 
@@ -136,6 +142,23 @@ def append_contexts(first: EpisodeLog, second: EpisodeLog, partner: np.ndarray) 
     steps = {k: np.concatenate([getattr(first, k), getattr(second, k)])[take] for k in ("obs", "actions", "rewards")}
     start = np.concatenate([[0], np.cumsum(per_episode["length"])[:-1]]).astype(np.int64)
     return EpisodeLog(**steps, **per_episode, map_id=np.asarray(context, dtype=np.int32), start=start), take
+
+
+def relabel_observations(log: EpisodeLog, contexts: int, rng, fraction: float, max_obs: int) -> EpisodeLog:
+    """``log`` with the observation numbers of each context (``map_id``) renamed, with probability ``fraction``, by
+    its own random permutation of ``0 .. max_obs - 1`` (``obs`` and ``final_obs``; -1 stays -1). Actions, rewards
+    and episode ends are unchanged, so the teacher's labels still hold: a renamed map is the same map under other
+    names, which a model can only learn from the context."""
+    names = np.tile(np.arange(max_obs, dtype=np.int64), (contexts, 1))
+    for c in np.flatnonzero(rng.random(contexts) < fraction):
+        names[c] = rng.permutation(max_obs)
+    episode_of_step = np.repeat(np.arange(log.num_episodes), log.length)
+    step = log.start[episode_of_step] + np.arange(episode_of_step.size) - \
+        np.repeat(np.cumsum(log.length) - log.length, log.length)
+    obs = log.obs.copy()
+    obs[step] = names[log.map_id[episode_of_step], log.obs[step]]
+    final = np.where(log.final_obs >= 0, names[log.map_id, np.maximum(log.final_obs, 0)], log.final_obs)
+    return replace(log, obs=obs.astype(log.obs.dtype), final_obs=final.astype(log.final_obs.dtype))
 
 
 def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray,
@@ -212,6 +235,9 @@ class ProtocolSource:
             log, labels = play_protocol(maps, self.p_teacher, seed=seed)
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
+        if cfg.relabel > 0:  # its own stream: relabel 0 leaves every other draw as it was
+            rename = np.random.default_rng([self.seed, 9, *key])
+            log = relabel_observations(log, n, rename, cfg.relabel, fmt.max_obs)
         ids, ep_of_token = encode_episodes(fmt, log, np.arange(log.num_episodes))
         first_ep = np.searchsorted(log.map_id, np.arange(n + 1))  # context b's: first_ep[b] .. first_ep[b+1]
         tok_start = np.searchsorted(ep_of_token, first_ep)  # episode indices per token are in play order

@@ -161,3 +161,33 @@ def test_append_contexts_joins_two_logs_context_by_context():
         assert log.final_obs[e_new] == src.final_obs[e] and log.returns[e_new] == src.returns[e]
     np.testing.assert_array_equal(np.concatenate([la, lb])[take][: a.length[:2].sum()], la[: a.length[:2].sum()])
     assert take.size == log.obs.size == a.obs.size + b.obs.size
+
+
+@pytest.mark.parametrize("fmt", [compact_format(), StepFormat()], ids=["compact", "step"])
+def test_relabel_renames_each_contexts_observations_by_one_permutation(fmt):
+    """--protocol.relabel: the same contexts (actions, rewards, ends, labels) under other observation names, one
+    bijection per context; relabel 0 draws exactly the batches it drew before."""
+    plain = source(fmt)[0].batch(step=2, micro=1)
+    renamed = source(fmt, relabel=1.0)[0].batch(step=2, micro=1)
+    for k in ("decision_mask", "action", "label", "length", "episode_return", "terminated", "truncated"):
+        np.testing.assert_array_equal(plain[k], renamed[k])
+    names_used, moved = set(), 0
+    for r in range(plain["input_ids"].shape[0]):
+        n = plain["length"][r]
+        a, b = decode(fmt, plain["input_ids"][r, :n]), decode(fmt, renamed["input_ids"][r, :n])
+        assert [e["actions"] for e in a] == [e["actions"] for e in b]
+        pairs = {(o, p) for ea, eb in zip(a, b) for o, p in zip(ea["obs"], eb["obs"])}
+        if fmt.name == "step":
+            pairs |= {(ea["final_obs"], eb["final_obs"]) for ea, eb in zip(a, b)}
+        forward, backward = dict(pairs), {p: o for o, p in pairs}
+        assert len(forward) == len(backward) == len(pairs)  # a bijection on this context's observations
+        moved += sum(o != p for o, p in pairs)
+        names_used |= set(backward)
+        # the teacher is blind to names: its labels from the renamed context are the batch's labels
+        np.testing.assert_array_equal(renamed["label"][r][renamed["decision_mask"][r]],
+                                      teacher_labels(contexts_log(fmt, [renamed["input_ids"][r, :n]])))
+    assert moved > 0 and max(names_used) >= 25  # names beyond the 3-5 maps' 25 cells get trained
+    for k in plain:  # relabel 0 (the default) is the source as it was
+        np.testing.assert_array_equal(plain[k], source(fmt, relabel=0.0)[0].batch(step=2, micro=1)[k])
+    with pytest.raises(ValueError, match="relabel"):
+        ProtocolConfig(relabel=-0.1).validate()
