@@ -22,6 +22,7 @@ A batch steps in one thread below ``PARALLEL_MIN_ENVS`` envs and in at most the 
 from __future__ import annotations
 
 import os
+import sys
 
 import numba
 import numpy as np
@@ -45,6 +46,18 @@ _DC = np.array([-1, 0, 1, 0], dtype=np.int32)
 # 39.3 M env-steps/s at 1,024), so this threshold trades that for not collapsing beside a busy core (one thread:
 # 1,011x SyncVectorEnv there; two: 482x). A choice that sees the load would get both.
 PARALLEL_MIN_ENVS = 4096
+_SPARE_SETS = 3  # output buffer sets a fresh step may recycle (see FrozenLakeBatch._fresh_buffers)
+
+
+def _most_references(arrays: tuple) -> int:
+    """The highest reference count among ``arrays`` (as this function sees it)."""
+    most = 0
+    for a in arrays:
+        most = max(most, sys.getrefcount(a))
+    return most
+
+
+_UNSHARED = _most_references((np.empty(1),))  # what an array that only a tuple holds counts, measured the same way
 _MODE_CODE = {AutoresetMode.NEXT_STEP: NEXT_STEP, AutoresetMode.SAME_STEP: SAME_STEP, AutoresetMode.DISABLED: DISABLED}
 
 
@@ -151,14 +164,15 @@ _set_num_threads = types.ExternalFunction("set_num_threads", types.void(types.in
 @njit(inline="always", cache=True)
 def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
               max_steps, mode, obs, rew, term, trunc, final_obs):
-    """Step env ``i``. ``pos`` rows: 0 row, 1 col, 2 elapsed steps, 3 reset pending (NEXT_STEP)."""
+    """Step env ``i``; returns 1 if its episode ended on this step (terminated or truncated), else 0. ``pos`` rows:
+    0 row, 1 col, 2 elapsed steps, 3 reset pending (NEXT_STEP)."""
     if mode == NEXT_STEP and pos[3, i] != 0:
         obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
         rew[i] = 0.0
         term[i] = False
         trunc[i] = False
         final_obs[i] = -1
-        return
+        return 0
     branch = 1
     if slippery:
         st, u = next_uniform(rng[i])
@@ -177,30 +191,33 @@ def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, suc
         if mode == SAME_STEP:
             final_obs[i] = s
             obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
-            return
+            return 1
         if mode == NEXT_STEP:
             pos[3, i] = 1
     pos[0, i] = r
     pos[1, i] = c
     pos[2, i] = elapsed
     obs[i] = s
+    return np.int64(done or cut)
 
 
 @njit(parallel=True, cache=True)
 def _step_kernel(n_threads, actions, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
                  reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs):
-    """Step every env in ``n_threads`` threads (1 .. NUMBA_NUM_THREADS); returns the index of the first action
-    outside 0..3 (nothing stepped), else -1. The calling thread's Numba thread count is restored on return."""
+    """Step every env in ``n_threads`` threads (1 .. NUMBA_NUM_THREADS); returns how many episodes ended on this
+    step (>= 0), or ``-1 - i`` for the first env ``i`` whose action is outside 0..3 (nothing stepped). The calling
+    thread's Numba thread count is restored on return."""
     bad = _first_bad_action(actions)
     if bad >= 0:
-        return bad
+        return -1 - bad
     caller = np.int32(_get_num_threads())  # the low 32 bits hold the C int
     _set_num_threads(n_threads)
+    ended = 0
     for i in prange(actions.shape[0]):
-        _step_one(i, actions[i], tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
-                  reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs)
+        ended += _step_one(i, actions[i], tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
+                           reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs)
     _set_num_threads(caller)
-    return -1
+    return ended
 
 
 def step_threads(num_envs: int, num_threads: int | None = None) -> int:
@@ -327,6 +344,8 @@ class FrozenLakeBatch:
         self.terminated = np.zeros(n, dtype=np.bool_)
         self.truncated = np.zeros(n, dtype=np.bool_)
         self.final_obs = np.full(n, -1, dtype=np.int64)
+        self.ended = 0  # episodes that ended on the last step (terminated or truncated)
+        self._spare: list[tuple[np.ndarray, ...]] = []  # output buffers that fresh steps hand out and take back
         self._ready = False
 
     @property
@@ -334,10 +353,11 @@ class FrozenLakeBatch:
         """``int32 [B]`` steps taken in each env's current episode (a view)."""
         return self._pos[2]
 
-    def reset(self, seed: int | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+    def reset(self, seed: int | None = None, mask: np.ndarray | None = None, *, fresh: bool = False) -> np.ndarray:
         """Reset all envs, or those where ``mask`` (bool [B]) is true; return the ``obs`` buffer.
 
-        ``seed`` reseeds the streams of the envs being reset (env ``i`` gets stream ``(seed, i)``).
+        ``seed`` reseeds the streams of the envs being reset (env ``i`` gets stream ``(seed, i)``). ``fresh``: as in
+        :meth:`step`, the buffers a caller got from an earlier step are left alone (the others' values carried over).
         """
         n = self.num_envs
         if mask is None:
@@ -348,6 +368,12 @@ class FrozenLakeBatch:
                 raise ValueError(f"mask must be a bool array of shape ({n},), got {mask.dtype} {mask.shape}")
             if not self._ready and not mask.all():
                 raise ValueError("the first reset must reset every env (mask=None)")
+        if fresh:
+            old = (self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
+            new = self._fresh_buffers()
+            for a, b in zip(old, new):
+                b[...] = a
+            self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = new
         self._seed = choose_seed(self._seed, seed)
         if seed is not None or not self._ready:
             _seed_streams(self._seed, self._rng, mask)
@@ -372,14 +398,31 @@ class FrozenLakeBatch:
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
         if fresh:
-            self.obs, self.rewards, self.final_obs = (np.empty_like(x) for x in (self.obs, self.rewards,
-                                                                                  self.final_obs))
-            self.terminated, self.truncated = np.empty_like(self.terminated), np.empty_like(self.truncated)
+            self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = self._fresh_buffers()
         m = self.maps
-        bad = _step_kernel(
+        ended = _step_kernel(
             self.num_threads, actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng,
             self.is_slippery, self.success_rate, self._reward_of_tile, self._max_steps, self._mode, self.obs,
             self.rewards, self.terminated, self.truncated, self.final_obs)
-        if bad >= 0:
+        if ended < 0:
+            bad = -1 - ended
             raise ValueError(f"actions must be in 0..3 (left, down, right, up); env {bad} got {actions[bad]}")
+        self.ended = ended
         return self.obs, self.rewards, self.terminated, self.truncated
+
+    def _fresh_buffers(self) -> tuple[np.ndarray, ...]:
+        """Output buffers that no one but this object can see: a set handed out by an earlier fresh step whose arrays
+        nothing else references any more (their reference counts say so: a caller's variable, a view, a tensor
+        sharing the memory all hold one), else newly allocated ones (at most ``_SPARE_SETS`` kept for reuse).
+        Either way nothing a caller still holds is ever written again: ``fresh`` semantics, without allocating
+        five arrays per step in a loop that drops each step's results."""
+        current = self.obs
+        for bufs in self._spare:  # (the current set is also referenced by the attributes)
+            if bufs[0] is not current and _most_references(bufs) == _UNSHARED:
+                return bufs
+        n = self.num_envs
+        bufs = (np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.bool_), np.empty(n, np.bool_),
+                np.empty(n, np.int64))
+        if len(self._spare) < _SPARE_SETS:
+            self._spare.append(bufs)
+        return bufs

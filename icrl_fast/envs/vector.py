@@ -85,18 +85,16 @@ class FrozenLakeVectorEnv(VectorEnv):
         if seed is not None and not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int or None (env i draws from stream (seed, i)), got {seed!r}")
         mask = None if options is None else options.get("reset_mask")
-        obs = self.sim.reset(seed=seed, mask=mask)
-        return (obs.copy() if self.copy else obs), {}
+        return self.sim.reset(seed=seed, mask=mask, fresh=self.copy), {}
 
     def step(self, actions):
         # copy=True: the kernel writes into fresh arrays (gymnasium's semantics without a copy pass).
-        obs, rewards, terminated, truncated = self.sim.step(actions, fresh=self.copy)
+        sim = self.sim
+        obs, rewards, terminated, truncated = sim.step(actions, fresh=self.copy)
         info = {}
-        if self.sim.autoreset_mode is AutoresetMode.SAME_STEP:
-            done = terminated | truncated
-            if done.any():
-                info = {"final_obs": self.sim.final_obs if self.copy else self.sim.final_obs.copy(),
-                        "_final_obs": done}
+        if sim.ended and sim.autoreset_mode is AutoresetMode.SAME_STEP:  # final_obs is -1 where none ended
+            final = sim.final_obs
+            info = {"final_obs": final if self.copy else final.copy(), "_final_obs": final >= 0}
         return obs, rewards, terminated, truncated, info
 
     def render(self):

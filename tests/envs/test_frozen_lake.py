@@ -209,6 +209,41 @@ def test_bad_input_is_a_clear_error():
         FrozenLakeBatch(MAPS["4x4"])
 
 
+def test_fresh_buffers_are_recycled_only_when_nothing_else_holds_them():
+    """fresh=True hands out buffers that nothing writes again while anything holds them (a variable, a view, a
+    tensor); buffers whose results were dropped come back (a handful of sets, not five arrays per step)."""
+    torch = pytest.importorskip("torch")
+    env = FrozenLakeBatch(generate_maps(16, seed=0), is_slippery=True, seed=0)
+    env.reset()
+    acts = [np.full(16, t % 4) for t in range(30)]
+    seen = set()
+    for a in acts:  # results dropped at once, as a loop that reads them and moves on does
+        out = env.step(a, fresh=True)
+        seen.add(id(out[0]))
+        del out
+    assert len(env._spare) <= 3 and len(seen) <= 3
+    obs, rewards, *_ = env.step(acts[0], fresh=True)
+    view, tensor = rewards[2:5], torch.from_numpy(env.step(acts[1], fresh=True)[2])
+    snapshot = [obs.copy(), view.copy(), tensor.clone()]
+    for a in acts:  # what is still held (obs, a view of rewards, a tensor on terminated) is never written again
+        env.step(a, fresh=True)
+    np.testing.assert_array_equal(obs, snapshot[0])
+    np.testing.assert_array_equal(view, snapshot[1])
+    assert torch.equal(tensor, snapshot[2])
+
+
+def test_fresh_reset_leaves_a_callers_earlier_buffers_alone():
+    env = FrozenLakeBatch(generate_maps(8, seed=0), seed=0)
+    env.reset()
+    obs = env.step(np.full(8, 2), fresh=True)[0]
+    before = obs.copy()
+    mask = np.zeros(8, dtype=bool)
+    mask[::2] = True
+    again = env.reset(mask=mask, fresh=True)
+    np.testing.assert_array_equal(obs, before)  # the caller's array from the step is untouched
+    np.testing.assert_array_equal(again[~mask], before[~mask])  # the envs not reset keep their observation
+
+
 def test_fresh_step_buffers_are_not_overwritten():
     env = FrozenLakeBatch(generate_maps(32, seed=0), is_slippery=True, seed=0)
     env.reset()

@@ -108,6 +108,20 @@ def test_vector_env_with_one_map_per_env_of_mixed_sizes():
     assert out[0] is vec.sim.obs  # copy=False: the in-place buffers
 
 
+def test_copy_true_never_writes_an_array_it_returned():
+    """gymnasium's copy=True: what step and reset returned stays as it was through later steps and partial resets
+    (a reset once wrote the masked envs' starts into the last step's observation array)."""
+    vec = FrozenLakeVectorEnv(maps=generate_maps(6, seed=0), is_slippery=True, copy=True)
+    first, _ = vec.reset(seed=0)
+    obs, rewards, terminated, truncated, _ = vec.step(np.full(6, 2))
+    held = [a.copy() for a in (first, obs, rewards, terminated, truncated)]
+    vec.reset(options={"reset_mask": np.arange(6) % 2 == 0})
+    for t in range(10):
+        vec.step(np.full(6, t % 4))
+    for a, b in zip((first, obs, rewards, terminated, truncated), held):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="action must be an int in 0..3"):
         env = gym.make("icrl_fast/FrozenLake-v1").unwrapped
