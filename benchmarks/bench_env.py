@@ -118,8 +118,9 @@ def test_gymnasium_sync_vector_env_one_core_busy(benchmark, record, busy_core):
 
 @pytest.mark.parametrize("threads", [None, pytest.param(2, marks=two_threads)])
 def test_ours_gymnasium_vector_surface_one_core_busy(benchmark, record, busy_core, threads):
-    """copy=True at 1,024 envs beside a busy core: the automatic thread count (one, below PARALLEL_MIN_ENVS), and
-    two threads forced, as every step ran before issue #19 (fewer steps: each can take milliseconds)."""
+    """copy=True at 1,024 envs beside a busy core: the automatic thread count (chosen by the step times,
+    ``thread_choice.ThreadChooser``), and two threads forced, as every step ran before issue #19 (fewer steps: each
+    can take milliseconds)."""
     steps, rounds = (1000, 20) if threads is None else (100, 5)
     env, acts = FrozenLakeVectorEnv(maps=FOUR, is_slippery=False, num_threads=threads), _actions(steps, len(FOUR))
     env.reset(seed=0)

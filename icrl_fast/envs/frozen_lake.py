@@ -15,14 +15,17 @@ Rewards follow ``reward_schedule = (goal, hole, other)``; ``terminated`` means t
 true together). Autoreset modes are gymnasium's: SAME_STEP (default: a finished env is reset inside the same
 ``step`` call, the observation it ended on goes to ``final_obs``), NEXT_STEP, and DISABLED.
 
-A batch steps in one thread below ``PARALLEL_MIN_ENVS`` envs and in at most the usable cores above it
-(:func:`step_threads`); every env draws from its own stream, so results are bit-identical for any thread count.
+A batch starts in one thread below ``PARALLEL_MIN_ENVS`` envs and in at most the usable cores above it
+(:func:`step_threads`); from ``ADAPTIVE_MIN_ENVS`` envs on, the step times then choose between the two
+(:class:`~icrl_fast.envs.thread_choice.ThreadChooser`). Every env draws from its own stream, so results are
+bit-identical for any thread count.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numba
 import numpy as np
@@ -31,6 +34,7 @@ from numba import njit, prange, types
 
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
 from icrl_fast.envs.rng import as_seed, choose_seed, next_uniform, stream_state
+from icrl_fast.envs.thread_choice import ThreadChooser
 
 NEXT_STEP, SAME_STEP, DISABLED = 0, 1, 2
 _DR = np.array([0, 1, 0, -1], dtype=np.int32)  # row change of left, down, right, up (gymnasium's order)
@@ -46,6 +50,10 @@ _DC = np.array([-1, 0, 1, 0], dtype=np.int32)
 # 39.3 M env-steps/s at 1,024), so this threshold trades that for not collapsing beside a busy core (one thread:
 # 1,011x SyncVectorEnv there; two: 482x). A choice that sees the load would get both.
 PARALLEL_MIN_ENVS = 4096
+# From this many envs on, the automatic thread count starts as above and then follows the step times: probes of the
+# other count switch when it is faster (``thread_choice.ThreadChooser``), which gets two threads' 2x on a quiet
+# machine and one thread's resilience beside a busy core.
+ADAPTIVE_MIN_ENVS = 1024
 _SPARE_SETS = 3  # output buffer sets a fresh step may recycle (see FrozenLakeBatch._fresh_buffers)
 
 
@@ -231,13 +239,16 @@ def step_threads(num_envs: int, num_threads: int | None = None) -> int:
             raise ValueError(f"num_threads must be an int in 1..{limit} (NUMBA_NUM_THREADS) or None (automatic), "
                              f"got {num_threads!r}")
         return int(num_threads)
-    if num_envs < PARALLEL_MIN_ENVS:
-        return 1
+    return 1 if num_envs < PARALLEL_MIN_ENVS else usable_threads()
+
+
+def usable_threads() -> int:
+    """The cores this process may run on (``os.sched_getaffinity``), at most ``numba.config.NUMBA_NUM_THREADS``."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity API (macOS, Windows)
         cores = os.cpu_count() or 1
-    return max(1, min(cores, limit))
+    return max(1, min(cores, numba.config.NUMBA_NUM_THREADS))
 
 
 @njit(cache=True)
@@ -314,8 +325,9 @@ class FrozenLakeBatch:
         autoreset_mode: ``AutoresetMode`` or its value; SAME_STEP by default.
         seed: default seed of the per-env streams (env ``i`` draws from stream ``(seed, i)``); a seed given to
             :meth:`reset` replaces it. ``None``: fresh OS entropy, as gymnasium does when unseeded.
-        num_threads: threads per step (kept in ``self.num_threads``); ``None`` chooses by batch size and usable
-            cores (:func:`step_threads`). Results do not depend on it (one random stream per env).
+        num_threads: threads per step (kept in ``self.num_threads``); ``None`` starts from batch size and usable
+            cores (:func:`step_threads`) and, from ``ADAPTIVE_MIN_ENVS`` envs, follows the measured step times
+            (``self.num_threads`` is then the count in use). Results do not depend on it (one stream per env).
 
     Buffers: ``obs`` int64 [B], ``rewards`` float64 [B], ``terminated`` bool [B], ``truncated`` bool [B],
     ``final_obs`` int64 [B] (the observation a finished episode ended on under SAME_STEP, else -1).
@@ -336,6 +348,10 @@ class FrozenLakeBatch:
         self._mode = _MODE_CODE[self.autoreset_mode]
         self._seed = as_seed(seed) if seed is not None else None
         self.num_threads = step_threads(n, num_threads)
+        most = usable_threads()
+        # automatic: from ADAPTIVE_MIN_ENVS envs on, the step times themselves choose between one thread and all
+        self._chooser = (ThreadChooser(self.num_threads, most if self.num_threads == 1 else 1)
+                         if num_threads is None and most > 1 and n >= ADAPTIVE_MIN_ENVS else None)
         numba.get_num_threads()  # launches Numba's threads, which exports the symbols the step kernel calls
         self._pos = np.zeros((4, n), dtype=np.int32)
         self._rng = np.zeros(n, dtype=np.uint64)
@@ -399,14 +415,19 @@ class FrozenLakeBatch:
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
         if fresh:
             self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = self._fresh_buffers()
-        m = self.maps
+        m, chooser = self.maps, self._chooser
+        threads = self.num_threads if chooser is None else chooser.pick()
+        start = time.perf_counter()
         ended = _step_kernel(
-            self.num_threads, actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng,
+            threads, actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng,
             self.is_slippery, self.success_rate, self._reward_of_tile, self._max_steps, self._mode, self.obs,
             self.rewards, self.terminated, self.truncated, self.final_obs)
         if ended < 0:
             bad = -1 - ended
             raise ValueError(f"actions must be in 0..3 (left, down, right, up); env {bad} got {actions[bad]}")
+        if chooser is not None:
+            chooser.record(threads, time.perf_counter() - start)
+            self.num_threads = chooser.current
         self.ended = ended
         return self.obs, self.rewards, self.terminated, self.truncated
 

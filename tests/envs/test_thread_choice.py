@@ -1,0 +1,66 @@
+"""The simulator's timing-driven thread choice, fed made-up step times (it is a pure function of them)."""
+
+import numpy as np
+import pytest
+
+from icrl_fast.envs.frozen_lake import ADAPTIVE_MIN_ENVS, FrozenLakeBatch, usable_threads
+from icrl_fast.envs.maps import generate_maps
+from icrl_fast.envs.thread_choice import FIRST_PROBE, MAX_INTERVAL, ThreadChooser
+
+
+def drive(chooser, cost, steps):
+    """Run ``steps`` steps whose time is ``cost(threads)``; return the thread count of every step."""
+    used = []
+    for _ in range(steps):
+        k = chooser.pick()
+        used.append(k)
+        chooser.record(k, cost(k))
+    return used
+
+
+def test_quiet_machine_moves_to_the_faster_parallel_step():
+    c = ThreadChooser(1, 2)
+    used = drive(c, lambda k: 20e-6 / k, 200)  # two threads 2x faster
+    assert used[:FIRST_PROBE] == [1] * FIRST_PROBE and used[FIRST_PROBE] == 2
+    assert c.current == 2 and used[-50:].count(2) >= 49  # after the switch, one-thread probes are rare
+
+
+def test_busy_core_keeps_one_thread_and_probes_almost_never():
+    c = ThreadChooser(1, 2)
+    used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 100_000)  # a parallel step collapses to 10 ms
+    assert c.current == 1 and used.count(2) <= 2  # the first probe collapses: the next one is MAX_INTERVAL away
+    assert c.interval == MAX_INTERVAL
+
+
+def test_a_load_that_starts_mid_run_is_left_within_two_steps():
+    c = ThreadChooser(2, 1)
+    drive(c, lambda k: 10e-6 if k == 2 else 20e-6, 500)
+    assert c.current == 2
+    used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 3)  # the other core gets busy
+    assert c.current == 1 and used.count(2) == 1  # one collapsed parallel step, then one thread
+    assert drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 1000).count(2) <= 1
+
+
+def test_a_probe_that_is_not_clearly_faster_does_not_switch_and_backs_off():
+    c = ThreadChooser(1, 2)
+    used = drive(c, lambda k: 20e-6 if k == 1 else 19e-6, 2000)  # 5 % faster: within noise
+    assert c.current == 1 and c.switches == 0
+    probes = [i for i, k in enumerate(used) if k == 2]
+    assert len(probes) >= 3 and all(b - a > 2 * (a2 - a1) - 2 for a1, a2, a, b in
+                                    zip(probes, probes[1:], probes[1:], probes[2:]))  # intervals double
+    with pytest.raises(ValueError, match="different"):
+        ThreadChooser(2, 2)
+
+
+def test_the_batch_uses_it_only_when_the_thread_count_is_automatic():
+    assert FrozenLakeBatch(generate_maps(ADAPTIVE_MIN_ENVS - 1, seed=0))._chooser is None
+    assert FrozenLakeBatch(generate_maps(ADAPTIVE_MIN_ENVS, seed=0), num_threads=1)._chooser is None
+    env = FrozenLakeBatch(generate_maps(ADAPTIVE_MIN_ENVS, seed=0), seed=0)
+    if usable_threads() < 2:  # nothing to choose between
+        assert env._chooser is None
+        return
+    env.reset()
+    for t in range(3 * FIRST_PROBE):  # past the first probe
+        env.step(np.full(ADAPTIVE_MIN_ENVS, t % 4))
+    assert env._chooser.interval != FIRST_PROBE or env._chooser.switches > 0  # a probe ran and was judged
+    assert env.num_threads == env._chooser.current
