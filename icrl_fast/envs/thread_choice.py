@@ -4,13 +4,14 @@ Why (measured on a 2-core VM, see ``frozen_lake.PARALLEL_MIN_ENVS``): with the m
 ~2x faster than one from 1,024 envs up, but while another process keeps a core busy a two-thread step waits for a
 worker the scheduler has parked and takes 8-12 ms instead of ~20 us. No fixed threshold gets both; timings do.
 
-How: steps run with the ``current`` count and feed a running typical time. Now and then one step runs with the other
-count (a probe). A probe faster than ``SWITCH_BELOW`` x the typical time makes it the current count. A probe that
-loses pushes the next one twice as far out (up to ``MAX_INTERVAL`` steps); one that collapses (slower than
-``COLLAPSE`` x typical) pushes it straight to ``MAX_INTERVAL``, so on a loaded machine probes cost a fraction of a
-percent. A multi-thread step that collapses probes one thread on the very next step, so a load that starts mid-run
-is left within a step or two. The choice never changes results (one random stream per env: the step is the same for
-any thread count); it is a pure function of the timings it is fed, which is how it is tested.
+How: steps run with the ``current`` count and feed a running typical time. Now and then the other count runs for
+``PROBE_STEPS`` steps (a probe, judged by its fastest step). A probe faster than ``SWITCH_BELOW`` x the typical
+time makes it the current count. A probe that loses pushes the next one twice as far out (up to ``MAX_INTERVAL``
+steps); one that collapses (slower than ``COLLAPSE`` x typical) pushes it straight to ``MAX_INTERVAL``, so on a
+loaded machine probes cost a fraction of a percent. A multi-thread step that collapses starts a one-thread probe on
+the very next step, so a load that starts mid-run is left within a few steps. The choice never changes results
+(one random stream per env: the step is the same for any thread count); it is a pure function of the timings it
+is fed, which is how it is tested.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ MAX_INTERVAL = 1 << 16  # steps between probes at most
 SWITCH_BELOW = 0.8  # a probe this much faster than typical switches
 COLLAPSE = 4.0  # a step this much slower than typical has collapsed
 SMOOTHING = 0.1  # weight of the newest step in the typical time
+PROBE_STEPS = 2  # steps a probe runs, judged by the fastest (the first after a pause also wakes sleeping workers)
 
 
 class ThreadChooser:
@@ -33,6 +35,7 @@ class ThreadChooser:
         self.interval = FIRST_PROBE
         self.countdown = FIRST_PROBE
         self.switches = 0
+        self._probe: list[float] = []  # times of the probe in progress
 
     def pick(self) -> int:
         """The thread count of the next step."""
@@ -48,6 +51,10 @@ class ThreadChooser:
             self.typical = seconds if typical is None else (1 - SMOOTHING) * typical + SMOOTHING * seconds
             self.countdown -= 1
             return
+        self._probe.append(seconds)
+        if len(self._probe) < PROBE_STEPS:  # (the first parallel step after a pause also wakes the workers)
+            return
+        seconds, self._probe = min(self._probe), []
         if typical is not None and seconds < SWITCH_BELOW * typical:
             self.current, self.other = self.other, self.current
             self.typical, self.interval = seconds, FIRST_PROBE

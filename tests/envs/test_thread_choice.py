@@ -5,7 +5,7 @@ import pytest
 
 from icrl_fast.envs.frozen_lake import ADAPTIVE_MIN_ENVS, FrozenLakeBatch, usable_threads
 from icrl_fast.envs.maps import generate_maps
-from icrl_fast.envs.thread_choice import FIRST_PROBE, MAX_INTERVAL, ThreadChooser
+from icrl_fast.envs.thread_choice import FIRST_PROBE, MAX_INTERVAL, PROBE_STEPS, ThreadChooser
 
 
 def drive(chooser, cost, steps):
@@ -28,26 +28,27 @@ def test_quiet_machine_moves_to_the_faster_parallel_step():
 def test_busy_core_keeps_one_thread_and_probes_almost_never():
     c = ThreadChooser(1, 2)
     used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 100_000)  # a parallel step collapses to 10 ms
-    assert c.current == 1 and used.count(2) <= 2  # the first probe collapses: the next one is MAX_INTERVAL away
+    assert c.current == 1 and used.count(2) <= 2 * PROBE_STEPS  # the first probe collapses: the next is
+    assert c.interval == MAX_INTERVAL  # MAX_INTERVAL steps away
     assert c.interval == MAX_INTERVAL
 
 
-def test_a_load_that_starts_mid_run_is_left_within_two_steps():
+def test_a_load_that_starts_mid_run_is_left_within_a_few_steps():
     c = ThreadChooser(2, 1)
     drive(c, lambda k: 10e-6 if k == 2 else 20e-6, 500)
     assert c.current == 2
-    used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 3)  # the other core gets busy
+    used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 2 + 2 * PROBE_STEPS)  # the other core gets busy
     assert c.current == 1 and used.count(2) == 1  # one collapsed parallel step, then one thread
-    assert drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 1000).count(2) <= 1
+    assert drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 1000).count(2) <= PROBE_STEPS  # one probe, collapsed
 
 
 def test_a_probe_that_is_not_clearly_faster_does_not_switch_and_backs_off():
     c = ThreadChooser(1, 2)
     used = drive(c, lambda k: 20e-6 if k == 1 else 19e-6, 2000)  # 5 % faster: within noise
     assert c.current == 1 and c.switches == 0
-    probes = [i for i, k in enumerate(used) if k == 2]
-    assert len(probes) >= 3 and all(b - a > 2 * (a2 - a1) - 2 for a1, a2, a, b in
-                                    zip(probes, probes[1:], probes[1:], probes[2:]))  # intervals double
+    probes = [i for i, k in enumerate(used) if k == 2 and used[i - 1] == 1]  # where each probe starts
+    gaps = np.diff(probes)
+    assert len(probes) >= 4 and all(b == 2 * a - PROBE_STEPS for a, b in zip(gaps[:-1], gaps[1:]))  # doubling
     with pytest.raises(ValueError, match="different"):
         ThreadChooser(2, 2)
 
