@@ -5,7 +5,7 @@ Why (measured on a 2-core VM, see ``frozen_lake.PARALLEL_MIN_ENVS``): with the m
 worker the scheduler has parked and takes 8-12 ms instead of ~20 us. No fixed threshold gets both; timings do.
 
 How: steps run with the ``current`` count and feed a running typical time. Now and then the other count runs for
-``PROBE_STEPS`` steps (a probe, judged by its fastest step). A probe faster than ``SWITCH_BELOW`` x the typical
+``PROBE_STEPS`` steps (a probe, judged by its last step). A probe faster than ``SWITCH_BELOW`` x the typical
 time makes it the current count. A probe that loses pushes the next one twice as far out (up to ``MAX_INTERVAL``
 steps); one that collapses (slower than ``COLLAPSE`` x typical) pushes it straight to ``MAX_INTERVAL``, so on a
 loaded machine probes cost a fraction of a percent. A multi-thread step that collapses starts a one-thread probe on
@@ -16,12 +16,12 @@ is fed, which is how it is tested.
 
 from __future__ import annotations
 
-FIRST_PROBE = 16  # steps before the first probe
+FIRST_PROBE = 64  # steps before the first probe (and after a switch)
 MAX_INTERVAL = 1 << 16  # steps between probes at most
 SWITCH_BELOW = 0.8  # a probe this much faster than typical switches
 COLLAPSE = 4.0  # a step this much slower than typical has collapsed
 SMOOTHING = 0.1  # weight of the newest step in the typical time
-PROBE_STEPS = 2  # steps a probe runs, judged by the fastest (the first after a pause also wakes sleeping workers)
+PROBE_STEPS = 2  # steps a probe runs, judged by the last (the first after a pause also wakes sleeping workers)
 
 
 class ThreadChooser:
@@ -54,7 +54,7 @@ class ThreadChooser:
         self._probe.append(seconds)
         if len(self._probe) < PROBE_STEPS:  # (the first parallel step after a pause also wakes the workers)
             return
-        seconds, self._probe = min(self._probe), []
+        seconds, self._probe = self._probe[-1], []  # the last: a fastest-of-two would be biased low
         if typical is not None and seconds < SWITCH_BELOW * typical:
             self.current, self.other = self.other, self.current
             self.typical, self.interval = seconds, FIRST_PROBE
