@@ -64,8 +64,6 @@ def _most_references(arrays: tuple) -> int:
         most = max(most, sys.getrefcount(a))
     return most
 
-
-_UNSHARED = _most_references((np.empty(1),))  # what an array that only a tuple holds counts, measured the same way
 _MODE_CODE = {AutoresetMode.NEXT_STEP: NEXT_STEP, AutoresetMode.SAME_STEP: SAME_STEP, AutoresetMode.DISABLED: DISABLED}
 
 
@@ -172,7 +170,7 @@ _set_num_threads = types.ExternalFunction("set_num_threads", types.void(types.in
 @njit(inline="always", cache=True)
 def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
               max_steps, mode, obs, rew, term, trunc, final_obs):
-    """Step env ``i``; returns 1 if its episode ended on this step (terminated or truncated), else 0. ``pos`` rows:
+    """Step env ``i``; returns 1 if the step returned terminated or truncated, else 0. ``pos`` rows:
     0 row, 1 col, 2 elapsed steps, 3 reset pending (NEXT_STEP)."""
     if mode == NEXT_STEP and pos[3, i] != 0:
         obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
@@ -212,8 +210,8 @@ def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, suc
 @njit(parallel=True, cache=True)
 def _step_kernel(n_threads, actions, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
                  reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs):
-    """Step every env in ``n_threads`` threads (1 .. NUMBA_NUM_THREADS); returns how many episodes ended on this
-    step (>= 0), or ``-1 - i`` for the first env ``i`` whose action is outside 0..3 (nothing stepped). The calling
+    """Step every env in ``n_threads`` threads (1 .. NUMBA_NUM_THREADS); returns how many envs returned terminated
+    or truncated (>= 0), or ``-1 - i`` for the first env ``i`` whose action is outside 0..3 (nothing stepped). The calling
     thread's Numba thread count is restored on return."""
     bad = _first_bad_action(actions)
     if bad >= 0:
@@ -360,7 +358,8 @@ class FrozenLakeBatch:
         self.terminated = np.zeros(n, dtype=np.bool_)
         self.truncated = np.zeros(n, dtype=np.bool_)
         self.final_obs = np.full(n, -1, dtype=np.int64)
-        self.ended = 0  # episodes that ended on the last step (terminated or truncated)
+        self.ended = 0  # envs whose last step returned terminated or truncated
+        self._unshared = (np.empty(1),)  # an array only a tuple holds: the reference count of a buffer no one has
         self._spare: list[tuple[np.ndarray, ...]] = []  # output buffers that fresh steps hand out and take back
         self._ready = False
 
@@ -393,6 +392,7 @@ class FrozenLakeBatch:
         self._seed = choose_seed(self._seed, seed)
         if seed is not None or not self._ready:
             _seed_streams(self._seed, self._rng, mask)
+        self.ended = 0
         _reset_masked(mask, self.maps.tiles, self.maps.ncol, self.maps.starts, self.maps.n_starts, self._pos,
                       self._rng, self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
         self._ready = True
@@ -413,6 +413,7 @@ class FrozenLakeBatch:
                 raise TypeError(f"actions must be integers in 0..3, got dtype {actions.dtype}")
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
+        held = (self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
         if fresh:
             self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = self._fresh_buffers()
         m, chooser = self.maps, self._chooser
@@ -422,7 +423,8 @@ class FrozenLakeBatch:
             threads, actions, m.tiles, m.nrow, m.ncol, m.starts, m.n_starts, self._pos, self._rng,
             self.is_slippery, self.success_rate, self._reward_of_tile, self._max_steps, self._mode, self.obs,
             self.rewards, self.terminated, self.truncated, self.final_obs)
-        if ended < 0:
+        if ended < 0:  # nothing was stepped: the buffers stay the ones that hold the state
+            self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = held
             bad = -1 - ended
             raise ValueError(f"actions must be in 0..3 (left, down, right, up); env {bad} got {actions[bad]}")
         if chooser is not None:
@@ -436,10 +438,11 @@ class FrozenLakeBatch:
         nothing else references any more (their reference counts say so: a caller's variable, a view, a tensor
         sharing the memory all hold one), else newly allocated ones (at most ``_SPARE_SETS`` kept for reuse).
         Either way nothing a caller still holds is ever written again: ``fresh`` semantics, without allocating
-        five arrays per step in a loop that drops each step's results."""
-        current = self.obs
+        five arrays per step in a loop that drops each step's results. (A raw pointer, ``ctypes.data`` or
+        ``__array_interface__``, holds no reference: a caller keeping one must keep the array too.)"""
+        current, unshared = self.obs, _most_references(self._unshared)  # measured now, the same way
         for bufs in self._spare:  # (the current set is also referenced by the attributes)
-            if bufs[0] is not current and _most_references(bufs) == _UNSHARED:
+            if bufs[0] is not current and _most_references(bufs) == unshared:
                 return bufs
         n = self.num_envs
         bufs = (np.empty(n, np.int64), np.empty(n, np.float64), np.empty(n, np.bool_), np.empty(n, np.bool_),

@@ -8,8 +8,9 @@ How: steps run with the ``current`` count and feed a running typical time. Now a
 ``PROBE_STEPS`` steps (a probe, judged by its last step). A probe faster than ``SWITCH_BELOW`` x the typical
 time makes it the current count. A probe that loses pushes the next one twice as far out (up to ``MAX_INTERVAL``
 steps); one that collapses (slower than ``COLLAPSE`` x typical) pushes it straight to ``MAX_INTERVAL``, so on a
-loaded machine probes cost a fraction of a percent. A multi-thread step that collapses starts a one-thread probe on
-the very next step, so a load that starts mid-run is left within a few steps. The choice never changes results
+loaded machine probes cost a fraction of a percent. Two multi-thread steps in a row that collapse start a one-thread
+probe on the next step, so a load that starts mid-run is left within a few steps (one slow step, a hiccup, is not
+enough). The first step is not timed: it also loads or compiles the kernel. The choice never changes results
 (one random stream per env: the step is the same for any thread count); it is a pure function of the timings it
 is fed, which is how it is tested.
 """
@@ -36,6 +37,8 @@ class ThreadChooser:
         self.countdown = FIRST_PROBE
         self.switches = 0
         self._probe: list[float] = []  # times of the probe in progress
+        self._collapsed = 0  # collapsed parallel steps in a row
+        self._warm = False
 
     def pick(self) -> int:
         """The thread count of the next step."""
@@ -43,11 +46,17 @@ class ThreadChooser:
 
     def record(self, threads: int, seconds: float) -> None:
         """Feed the time a step took with ``threads`` threads (the count :meth:`pick` gave)."""
+        if not self._warm:  # the very first step also loads (or compiles) the kernel: not a step time
+            self._warm = True
+            return
         typical = self.typical
         if threads == self.current:
             if typical is not None and self.current > 1 and seconds > COLLAPSE * typical:
-                self.typical, self.countdown = seconds, 0  # a collapsed parallel step: the probe (one thread,
-                return  # next) is judged against it; after a one-off hiccup the next probe switches back
+                self._collapsed += 1
+                if self._collapsed >= 2:  # two in a row (one may be a hiccup): probe one thread next, judged
+                    self.typical, self.countdown, self._collapsed = seconds, 0, 0  # against the collapsed time
+                return
+            self._collapsed = 0
             self.typical = seconds if typical is None else (1 - SMOOTHING) * typical + SMOOTHING * seconds
             self.countdown -= 1
             return

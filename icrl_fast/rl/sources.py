@@ -10,7 +10,8 @@
   a fraction of the chunks is played by the model itself through the rollout engine (same ramp: the evaluation's
   own distribution of contexts) and labelled by the same teacher -- DAgger. With ``switch`` > 0 a fraction of the
   teacher-played contexts go on, after their episodes, on a second fresh map (the non-stationary experiment's
-  contexts: two maps in one context).
+  contexts: two maps in one context). With ``relabel`` > 0 a fraction of the contexts have their observation
+  numbers renamed by a random permutation (``relabel_observations``).
 
 Every source has ``batch(step, micro, pos) -> dict of numpy arrays``. A batch is the learner's token contract
 (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
@@ -235,7 +236,9 @@ class ProtocolSource:
             log, labels = play_protocol(maps, self.p_teacher, seed=seed)
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
-        if cfg.relabel > 0:  # its own stream: relabel 0 leaves every other draw as it was
+        # Renaming comes after play (a DAgger chunk is renamed after the model played it under the real names; its
+        # labels stay right, the teacher being blind to names). Its own stream: relabel 0 leaves every draw alone.
+        if cfg.relabel > 0:
             rename = np.random.default_rng([self.seed, 9, *key])
             log = relabel_observations(log, n, rename, cfg.relabel, fmt.max_obs)
         ids, ep_of_token = encode_episodes(fmt, log, np.arange(log.num_episodes))

@@ -244,6 +244,18 @@ def test_fresh_reset_leaves_a_callers_earlier_buffers_alone():
     np.testing.assert_array_equal(again[~mask], before[~mask])  # the envs not reset keep their observation
 
 
+def test_a_refused_fresh_step_keeps_the_buffers_that_hold_the_state():
+    env = FrozenLakeBatch(generate_maps(8, seed=0), is_slippery=False, seed=0)
+    env.reset()
+    for t in range(6):  # results dropped: the spare sets hold older steps' values
+        env.step(np.full(8, t % 4), fresh=True)
+    state = [x.copy() for x in (env.obs, env.rewards, env.terminated, env.truncated, env.final_obs)]
+    with pytest.raises(ValueError, match="0..3"):
+        env.step(np.full(8, 7), fresh=True)
+    for got, want in zip((env.obs, env.rewards, env.terminated, env.truncated, env.final_obs), state):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_fresh_step_buffers_are_not_overwritten():
     env = FrozenLakeBatch(generate_maps(32, seed=0), is_slippery=True, seed=0)
     env.reset()

@@ -21,7 +21,7 @@ def drive(chooser, cost, steps):
 def test_quiet_machine_moves_to_the_faster_parallel_step():
     c = ThreadChooser(1, 2)
     used = drive(c, lambda k: 20e-6 / k, 200)  # two threads 2x faster
-    assert used[:FIRST_PROBE] == [1] * FIRST_PROBE and used[FIRST_PROBE] == 2
+    assert used.index(2) == FIRST_PROBE + 1  # the first step (kernel load or compilation) is not timed
     assert c.current == 2 and used[-50:].count(2) >= 49  # after the switch, one-thread probes are rare
 
 
@@ -30,16 +30,23 @@ def test_busy_core_keeps_one_thread_and_probes_almost_never():
     used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 100_000)  # a parallel step collapses to 10 ms
     assert c.current == 1 and used.count(2) <= 2 * PROBE_STEPS  # the first probe collapses: the next is
     assert c.interval == MAX_INTERVAL  # MAX_INTERVAL steps away
-    assert c.interval == MAX_INTERVAL
 
 
 def test_a_load_that_starts_mid_run_is_left_within_a_few_steps():
     c = ThreadChooser(2, 1)
     drive(c, lambda k: 10e-6 if k == 2 else 20e-6, 500)
     assert c.current == 2
-    used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 2 + 2 * PROBE_STEPS)  # the other core gets busy
-    assert c.current == 1 and used.count(2) == 1  # one collapsed parallel step, then one thread
+    used = drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 3 + 2 * PROBE_STEPS)  # the other core gets busy
+    assert c.current == 1 and used.count(2) == 2  # two collapsed parallel steps, then one thread
     assert drive(c, lambda k: 20e-6 if k == 1 else 10e-3, 1000).count(2) <= PROBE_STEPS  # one probe, collapsed
+
+
+def test_one_slow_parallel_step_is_a_hiccup_not_a_collapse():
+    c = ThreadChooser(2, 1)
+    drive(c, lambda k: 10e-6 if k == 2 else 20e-6, 500)
+    costs = iter([10e-3] + [10e-6] * 10)
+    used = drive(c, lambda k: next(costs) if k == 2 else 20e-6, 10)
+    assert c.current == 2 and c.switches == 0 and 1 not in used[:2]
 
 
 def test_a_probe_that_is_not_clearly_faster_does_not_switch_and_backs_off():
@@ -57,9 +64,9 @@ def test_the_batch_uses_it_only_when_the_thread_count_is_automatic():
     assert FrozenLakeBatch(generate_maps(ADAPTIVE_MIN_ENVS - 1, seed=0))._chooser is None
     assert FrozenLakeBatch(generate_maps(ADAPTIVE_MIN_ENVS, seed=0), num_threads=1)._chooser is None
     env = FrozenLakeBatch(generate_maps(ADAPTIVE_MIN_ENVS, seed=0), seed=0)
-    if usable_threads() < 2:  # nothing to choose between
+    if usable_threads() < 2:
         assert env._chooser is None
-        return
+        pytest.skip("one usable core: nothing to choose between")
     env.reset()
     for t in range(3 * FIRST_PROBE):  # past the first probe
         env.step(np.full(ADAPTIVE_MIN_ENVS, t % 4))
