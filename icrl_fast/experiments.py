@@ -56,10 +56,12 @@ def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfi
     result["recovery"] = recovery(result["success_rate"], half)
     # The ceiling under the restarted ramp: the best a player that knows map B from the switch on can expect, forced
     # through the same ramp (exact). The ramp's random moves alone hold it near 0.7 ten episodes after the switch.
-    best = ramp_ceiling(maps_b, ramp[half:]).mean(0)
-    result["recovery"]["ceiling"] = {
-        "success_rate": best.tolist(),
-        "episodes_to_recover": recovery([*result["success_rate"][:half], *best], half)["episodes_to_recover"]}
+    # Without forced random moves (--ramp greedy) that player is back at once: no ceiling to report.
+    if (ramp[half:] < 1).any():
+        best = ramp_ceiling(maps_b, ramp[half:]).mean(0)
+        result["recovery"]["ceiling"] = {
+            "success_rate": best.tolist(),
+            "episodes_to_recover": recovery([*result["success_rate"][:half], *best], half)["episodes_to_recover"]}
     result["_paths"] = [p[:half] for p in out.paths]  # drawn on map A: its episodes only
     return result
 

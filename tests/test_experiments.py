@@ -58,6 +58,9 @@ def test_non_stationary_contract_and_recovery():
     np.testing.assert_allclose(ceiling["success_rate"], want)
     assert ceiling["episodes_to_recover"] == recovery([*res["success_rate"][:4], *want], 4)["episodes_to_recover"]
     assert any("the ceiling" in row for row in summary_rows(res))
+    greedy = non_stationary(tiny(fmt), fmt, maps, maps[np.roll(np.arange(4), 1)],
+                            EvalConfig(maps=4, episodes=4, experiment="non-stationary", ramp="greedy"))
+    assert "ceiling" not in greedy["recovery"]  # no forced random moves: a player that knows the map is back at once
 
 
 def test_the_restarted_ramp_holds_even_a_player_that_knows_the_map_near_0_7_ten_episodes_after_the_switch():
