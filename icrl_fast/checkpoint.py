@@ -114,9 +114,13 @@ def build_qnet(cfg: TrainConfig, fmt, device: str) -> QNetwork:
     return QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=device, seed=cfg.seed, token_factors=factors)
 
 
-def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str = "cpu"):
-    """The trained network (on ``device``), its format, the maps to evaluate (test split, or fresh 6-7 maps for
-    ``ood``) and the run's config."""
+OOD_SIZE = ((6, 7), (6, 7))  # (height, width) ranges of the ood experiment's maps
+
+
+def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str = "cpu",
+                      ood_size: tuple = OOD_SIZE):
+    """The trained network (on ``device``), its format, the maps to evaluate (test split, or fresh maps of
+    ``ood_size`` = ((rows lo, hi), (cols lo, hi)), 6-7 x 6-7 by default, for ``ood``) and the run's config."""
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
@@ -129,7 +133,12 @@ def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str =
         load_checkpoint(run_dir, qnet)
     qnet.eval()
     if experiment == "ood":
-        maps = generate_maps(n_maps, seed=cfg.seed + 7919, height=(6, 7), width=(6, 7), min_hops=cfg.data.min_hops)
+        cells = ood_size[0][1] * ood_size[1][1]
+        if cells > fmt.max_obs:
+            raise ValueError(f"ood maps up to {ood_size[0][1]}x{ood_size[1][1]} have {cells} cells; this run's format "
+                             f"numbers at most {fmt.max_obs} observations")
+        maps = generate_maps(n_maps, seed=cfg.seed + 7919, height=ood_size[0], width=ood_size[1],
+                             min_hops=cfg.data.min_hops)
     else:
         maps = ds.maps[ds.test_map_ids[:n_maps]]
     return qnet, fmt, maps, cfg

@@ -115,6 +115,20 @@ def draw_trajectories(episode_paths, desc, path: Path, plt) -> Path:
     return path
 
 
+def parse_size(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``"6-7x3-5"`` -> ``((6, 7), (3, 5))`` (a single number stands for both ends); ``ValueError`` otherwise."""
+    try:
+        ranges = [tuple(int(v) for v in side.split("-")) for side in text.lower().split("x")]
+    except ValueError:
+        ranges = []
+    if len(ranges) != 2 or any(len(r) not in (1, 2) for r in ranges):
+        raise ValueError(f"--ood-size must look like 6-7x3-5 (rows x cols ranges), got {text!r}")
+    (r0, r1), (c0, c1) = ((r[0], r[-1]) for r in ranges)
+    if not 2 <= r0 <= r1 or not 2 <= c0 <= c1:
+        raise ValueError(f"--ood-size ranges must be ascending and at least 2, got {text!r}")
+    return (r0, r1), (c0, c1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m icrl_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run directory written by python -m icrl_fast.train")
@@ -125,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                         "EPISODES episodes, EPISODES more), stitching (the 4x6 map after two hand-written episodes; "
                         "EPISODES greedy trials, default 5), imitation (a probe: 5 successful episodes of a "
                         "tabular learner in context, then greedy; control: an empty context)")
+    p.add_argument("--ood-size", default="6-7x6-7", metavar="ROWSxCOLS",
+                   help="ood only: the maps' height x width ranges, e.g. 6-7x3-5 (taller maps, training widths) or "
+                        "3-5x6-7 (training heights, wider maps); default 6-7x6-7")
     p.add_argument("--ramp", choices=("paper", "greedy"), default="paper",
                    help="paper: P(model) 0.0 -> 1.0 over episodes 0-19; greedy: the model acts from episode 0")
     p.add_argument("--window", type=int, default=None, help="attend to the last WINDOW tokens (ring-buffer KV cache)")
@@ -143,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-        qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps, device=device)
+        ood_size = parse_size(args.ood_size)
+        if args.experiment != "ood" and args.ood_size != "6-7x6-7":
+            raise ValueError("--ood-size applies to --experiment ood only")
+        qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps, device=device,
+                                                 ood_size=ood_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(qnet, fmt, maps, ecfg, device=device, max_positions=cfg.model.max_positions,
                           extra_config=extra, progress=True)
     print("\n".join(summary_rows(result)))
+    size = f"-{args.ood_size}" if args.ood_size != "6-7x6-7" else ""
     default = Path(args.run) if (args.experiment, args.ramp) == ("in-distribution", "paper") else \
-        Path(args.run) / f"eval-{args.experiment}{'-greedy' if args.ramp == 'greedy' else ''}"
+        Path(args.run) / f"eval-{args.experiment}{size}{'-greedy' if args.ramp == 'greedy' else ''}"
     for path in write_outputs(result, Path(args.out) if args.out else default, maps):
         print(f"wrote {path}")
     return 0

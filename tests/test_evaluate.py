@@ -55,3 +55,15 @@ def test_evaluation_contexts_are_in_the_training_format(fmt):
             assert ep["obs"] == out.paths[b][e][:-1]  # the observations the agent saw, in order
             assert (ep["rewards"][-1] == 1.0) == bool(out.success[b, e])
             assert ep["truncated"] == bool(out.truncated[b, e])
+
+
+def test_ood_size_flag(tmp_path, capsys):
+    from icrl_fast.evaluate import main, parse_size
+    assert parse_size("6-7x3-5") == ((6, 7), (3, 5)) and parse_size("5x6-7") == ((5, 5), (6, 7))
+    for bad in ("6-7", "axb", "7-6x3-5", "6-7x3-5x2", "1x3"):
+        with pytest.raises(ValueError, match="--ood-size"):
+            parse_size(bad)
+    assert main([str(tmp_path), "--experiment", "ood", "--ood-size", "6x"]) == 2  # a one-line error, no traceback
+    assert "--ood-size must look like" in capsys.readouterr().err
+    assert main([str(tmp_path), "--ood-size", "6-7x3-5"]) == 2
+    assert "applies to --experiment ood only" in capsys.readouterr().err

@@ -231,6 +231,10 @@ def test_a_protocol_run_plays_its_own_format_over_a_dataset_built_in_another(tmp
     assert tokens[1] < 0.6 * tokens[0]  # the same maps and steps in about half the tokens
     qnet, fmt, maps, _ = load_run_for_eval(tmp_path / "step", "in-distribution", 2)
     assert fmt.name == "step" and isinstance(qnet.model.model.embed_tokens, FactoredEmbedding) and len(maps) == 2
+    _, _, tall, _ = load_run_for_eval(tmp_path / "step", "ood", 3, ood_size=((6, 7), (3, 5)))  # --ood-size 6-7x3-5
+    assert len(tall) == 3 and (tall.nrow >= 6).all() and (tall.ncol <= 5).all()
+    with pytest.raises(ValueError, match="81 cells"):
+        load_run_for_eval(tmp_path / "step", "ood", 2, ood_size=((9, 9), (9, 9)))
     ev = json.loads((tmp_path / "step" / "eval.json").read_text())
     assert ev["config"]["train"]["data"]["format"] == "step" and len(ev["success_rate"]) == 3
 
