@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ecfg.maps = len(maps)
-    extra = {"run": str(args.run)}
+    extra = {"run": str(args.run), **({"ood_size": args.ood_size} if args.experiment == "ood" else {})}
     if args.experiment == "non-stationary":
         switched = maps[np.roll(np.arange(len(maps)), 1)]  # each context moves on to another unseen map
         result = non_stationary(qnet, fmt, maps, switched, ecfg, device=device,

@@ -87,7 +87,9 @@ def row(label: str, ev: dict) -> str:
     f = failures(ev)
     fail = f"{f['hole']} hole / {f['loop']} loop / {f['never_saw_goal']} never saw G (of {f['failed']})" if f else ""
     where = f"{meta.get('device', '?')}, {meta.get('date', '?')[:10]}"
-    return f"| {label} | {exp} ({ramp}) | {ev['num_maps']} | {ours} | {PAPER.get(exp, '')} | {fail} | {where} |"
+    size = ev["config"].get("ood_size", "6-7x6-7")
+    shown = f"{exp} {size}" if exp == "ood" and size != "6-7x6-7" else exp
+    return f"| {label} | {shown} ({ramp}) | {ev['num_maps']} | {ours} | {PAPER.get(exp, '')} | {fail} | {where} |"
 
 
 def table(evals: list[tuple[str, dict]]) -> list[str]:
