@@ -57,6 +57,11 @@ class ProtocolConfig:
                                                          "their episodes, on a fresh map for as many more, the ramp "
                                                          "restarted and the teacher starting over, nothing marking "
                                                          "the switch: the non-stationary experiment's contexts"})
+    widen: float = field(default=0.0, metadata={"help": "fraction of maps whose observations are numbered as if "
+                                                        "the map sat in a wider grid (up to widen_to columns; the "
+                                                        "extra columns never reached): a probe of what observation "
+                                                        "numbers mean on wider maps"})
+    widen_to: int = field(default=7, metadata={"help": "the widest grid --protocol.widen numbers a map in"})
     relabel: float = field(default=0.0, metadata={"help": "fraction of contexts whose observation numbers are renamed "
                                                           "by a random permutation of 0 .. max_obs - 1 (one per "
                                                           "context): every observation token is trained, and a map "
@@ -72,6 +77,9 @@ class ProtocolConfig:
             raise ValueError(f"protocol dagger must be a fraction in [0, 1], got {self.dagger}")
         if not 0.0 <= self.switch <= 1.0:
             raise ValueError(f"protocol switch must be a fraction in [0, 1], got {self.switch}")
+        if not 0.0 <= self.widen <= 1.0 or self.widen_to < 2:
+            raise ValueError(f"protocol widen must be a fraction in [0, 1] and widen_to >= 2, got {self.widen}, "
+                             f"{self.widen_to}")
         if not 0.0 <= self.relabel <= 1.0:
             raise ValueError(f"protocol relabel must be a fraction in [0, 1], got {self.relabel}")
         if self.ramp not in ("paper", "teacher"):
@@ -153,6 +161,26 @@ def relabel_observations(log: EpisodeLog, contexts: int, rng, fraction: float, m
     names = np.tile(np.arange(max_obs, dtype=np.int64), (contexts, 1))
     for c in np.flatnonzero(rng.random(contexts) < fraction):
         names[c] = rng.permutation(max_obs)
+    return rename_observations(log, names)
+
+
+def widen_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, widest: int) -> EpisodeLog:
+    """``log`` (of ``maps``: map ``b`` = ``map_id``, ``ncol[b]`` columns) with, for a fraction of its maps, every observation
+    ``r * ncol + c`` numbered ``r * w + c`` as if the map sat in the corner of a grid ``w`` columns wide (``w`` drawn
+    from ``ncol + 1 .. widest``; the extra columns are never reached). Same map, same moves, same labels: only the
+    numbers' row stride changes, which is what an observation number means on a wider map."""
+    ncol = maps.ncol.astype(np.int64)
+    cell = np.arange(int(maps.num_cells.max()), dtype=np.int64)
+    names = np.tile(cell, (len(maps), 1))
+    for b in np.flatnonzero(rng.random(len(maps)) < fraction):
+        w = int(rng.integers(ncol[b] + 1, widest + 1)) if ncol[b] < widest else int(ncol[b])
+        names[b] = cell // ncol[b] * w + cell % ncol[b]
+    return rename_observations(log, names)
+
+
+def rename_observations(log: EpisodeLog, names: np.ndarray) -> EpisodeLog:
+    """``log`` with observation ``o`` of map (context) ``b`` renamed ``names[b, o]`` (``obs`` and ``final_obs``; -1
+    stays -1)."""
     episode_of_step = np.repeat(np.arange(log.num_episodes), log.length)
     step = log.start[episode_of_step] + np.arange(episode_of_step.size) - \
         np.repeat(np.cumsum(log.length) - log.length, log.length)
@@ -193,6 +221,9 @@ class ProtocolSource:
         self.dagger_success: list[float] = []  # success rate of each model-played chunk (logged by the trainer)
         pool = generate_maps(cfg.pool_maps, seed=seed + 101, height=height, width=width, min_hops=min_hops)
         self.pool = exclude_maps(pool, test_maps)
+        if cfg.widen > 0 and int(self.pool.nrow.max()) * cfg.widen_to > fmt.max_obs:
+            raise ValueError(f"protocol widen_to {cfg.widen_to}: maps of {int(self.pool.nrow.max())} rows would need "
+                             f"observation numbers beyond the format's {fmt.max_obs}")
         self.p_teacher = cfg.p_teacher()
         self.pad = pad_token(fmt)
         self._chunk: tuple[tuple, list[dict]] | None = None
@@ -234,6 +265,7 @@ class ProtocolSource:
             self.dagger_success.append(float(played.success.mean()))
         else:
             log, labels = play_protocol(maps, self.p_teacher, seed=seed)
+            log = self._widen(log, maps, key, 0)
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
         # Renaming comes after play (a DAgger chunk is renamed after the model played it under the real names; its
@@ -259,6 +291,13 @@ class ProtocolSource:
         """``n`` pool maps (with replacement only when the pool is smaller than ``n``)."""
         return self.pool[rng.choice(len(self.pool), size=n, replace=len(self.pool) < n)]
 
+    def _widen(self, log: EpisodeLog, maps: MapBatch, key: tuple, part: int) -> EpisodeLog:
+        """``widen_observations`` for the teacher-played maps of a chunk (its own stream: widen 0 changes nothing)."""
+        if self.cfg.widen <= 0:
+            return log
+        rng = np.random.default_rng([self.seed, 10, part, *key])
+        return widen_observations(log, maps, rng, self.cfg.widen, self.cfg.widen_to)
+
     def _switch(self, log: EpisodeLog, labels: np.ndarray, rng, key: tuple) -> tuple[EpisodeLog, np.ndarray]:
         """Each context goes on with probability ``switch`` on a fresh pool map, played from scratch (the teacher
         knows nothing of the first map: it labels what to do given the context since the switch)."""
@@ -269,6 +308,7 @@ class ProtocolSource:
         maps_b = self._draw_maps(rng, switched.size)
         seed_b = int(np.random.SeedSequence([self.seed, 8, *key]).generate_state(1)[0])
         log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b)
+        log_b = self._widen(log_b, maps_b, key, 1)
         partner = np.full(n, -1)
         partner[switched] = np.arange(switched.size)
         log, take = append_contexts(log, log_b, partner)

@@ -189,3 +189,28 @@ def test_relabel_renames_each_contexts_observations_by_one_permutation(fmt):
     assert moved > 0 and max(names_used) >= 25  # names beyond the 3-5 maps' 25 cells get trained
     with pytest.raises(ValueError, match="relabel"):
         ProtocolConfig(relabel=-0.1).validate()
+
+
+def test_widen_numbers_each_map_as_if_it_sat_in_a_wider_grid():
+    """--protocol.widen: same contexts (actions, labels, ends), observation r * ncol + c numbered r * w + c for a w
+    between ncol + 1 and widen_to, one w per map; a move down then adds w."""
+    fmt = StepFormat()
+    plain = source(fmt)[0].batch(step=1, micro=0)
+    wide = source(fmt, widen=1.0, widen_to=7)[0].batch(step=1, micro=0)
+    for k in ("decision_mask", "action", "label", "length", "episode_return", "terminated", "truncated"):
+        np.testing.assert_array_equal(plain[k], wide[k])
+    strides = set()
+    for r in range(plain["input_ids"].shape[0]):
+        n = plain["length"][r]
+        a, b = decode(fmt, plain["input_ids"][r, :n]), decode(fmt, wide["input_ids"][r, :n])
+        pairs = {(o, p) for ea, eb in zip(a, b)
+                 for o, p in zip(ea["obs"] + [ea["final_obs"]], eb["obs"] + [eb["final_obs"]])}
+        for ea, eb in zip(a, b):  # a down move (action 1) that moved: the new number is the old + the grid's width
+            for o0, o1, p0, p1, act in zip(ea["obs"], ea["obs"][1:], eb["obs"], eb["obs"][1:], ea["actions"]):
+                if act == 1 and o1 != o0:
+                    strides.add(p1 - p0)
+                    assert p1 - p0 > o1 - o0  # wider than the map's own stride
+        assert len(dict(pairs)) == len(pairs) and all(p >= o for o, p in pairs)  # a renumbering, never smaller
+    assert strides and max(strides) <= 7
+    with pytest.raises(ValueError, match="widen"):
+        ProtocolConfig(widen=1.5).validate()
