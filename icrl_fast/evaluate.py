@@ -115,6 +115,9 @@ def draw_trajectories(episode_paths, desc, path: Path, plt) -> Path:
     return path
 
 
+OOD_SIZE = "6-7x6-7"  # --ood-size's default: checkpoint.OOD_SIZE, the ood experiment's maps
+
+
 def parse_size(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """``"6-7x3-5"`` -> ``((6, 7), (3, 5))`` (a single number stands for both ends); ``ValueError`` otherwise."""
     try:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         "EPISODES episodes, EPISODES more), stitching (the 4x6 map after two hand-written episodes; "
                         "EPISODES greedy trials, default 5), imitation (a probe: 5 successful episodes of a "
                         "tabular learner in context, then greedy; control: an empty context)")
-    p.add_argument("--ood-size", default="6-7x6-7", metavar="ROWSxCOLS",
+    p.add_argument("--ood-size", default=OOD_SIZE, metavar="ROWSxCOLS",
                    help="ood only: the maps' height x width ranges, e.g. 6-7x3-5 (taller maps, training widths) or "
                         "3-5x6-7 (training heights, wider maps); default 6-7x6-7")
     p.add_argument("--ramp", choices=("paper", "greedy"), default="paper",
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
         ood_size = parse_size(args.ood_size)
-        if args.experiment != "ood" and args.ood_size != "6-7x6-7":
+        if args.experiment != "ood" and args.ood_size != OOD_SIZE:
             raise ValueError("--ood-size applies to --experiment ood only")
         qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps, device=device,
                                                  ood_size=ood_size)
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(qnet, fmt, maps, ecfg, device=device, max_positions=cfg.model.max_positions,
                           extra_config=extra, progress=True)
     print("\n".join(summary_rows(result)))
-    size = f"-{args.ood_size}" if args.ood_size != "6-7x6-7" else ""
+    size = f"-{args.ood_size}" if args.ood_size != OOD_SIZE else ""
     default = Path(args.run) if (args.experiment, args.ramp) == ("in-distribution", "paper") else \
         Path(args.run) / f"eval-{args.experiment}{size}{'-greedy' if args.ramp == 'greedy' else ''}"
     for path in write_outputs(result, Path(args.out) if args.out else default, maps):

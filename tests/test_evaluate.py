@@ -58,8 +58,10 @@ def test_evaluation_contexts_are_in_the_training_format(fmt):
 
 
 def test_ood_size_flag(tmp_path, capsys):
-    from icrl_fast.evaluate import main, parse_size
+    from icrl_fast.checkpoint import OOD_SIZE as DEFAULT_MAPS
+    from icrl_fast.evaluate import OOD_SIZE, main, parse_size
     assert parse_size("6-7x3-5") == ((6, 7), (3, 5)) and parse_size("5x6-7") == ((5, 5), (6, 7))
+    assert parse_size(OOD_SIZE) == DEFAULT_MAPS  # the flag's default is the ood experiment's maps
     for bad in ("6-7", "axb", "7-6x3-5", "6-7x3-5x2", "1x3"):
         with pytest.raises(ValueError, match="--ood-size"):
             parse_size(bad)

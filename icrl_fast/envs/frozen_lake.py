@@ -48,13 +48,14 @@ _DC = np.array([-1, 0, 1, 0], dtype=np.int32)
 # 65,536): a parallel step waits for a worker that the scheduler has parked behind the other process. With the
 # machine to itself (bench_env, 2026-11-30) two threads were ~2x faster at every size from 1,024 envs (78.8 M vs
 # 39.3 M env-steps/s at 1,024), so this threshold trades that for not collapsing beside a busy core (one thread:
-# 1,011x SyncVectorEnv there; two: 482x). A choice that sees the load would get both.
+# 1,011x SyncVectorEnv there; two: 482x). It is now only where the timing-driven choice below starts.
 PARALLEL_MIN_ENVS = 4096
 # From this many envs on, the automatic thread count starts as above and then follows the step times: probes of the
 # other count switch when it is faster (``thread_choice.ThreadChooser``), which gets two threads' 2x on a quiet
 # machine and one thread's resilience beside a busy core.
 ADAPTIVE_MIN_ENVS = 1024
 _SPARE_SETS = 3  # output buffer sets a fresh step may recycle (see FrozenLakeBatch._fresh_buffers)
+_MODE_CODE = {AutoresetMode.NEXT_STEP: NEXT_STEP, AutoresetMode.SAME_STEP: SAME_STEP, AutoresetMode.DISABLED: DISABLED}
 
 
 def _most_references(arrays: tuple) -> int:
@@ -63,8 +64,6 @@ def _most_references(arrays: tuple) -> int:
     for a in arrays:
         most = max(most, sys.getrefcount(a))
     return most
-
-_MODE_CODE = {AutoresetMode.NEXT_STEP: NEXT_STEP, AutoresetMode.SAME_STEP: SAME_STEP, AutoresetMode.DISABLED: DISABLED}
 
 
 @njit(inline="always", cache=True)
@@ -211,8 +210,8 @@ def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, suc
 def _step_kernel(n_threads, actions, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
                  reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs):
     """Step every env in ``n_threads`` threads (1 .. NUMBA_NUM_THREADS); returns how many envs returned terminated
-    or truncated (>= 0), or ``-1 - i`` for the first env ``i`` whose action is outside 0..3 (nothing stepped). The calling
-    thread's Numba thread count is restored on return."""
+    or truncated (>= 0), or ``-1 - i`` for the first env ``i`` whose action is outside 0..3 (nothing stepped).
+    The calling thread's Numba thread count is restored on return."""
     bad = _first_bad_action(actions)
     if bad >= 0:
         return -1 - bad
@@ -413,8 +412,9 @@ class FrozenLakeBatch:
                 raise TypeError(f"actions must be integers in 0..3, got dtype {actions.dtype}")
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
-        held = (self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
-        if fresh:
+        held = None
+        if fresh:  # (kept to put back if the step is refused)
+            held = (self.obs, self.rewards, self.terminated, self.truncated, self.final_obs)
             self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = self._fresh_buffers()
         m, chooser = self.maps, self._chooser
         threads = self.num_threads if chooser is None else chooser.pick()
@@ -424,7 +424,8 @@ class FrozenLakeBatch:
             self.is_slippery, self.success_rate, self._reward_of_tile, self._max_steps, self._mode, self.obs,
             self.rewards, self.terminated, self.truncated, self.final_obs)
         if ended < 0:  # nothing was stepped: the buffers stay the ones that hold the state
-            self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = held
+            if held is not None:
+                self.obs, self.rewards, self.terminated, self.truncated, self.final_obs = held
             bad = -1 - ended
             raise ValueError(f"actions must be in 0..3 (left, down, right, up); env {bad} got {actions[bad]}")
         if chooser is not None:

@@ -166,9 +166,9 @@ def relabel_observations(log: EpisodeLog, contexts: int, rng, fraction: float, m
 
 def widen_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, widest: int) -> EpisodeLog:
     """``log`` (of ``maps``: map ``b`` = ``map_id``, ``ncol[b]`` columns) with, for a fraction of its maps, every
-    observation ``r * ncol + c`` numbered ``r * w + c`` as if the map sat in the corner of a grid ``w`` columns wide (``w`` drawn
-    from ``ncol + 1 .. widest``; the extra columns are never reached). Same map, same moves, same labels: only the
-    numbers' row stride changes, which is what an observation number means on a wider map."""
+    observation ``r * ncol + c`` numbered ``r * w + c`` as if the map sat in the corner of a grid ``w`` columns
+    wide (``w`` drawn from ``ncol + 1 .. widest``; the extra columns are never reached). Same map, same moves, same
+    labels: only the numbers' row stride changes, which is what an observation number means on a wider map."""
     ncol = maps.ncol.astype(np.int64)
     cell = np.arange(int(maps.num_cells.max()), dtype=np.int64)
     names = np.tile(cell, (len(maps), 1))
