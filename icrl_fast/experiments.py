@@ -29,6 +29,7 @@ from dataclasses import replace
 import numpy as np
 
 from icrl_fast.data.formats import encode_episodes
+from icrl_fast.data.step_format import grid_numbered, observation_names
 from icrl_fast.envs.learners import QLearningConfig, q_learning, ramp_ceiling
 from icrl_fast.envs.maps import MAPS, MapBatch
 from icrl_fast.protocol import EvalConfig, baselines, eval_result, make_ramp, wilson
@@ -81,7 +82,9 @@ def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dic
     cfg = replace(cfg, ramp="greedy")  # every trial acts greedily
     maps = MapBatch.from_descs([MAPS["stitching"]])
     engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device)
-    prefix = [t for obs, actions, rewards in STITCH_EPISODES for t in engine.streams.episode(obs, actions, rewards)]
+    names = observation_names(fmt, maps)  # the hand-written episodes' observations as the format shows them
+    prefix = [t for obs, actions, rewards in STITCH_EPISODES
+              for t in engine.streams.episode([o if names is None else int(names[0, o]) for o in obs], actions, rewards)]
     out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=[prefix])
     paths = out.paths[0]
     result = eval_result(cfg, vars(out), np.ones(cfg.episodes), baselines(maps, cfg.episodes, cfg.seed), extra_config)
@@ -97,6 +100,7 @@ def demonstrations(fmt, maps: MapBatch, shown: int, seed: int) -> tuple[list[lis
     default ``QLearningConfig``: converged on >= 95 % of 3-5 maps), encoded as the offline data is, and how many
     there were."""
     log, _ = q_learning(maps, QLearningConfig(), seed=seed)
+    log = grid_numbered(fmt, log, maps)
     prefix, counts = [], []
     for b in range(len(maps)):
         demos = np.flatnonzero((log.map_id == b) & log.success)[-shown:]

@@ -167,7 +167,8 @@ def training(run: Path) -> dict | None:
 
 #: what the training table says of a run's context format (the compact format, the default of the logged runs
 #: before e19, says nothing)
-FORMAT_NOTE = {"step": ", step format", "step-noend": ", step format without where episodes ended"}
+FORMAT_NOTE = {"step": ", step format", "step-noend": ", step format without where episodes ended",
+               "step-grid": ", step format, cells numbered on one 8-column grid"}
 
 
 def run_format_name(run: Path, cfg: dict) -> str | None:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from icrl_fast.data.formats import compact_format, decode, paper_format
+from icrl_fast.data.formats import compact_format, decode, make_format, paper_format
 from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.learners import ramp_ceiling
 from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
@@ -41,6 +41,21 @@ def test_switch_moves_each_context_to_its_new_map_without_a_marker():
             r, c = divmod(ends[e], width_b)
             assert r < len(b.to_desc(m))
         assert [ep["obs"] for ep in episodes] == [p[:-1] for p in out.paths[m]]
+
+
+def test_a_grid_format_names_each_observation_by_the_map_it_is_on_across_a_switch():
+    """step-grid: observation r * ncol + c shows as r * 8 + c, on map A before the switch (the last landing on A
+    included) and on map B, of another width, after it."""
+    fmt = make_format("step-grid")
+    a = MapBatch.from_descs([["SFF", "FFG"], ["SFFG"]])
+    b = MapBatch.from_descs([["FFS", "GFF"], ["GF", "FS"]])
+    out = RolloutEngine(tiny(fmt), fmt).run(a, 6, 0.0, seed=0, switch_to=b, switch_after=3)
+    for m in range(2):
+        episodes = decode(fmt, out.tokens[m])
+        for e, (ep, path) in enumerate(zip(episodes, out.paths[m])):
+            ncol = (a if e < 3 else b).ncol[m]
+            want = [o // ncol * 8 + o % ncol for o in path]
+            assert ep["obs"] + [ep["final_obs"]] == want
 
 
 def test_non_stationary_contract_and_recovery():

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from icrl_fast.config import from_dict
 from icrl_fast.data.formats import ContextFormat, encode_episodes, make_format, token_contract
+from icrl_fast.data.step_format import grid_numbered
 from icrl_fast.envs.learners import EpisodeLog, QLearningConfig, copier, q_learning, random_policy
 from icrl_fast.envs.maps import MapBatch, generate_maps
 
@@ -186,7 +187,7 @@ def build_dataset(cfg: DatasetConfig, out: str | os.PathLike, *, overwrite: bool
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 2]))
     set_map, order, set_of = sample_sets(log, cfg.train_maps, cfg, rng)
     bar.update()
-    stream, occurrence = encode_episodes(fmt, log, order)
+    stream, occurrence = encode_episodes(fmt, grid_numbered(fmt, log, train), order)
     n_slices = stream.size // cfg.slice_len
     if n_slices == 0:
         raise ValueError(f"the data holds {stream.size} tokens, less than one slice of {cfg.slice_len}: play more "

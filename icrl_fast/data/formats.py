@@ -30,6 +30,7 @@ it truncated too): the marker means "cut while still running", which is what a l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,7 @@ BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT = (
 SPECIAL_TOKENS = (BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT)
 ACTION_WORDS = ("left", "down", "right", "up")
 REWARD_TEXT = "1.0"
-FORMATS = ("paper", "compact", "step", "step-noend")
+FORMATS = ("paper", "compact", "step", "step-noend", "step-grid")
 
 
 class OfflineVocab:
@@ -194,17 +195,19 @@ def compact_format(max_obs: int = 64) -> ContextFormat:
 
 def make_format(name: str, tokenizer_path: str | None = None, max_obs: int = 64) -> ContextFormat | StepFormat:
     """``paper`` (offline vocabulary, or the tokenizer in ``tokenizer_path``), ``compact`` or ``step``
-    (``icrl_fast.data.step_format``: one token per step)."""
+    (``icrl_fast.data.step_format``: one token per step; ``step-grid``: its observations numbered on a square grid
+    of ``max_obs`` cells, one row stride for every map width)."""
     if name == "paper":
         return paper_format(HFVocab.from_pretrained(tokenizer_path) if tokenizer_path else None, max_obs)
     if name == "compact":
         if tokenizer_path:
             raise ValueError("the compact format has its own vocabulary; --tokenizer applies to the paper format")
         return compact_format(max_obs)
-    if name in ("step", "step-noend"):
+    if name in ("step", "step-noend", "step-grid"):
         if tokenizer_path:
             raise ValueError("the step format has its own vocabulary; --tokenizer applies to the paper format")
-        return StepFormat(max_obs, show_end=name == "step")
+        grid = math.isqrt(max_obs) if name == "step-grid" else None  # 64 observations: an 8 x 8 grid
+        return StepFormat(max_obs, show_end=name != "step-noend", grid=grid)
     raise ValueError(f"unknown context format {name!r}; choose one of {FORMATS}")
 
 

@@ -24,6 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from icrl_fast.envs.learners import EpisodeLog, rename_observations
+from icrl_fast.envs.maps import MapBatch
+
 KINDS = ("move", "goal", "hole", "cut")
 #: token types of ``token_factors[:, 0]``
 TYPE_ACT, TYPE_PAD, TYPE_START, TYPE_LAND0 = 0, 1, 2, 3
@@ -34,13 +37,20 @@ class StepFormat:
     """Token ids of the step format over observations ``0 .. max_obs - 1`` (see the module docstring).
 
     ``show_end=False`` (format ``step-noend``, an ablation): the goal, hole and cut tokens say how an episode ended
-    but not where (their observation is always 0), as little as the compact format shows."""
+    but not where (their observation is always 0), as little as the compact format shows.
 
-    def __init__(self, max_obs: int = 64, show_end: bool = True):
+    ``grid`` (format ``step-grid``): the tokens number the cell at row ``r``, column ``c`` ``r * grid + c`` on every
+    map, instead of gymnasium's ``r * ncol + c``: one row stride for all widths, so "a row down" is the same step in
+    the numbers on a map of any width (``observation_names``; whoever turns observations into tokens renames them:
+    the rollout engine, the protocol source, the dataset builder, the experiments' hand-written contexts)."""
+
+    def __init__(self, max_obs: int = 64, show_end: bool = True, grid: int | None = None):
         if max_obs < 1:
             raise ValueError(f"max_obs must be >= 1, got {max_obs}")
-        self.max_obs, self.show_end = int(max_obs), bool(show_end)
-        self.name = "step" if show_end else "step-noend"
+        if grid is not None and not 1 <= grid <= max_obs:
+            raise ValueError(f"a step format's grid must be 1..max_obs ({max_obs}) columns, got {grid}")
+        self.max_obs, self.show_end, self.grid = int(max_obs), bool(show_end), grid
+        self.name = "step-grid" if grid is not None else "step" if show_end else "step-noend"
         self.land0 = START0 + self.max_obs
         self.vocab_size = self.land0 + 4 * len(KINDS) * self.max_obs
         self.action_ids = np.arange(ACT0, ACT0 + 4, dtype=np.int32)
@@ -82,7 +92,29 @@ class StepFormat:
 
     def describe(self) -> dict:
         return {"name": self.name, "vocab": "step", "vocab_size": self.vocab_size, "max_obs": self.max_obs,
-                "action_ids": self.action_ids.tolist()}
+                "action_ids": self.action_ids.tolist(), **({} if self.grid is None else {"grid": self.grid})}
+
+
+def observation_names(fmt, maps: MapBatch) -> np.ndarray | None:
+    """int64 ``[B, cells]``: the number format ``fmt`` shows for observation ``o`` (gymnasium's ``r * ncol + c``) of
+    map ``b``, ``r * grid + c`` (a ``grid`` step format); ``None`` where the format shows observations as they are.
+    A map wider than the grid, or too tall for ``max_obs``, is a ``ValueError``."""
+    grid = getattr(fmt, "grid", None)
+    if grid is None:
+        return None
+    ncol, nrow = maps.ncol.astype(np.int64), maps.nrow.astype(np.int64)
+    if len(maps) and (ncol.max() > grid or (nrow.max() - 1) * grid + ncol.max() > fmt.max_obs):
+        raise ValueError(f"format {fmt.name} numbers cells on a {grid}-column grid of {fmt.max_obs} cells: maps up to "
+                         f"{int(nrow.max())}x{int(ncol.max())} do not fit")
+    cell = np.arange(int(maps.num_cells.max()) if len(maps) else 0, dtype=np.int64)
+    return cell // ncol[:, None] * grid + cell % ncol[:, None]
+
+
+def grid_numbered(fmt, log: EpisodeLog, maps: MapBatch) -> EpisodeLog:
+    """``log`` (of ``maps``: map ``b`` = ``map_id``) with its observations numbered as format ``fmt`` shows them
+    (``observation_names``); unchanged for a format without a grid."""
+    names = observation_names(fmt, maps)
+    return log if names is None else rename_observations(log, names)
 
 
 @njit(cache=True)

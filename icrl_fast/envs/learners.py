@@ -10,7 +10,7 @@ observation it ended on) in an :class:`EpisodeLog`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import njit, prange
@@ -84,6 +84,18 @@ class EpisodeLog:
         """``(obs, actions, rewards)`` of episode ``e``."""
         s = slice(int(self.start[e]), int(self.start[e] + self.length[e]))
         return self.obs[s], self.actions[s], self.rewards[s]
+
+
+def rename_observations(log: EpisodeLog, names: np.ndarray) -> EpisodeLog:
+    """``log`` with observation ``o`` of map (context) ``b`` renamed ``names[b, o]`` (``obs`` and ``final_obs``; -1
+    stays -1)."""
+    episode_of_step = np.repeat(np.arange(log.num_episodes), log.length)
+    step = log.start[episode_of_step] + np.arange(episode_of_step.size) - \
+        np.repeat(np.cumsum(log.length) - log.length, log.length)
+    obs = log.obs.copy()
+    obs[step] = names[log.map_id[episode_of_step], log.obs[step]]
+    final = np.where(log.final_obs >= 0, names[log.map_id, np.maximum(log.final_obs, 0)], log.final_obs)
+    return replace(log, obs=obs.astype(log.obs.dtype), final_obs=final.astype(log.final_obs.dtype))
 
 
 @njit(inline="always", cache=True)

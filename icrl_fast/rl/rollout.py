@@ -32,7 +32,7 @@ from numba import njit
 from tqdm import tqdm
 
 from icrl_fast.data.formats import ContextFormat
-from icrl_fast.data.step_format import StepFormat, StepStreams
+from icrl_fast.data.step_format import StepFormat, StepStreams, observation_names
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
 from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
@@ -96,11 +96,16 @@ class ContextStreams:
 class ContextLog:
     """What a rollout has played so far, per map: the tokens each context's next model call feeds (``pending``),
     every token fed with its episode index, the decision positions and the Q read there, the paths and the outcome of
-    every episode. The lockstep loop (``run``) and continuous batching (``collect``) both keep their books here."""
+    every episode. The lockstep loop (``run``) and continuous batching (``collect``) both keep their books here.
 
-    def __init__(self, streams: ContextStreams, maps: int, episodes: int):
+    ``names``: int ``[envs, cells]``, the number env ``k``'s observation ``o`` shows as in the tokens (a grid step
+    format's ``observation_names``); context ``b`` plays env ``b`` until ``record`` moves it (``next_env``: a switch
+    of map). ``None``: the observations as they are. ``paths`` keep the env's own observation numbers."""
+
+    def __init__(self, streams: ContextStreams, maps: int, episodes: int, names: np.ndarray | None = None):
         m = maps
-        self.streams, self.episodes = streams, episodes
+        self.streams, self.episodes, self.names = streams, episodes, names
+        self.env = np.arange(m)  # the env (row of ``names``) each context plays
         self.episode = np.zeros(m, dtype=np.int64)  # the episode each map is playing (== episodes: done)
         self.out = {k: np.zeros((m, episodes), dtype=bool) for k in ("success", "hole", "truncated")}
         self.length = np.zeros((m, episodes), dtype=np.int64)
@@ -115,10 +120,13 @@ class ContextLog:
 
     def start(self, b: int, obs: int, prefix: list[int]) -> None:
         """Map ``b``'s context opens: its ``prefix`` (episode index -1), then the first episode at ``obs``."""
-        head = self.streams.first_block(obs)
+        head = self.streams.first_block(self._name(b, obs))
         self.pending[b] = list(prefix) + head
         self.pending_ep[b] = [-1] * len(prefix) + [0] * len(head)
         self.paths[b] = [[obs]]
+
+    def _name(self, b: int, obs: int | None) -> int | None:
+        return obs if obs is None or self.names is None else int(self.names[self.env[b], obs])
 
     def feed(self, b: int) -> list[int]:
         """Map ``b``'s pending tokens, now appended to its context; the last one is a decision point."""
@@ -128,17 +136,18 @@ class ContextLog:
         self.dpos[b].append(len(self.tokens[b]) - 1)
         return block
 
-    def record(self, b: int, action: int, reward, ended: bool, landed: int, tile, cut: bool, next_obs: int) -> None:
+    def record(self, b: int, action: int, reward, ended: bool, landed: int, tile, cut: bool, next_obs: int,
+               next_env: int | None = None) -> None:
         """Book map ``b``'s step: ``action`` earned ``reward`` and landed on tile index ``landed``; when the episode
         ``ended`` (``cut``: by the time limit), ``tile`` is the landing tile's code and ``next_obs`` the next
-        episode's start, else ``next_obs`` is ``landed``. Sets the tokens of ``b``'s next call (none when done: the
-        closing tokens go straight into the context)."""
+        episode's start (on env ``next_env`` when given: a switch), else ``next_obs`` is ``landed``. Sets the tokens
+        of ``b``'s next call (none when done: the closing tokens go straight into the context)."""
         st, e = self.streams, self.episode[b]
         self.length[b, e] += 1
         self.ret[b, e] += reward
         self.paths[b][-1].append(landed)
         if not ended:
-            tail, _ = st.after_action(action, float(reward), False, False, next_obs)
+            tail, _ = st.after_action(action, float(reward), False, False, self._name(b, next_obs))
             self.pending[b], self.pending_ep[b] = tail, [e] * len(tail)
             return
         out = self.out
@@ -148,8 +157,11 @@ class ContextLog:
         more = self.episode[b] < self.episodes
         if more:
             self.paths[b].append([next_obs])
+        landed_name = self._name(b, landed)
+        if next_env is not None:
+            self.env[b] = next_env
         tail, head = st.after_action(action, float(reward), True, bool(out["truncated"][b, e]),
-                                     next_obs if more else None, landed=landed)
+                                     self._name(b, next_obs) if more else None, landed=landed_name)
         if not more:  # the context is complete: its closing tokens need no model call
             self.tokens[b] += tail
             self.tok_ep[b] += [e] * len(tail)
@@ -344,7 +356,7 @@ class RolloutEngine:
         which = np.arange(m)  # the env each context plays on (b, or b + m after a switch)
         obs = env.reset()[:m]
         rng = np.random.default_rng(seed)
-        log = ContextLog(self.streams, m, episodes)
+        log = ContextLog(self.streams, m, episodes, observation_names(self.fmt, env_maps))
         prefix = prefix if prefix is not None else [[] for _ in range(m)]
         for b in range(m):
             log.start(b, int(obs[b]), prefix[b])
@@ -370,14 +382,14 @@ class RolloutEngine:
             for b in np.flatnonzero(active):
                 ended = bool(term[b] or trunc[b])
                 landed = int(final_obs[b]) if ended else int(o[b])
-                k = which[b]
+                k, next_env = which[b], None
                 tile = env_maps.tiles[k, landed // env_maps.ncol[k], landed % env_maps.ncol[k]] if ended else None
                 if ended and switch_to is not None and episode[b] + 1 == switch_after:  # the next episode: map B
-                    which[b] += m
+                    which[b] = next_env = k + m
                     fresh = np.zeros(len(env_maps), dtype=bool)
-                    fresh[which[b]] = True
-                    o[b] = env.reset(fresh)[which[b]]
-                log.record(b, int(actions[b]), r[b], ended, landed, tile, bool(trunc[b]), int(o[b]))
+                    fresh[next_env] = True
+                    o[b] = env.reset(fresh)[next_env]
+                log.record(b, int(actions[b]), r[b], ended, landed, tile, bool(trunc[b]), int(o[b]), next_env)
                 if ended:
                     bar.update()
         bar.close()
@@ -416,7 +428,7 @@ class RolloutEngine:
         env = HostView(maps, self.env_backend, self.device, is_slippery=is_slippery, seed=seed)
         obs = env.reset()  # seeds every map's stream (seed, b); later starts reseed theirs
         explore_state = _explore_streams(as_seed(seed) ^ _EXPLORE_SALT, m)
-        log = ContextLog(self.streams, m, episodes)
+        log = ContextLog(self.streams, m, episodes, observation_names(self.fmt, maps))
         first_width = max(map(len, prefix), default=0) + self.streams.first_width()  # any map's first block
         slots = np.arange(min(width, m))  # the map each cache row plays
         for b in slots:

@@ -24,13 +24,13 @@ token see padding, so no attention mask is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from icrl_fast.data.formats import ContextFormat, decode, encode_episodes, pad_token, token_contract
-from icrl_fast.data.step_format import StepFormat
-from icrl_fast.envs.learners import EpisodeLog, play_protocol, teacher_labels
+from icrl_fast.data.step_format import StepFormat, grid_numbered, observation_names
+from icrl_fast.envs.learners import EpisodeLog, play_protocol, rename_observations, teacher_labels
 from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
 
@@ -178,18 +178,6 @@ def widen_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, wi
     return rename_observations(log, names)
 
 
-def rename_observations(log: EpisodeLog, names: np.ndarray) -> EpisodeLog:
-    """``log`` with observation ``o`` of map (context) ``b`` renamed ``names[b, o]`` (``obs`` and ``final_obs``; -1
-    stays -1)."""
-    episode_of_step = np.repeat(np.arange(log.num_episodes), log.length)
-    step = log.start[episode_of_step] + np.arange(episode_of_step.size) - \
-        np.repeat(np.cumsum(log.length) - log.length, log.length)
-    obs = log.obs.copy()
-    obs[step] = names[log.map_id[episode_of_step], log.obs[step]]
-    final = np.where(log.final_obs >= 0, names[log.map_id, np.maximum(log.final_obs, 0)], log.final_obs)
-    return replace(log, obs=obs.astype(log.obs.dtype), final_obs=final.astype(log.final_obs.dtype))
-
-
 def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray,
                  length: np.ndarray) -> np.ndarray:
     """bool ``[B, L]``: positions from an action token up to (not including) the next decision, whose next token is
@@ -221,6 +209,10 @@ class ProtocolSource:
         self.dagger_success: list[float] = []  # success rate of each model-played chunk (logged by the trainer)
         pool = generate_maps(cfg.pool_maps, seed=seed + 101, height=height, width=width, min_hops=min_hops)
         self.pool = exclude_maps(pool, test_maps)
+        observation_names(fmt, self.pool)  # a grid format that cannot number the pool's maps: a clear error now
+        if cfg.widen > 0 and getattr(fmt, "grid", None) is not None:
+            raise ValueError(f"protocol widen renumbers maps on wider grids; format {fmt.name} numbers every map on "
+                             f"one grid already")
         if cfg.widen > 0 and int(self.pool.nrow.max()) * cfg.widen_to > fmt.max_obs:
             raise ValueError(f"protocol widen_to {cfg.widen_to}: maps of {int(self.pool.nrow.max())} rows would need "
                              f"observation numbers beyond the format's {fmt.max_obs}")
@@ -292,7 +284,9 @@ class ProtocolSource:
         return self.pool[rng.choice(len(self.pool), size=n, replace=len(self.pool) < n)]
 
     def _widen(self, log: EpisodeLog, maps: MapBatch, key: tuple, part: int) -> EpisodeLog:
-        """``widen_observations`` for the teacher-played maps of a chunk (its own stream: widen 0 changes nothing)."""
+        """The teacher-played maps of a chunk numbered as the format shows them (``grid_numbered``), then
+        ``widen_observations`` (its own stream: widen 0 changes nothing)."""
+        log = grid_numbered(self.fmt, log, maps)
         if self.cfg.widen <= 0:
             return log
         rng = np.random.default_rng([self.seed, 10, part, *key])

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icrl_fast.data.formats import compact_format, decode, encode_episodes, make_format, pad_token, token_contract
-from icrl_fast.data.step_format import KINDS, StepFormat, StepStreams
+from icrl_fast.data.step_format import KINDS, StepFormat, StepStreams, observation_names
 from icrl_fast.envs.learners import EpisodeLog, play_protocol
-from icrl_fast.envs.maps import generate_maps
+from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.protocol import paper_ramp
 from icrl_fast.rl.objectives import observation_loss
@@ -209,3 +209,17 @@ def test_observation_loss_of_a_batch_with_nothing_to_predict_is_zero_in_both_mod
         assert loss.item() == 0.0 and loss.requires_grad
         loss.backward()
         assert h.grad is not None and not h.grad.any()
+
+
+def test_a_grid_format_numbers_cells_on_one_stride_and_refuses_maps_that_do_not_fit():
+    fmt = make_format("step-grid")
+    assert (fmt.name, fmt.grid, fmt.max_obs) == ("step-grid", 8, 64) and fmt.describe()["grid"] == 8
+    maps = MapBatch.from_descs([["SFF", "FHF", "FFG"], ["SFFFFFF", "FFFFFFG"]])
+    names = observation_names(fmt, maps)
+    assert names[0, :9].tolist() == [0, 1, 2, 8, 9, 10, 16, 17, 18]  # r * 3 + c -> r * 8 + c
+    assert names[1, :14].tolist() == [*range(7), *range(8, 15)]
+    assert observation_names(StepFormat(), maps) is None  # the plain step format shows gymnasium's numbers
+    with pytest.raises(ValueError, match="do not fit"):
+        observation_names(fmt, MapBatch.from_descs([["S" + "F" * 7 + "G"]]))  # 9 columns on an 8-column grid
+    with pytest.raises(ValueError, match="grid"):
+        StepFormat(16, grid=17)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from icrl_fast.data.formats import compact_format, decode, paper_format, token_contract
-from icrl_fast.data.step_format import StepFormat
+from icrl_fast.data.step_format import StepFormat, observation_names
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import paper_ramp
 from icrl_fast.model.attention import KVCACHE, kvcache_attention, register_kvcache_attention
@@ -15,8 +15,8 @@ from icrl_fast.model.kv_cache import RolloutCache, sliding_window_mask
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.rl.rollout import RolloutEngine
 
-FORMATS = [compact_format(), paper_format(), StepFormat()]
-FORMAT_IDS = ["compact", "paper", "step"]
+FORMATS = [compact_format(), paper_format(), StepFormat(), StepFormat(grid=8)]
+FORMAT_IDS = ["compact", "paper", "step", "step-grid"]
 
 
 def tiny(fmt, max_positions=8192, heads=2, kv_heads=None):
@@ -89,6 +89,7 @@ def test_a_window_lets_contexts_outgrow_the_model_positions():
 def test_rollout_records_episodes_as_the_training_format_does(fmt):
     maps = generate_maps(4, seed=5, height=(3, 5), width=(3, 5))
     out = RolloutEngine(tiny(fmt), fmt).run(maps, 5, 0.5, seed=2)
+    names = observation_names(fmt, maps)  # step-grid: the tokens show r * 8 + c, the paths gymnasium's numbers
     for b in range(4):
         episodes = decode(fmt, out.tokens[b])
         assert len(episodes) == 5
@@ -98,8 +99,9 @@ def test_rollout_records_episodes_as_the_training_format_does(fmt):
             assert decode(fmt, out.tokens[b][idx])[0] == ep  # which decodes to exactly that episode
             assert float(out.episode_return[b, e]) == sum(ep["rewards"])
             assert len(ep["actions"]) == out.length[b, e]
-            assert ep["obs"] == out.paths[b][e][:-1]
-            assert ep.get("final_obs", out.paths[b][e][-1]) == out.paths[b][e][-1]  # the step format shows it
+            path = out.paths[b][e] if names is None else names[b, out.paths[b][e]].tolist()
+            assert ep["obs"] == path[:-1]
+            assert ep.get("final_obs", path[-1]) == path[-1]  # the step format shows it
 
 
 def test_rollouts_are_seeded():

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from icrl_fast.data.formats import ACTION_WORDS, compact_format, decode, paper_format, token_contract
+from icrl_fast.data.formats import ACTION_WORDS, compact_format, decode, make_format, paper_format, token_contract
 from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.learners import play_protocol, teacher_labels
 from icrl_fast.envs.maps import generate_maps
@@ -214,3 +214,23 @@ def test_widen_numbers_each_map_as_if_it_sat_in_a_wider_grid():
     assert strides and max(strides) <= 7
     with pytest.raises(ValueError, match="widen"):
         ProtocolConfig(widen=1.5).validate()
+
+
+def test_a_grid_format_numbers_every_map_with_one_row_stride():
+    """step-grid: the same contexts as step (actions, labels, ends) with observation r * ncol + c shown as r * 8 + c:
+    a move down that moved adds 8 on every map, a move right 1; widen on top of it is refused."""
+    plain = source(StepFormat())[0].batch(step=1, micro=0)
+    grid = source(make_format("step-grid"))[0].batch(step=1, micro=0)
+    for k in ("decision_mask", "action", "label", "length", "episode_return", "terminated", "truncated"):
+        np.testing.assert_array_equal(plain[k], grid[k])
+    fmt, steps = StepFormat(grid=8), {1: set(), 2: set()}
+    for r in range(grid["input_ids"].shape[0]):
+        n = grid["length"][r]
+        a, b = decode(fmt, plain["input_ids"][r, :n]), decode(fmt, grid["input_ids"][r, :n])
+        for ea, eb in zip(a, b):
+            for o0, o1, p0, p1, act in zip(ea["obs"], ea["obs"][1:], eb["obs"], eb["obs"][1:], ea["actions"]):
+                if act in steps and o1 != o0:
+                    steps[act].add(p1 - p0)
+    assert steps == {1: {8}, 2: {1}}
+    with pytest.raises(ValueError, match="one grid already"):
+        source(make_format("step-grid"), widen=0.5)
