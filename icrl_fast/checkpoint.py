@@ -17,6 +17,7 @@ from icrl_fast import distributed
 from icrl_fast.config import from_dict
 from icrl_fast.data.dataset import OfflineDataset
 from icrl_fast.data.formats import make_format
+from icrl_fast.data.step_format import observation_names
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.model.qnet import QNetwork
 from icrl_fast.presets import TrainConfig
@@ -139,6 +140,7 @@ def load_run_for_eval(run_dir: Path, experiment: str, n_maps: int, device: str =
                              f"numbers at most {fmt.max_obs} observations")
         maps = generate_maps(n_maps, seed=cfg.seed + 7919, height=ood_size[0], width=ood_size[1],
                              min_hops=cfg.data.min_hops)
+        observation_names(fmt, maps)  # a grid format that cannot number these maps: a clear error before the run
     else:
         maps = ds.maps[ds.test_map_ids[:n_maps]]
     return qnet, fmt, maps, cfg

@@ -11,7 +11,8 @@
   own distribution of contexts) and labelled by the same teacher -- DAgger. With ``switch`` > 0 a fraction of the
   teacher-played contexts go on, after their episodes, on a second fresh map (the non-stationary experiment's
   contexts: two maps in one context). With ``relabel`` > 0 a fraction of the contexts have their observation
-  numbers renamed by a random permutation (``relabel_observations``).
+  numbers renamed by a random permutation (``relabel_observations``). A grid format (``step-grid``) numbers every
+  map on its grid; with ``shift`` > 0 a fraction of the maps sit at a random offset on it (``shift_observations``).
 
 Every source has ``batch(step, micro, pos) -> dict of numpy arrays``. A batch is the learner's token contract
 (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
@@ -62,6 +63,10 @@ class ProtocolConfig:
                                                         "extra columns never reached): a probe of what observation "
                                                         "numbers mean on wider maps"})
     widen_to: int = field(default=7, metadata={"help": "the widest grid --protocol.widen numbers a map in"})
+    shift: float = field(default=0.0, metadata={"help": "a grid format (step-grid) only: fraction of maps placed at a "
+                                                        "random offset on the grid (same map, same row stride, its "
+                                                        "cells named as if it sat elsewhere): every cell's name gets "
+                                                        "trained, also those only larger maps reach"})
     relabel: float = field(default=0.0, metadata={"help": "fraction of contexts whose observation numbers are renamed "
                                                           "by a random permutation of 0 .. max_obs - 1 (one per "
                                                           "context): every observation token is trained, and a map "
@@ -80,6 +85,8 @@ class ProtocolConfig:
         if not 0.0 <= self.widen <= 1.0 or self.widen_to < 2:
             raise ValueError(f"protocol widen must be a fraction in [0, 1] and widen_to >= 2, got {self.widen}, "
                              f"{self.widen_to}")
+        if not 0.0 <= self.shift <= 1.0:
+            raise ValueError(f"protocol shift must be a fraction in [0, 1], got {self.shift}")
         if not 0.0 <= self.relabel <= 1.0:
             raise ValueError(f"protocol relabel must be a fraction in [0, 1], got {self.relabel}")
         if self.ramp not in ("paper", "teacher"):
@@ -178,6 +185,22 @@ def widen_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, wi
     return rename_observations(log, names)
 
 
+def shift_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, grid: int, max_obs: int) -> EpisodeLog:
+    """``log`` (of ``maps``) with observation ``r * ncol + c`` named ``(r + dr) * grid + c + dc``: the map placed on a
+    ``grid``-column grid of ``max_obs`` cells, at offset ``(dr, dc)`` drawn uniformly among those where it fits for
+    a fraction of the maps, at ``(0, 0)`` (``observation_names``) for the others. Same map, same moves, same row
+    stride, same labels: only where on the grid its cells are named changes."""
+    ncol, nrow = maps.ncol.astype(np.int64), maps.nrow.astype(np.int64)
+    cell = np.arange(int(maps.num_cells.max()), dtype=np.int64)
+    offset = np.zeros(len(maps), dtype=np.int64)
+    for b in np.flatnonzero(rng.random(len(maps)) < fraction):
+        dr = int(rng.integers(0, max_obs // grid - nrow[b] + 1))
+        dc = int(rng.integers(0, grid - ncol[b] + 1))
+        offset[b] = dr * grid + dc
+    names = cell // ncol[:, None] * grid + cell % ncol[:, None] + offset[:, None]
+    return rename_observations(log, names)
+
+
 def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray,
                  length: np.ndarray) -> np.ndarray:
     """bool ``[B, L]``: positions from an action token up to (not including) the next decision, whose next token is
@@ -210,6 +233,9 @@ class ProtocolSource:
         pool = generate_maps(cfg.pool_maps, seed=seed + 101, height=height, width=width, min_hops=min_hops)
         self.pool = exclude_maps(pool, test_maps)
         observation_names(fmt, self.pool)  # a grid format that cannot number the pool's maps: a clear error now
+        if cfg.shift > 0 and getattr(fmt, "grid", None) is None:
+            raise ValueError(f"protocol shift places maps on the grid of a grid format (--data.format step-grid); "
+                             f"format {fmt.name} has none")
         if cfg.widen > 0 and getattr(fmt, "grid", None) is not None:
             raise ValueError(f"protocol widen renumbers maps on wider grids; format {fmt.name} numbers every map on "
                              f"one grid already")
@@ -257,7 +283,7 @@ class ProtocolSource:
             self.dagger_success.append(float(played.success.mean()))
         else:
             log, labels = play_protocol(maps, self.p_teacher, seed=seed)
-            log = self._widen(log, maps, key, 0)
+            log = self._number(log, maps, key, 0)
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
         # Renaming comes after play (a DAgger chunk is renamed after the model played it under the real names; its
@@ -283,9 +309,13 @@ class ProtocolSource:
         """``n`` pool maps (with replacement only when the pool is smaller than ``n``)."""
         return self.pool[rng.choice(len(self.pool), size=n, replace=len(self.pool) < n)]
 
-    def _widen(self, log: EpisodeLog, maps: MapBatch, key: tuple, part: int) -> EpisodeLog:
-        """The teacher-played maps of a chunk numbered as the format shows them (``grid_numbered``), then
-        ``widen_observations`` (its own stream: widen 0 changes nothing)."""
+    def _number(self, log: EpisodeLog, maps: MapBatch, key: tuple, part: int) -> EpisodeLog:
+        """The teacher-played maps of a chunk (``part`` 0, or 1: the maps switched to) numbered as the format shows
+        them (``grid_numbered``), or placed on its grid by ``shift_observations``, or ``widen_observations``: each
+        from its own stream (shift 0 and widen 0 change no draw)."""
+        if self.cfg.shift > 0:
+            rng = np.random.default_rng([self.seed, 11, part, *key])
+            return shift_observations(log, maps, rng, self.cfg.shift, self.fmt.grid, self.fmt.max_obs)
         log = grid_numbered(self.fmt, log, maps)
         if self.cfg.widen <= 0:
             return log
@@ -302,7 +332,7 @@ class ProtocolSource:
         maps_b = self._draw_maps(rng, switched.size)
         seed_b = int(np.random.SeedSequence([self.seed, 8, *key]).generate_state(1)[0])
         log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b)
-        log_b = self._widen(log_b, maps_b, key, 1)
+        log_b = self._number(log_b, maps_b, key, 1)
         partner = np.full(n, -1)
         partner[switched] = np.arange(switched.size)
         log, take = append_contexts(log, log_b, partner)

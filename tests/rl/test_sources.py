@@ -234,3 +234,29 @@ def test_a_grid_format_numbers_every_map_with_one_row_stride():
     assert steps == {1: {8}, 2: {1}}
     with pytest.raises(ValueError, match="one grid already"):
         source(make_format("step-grid"), widen=0.5)
+
+
+def test_shift_places_maps_at_random_offsets_on_the_grid_with_the_same_stride():
+    """--protocol.shift (step-grid): same contexts, cells named (r + dr) * 8 + c + dc: a move down still adds 8, a
+    move right 1, and names beyond the 5 x 5 corner get trained; without a grid format it is refused."""
+    fmt = make_format("step-grid")
+    plain = source(fmt)[0].batch(step=1, micro=0)
+    shifted = source(fmt, shift=1.0)[0].batch(step=1, micro=0)
+    for k in ("decision_mask", "action", "label", "length", "episode_return", "terminated", "truncated"):
+        np.testing.assert_array_equal(plain[k], shifted[k])
+    steps, offsets, names = {1: set(), 2: set()}, set(), set()
+    for r in range(shifted["input_ids"].shape[0]):
+        n = shifted["length"][r]
+        a, b = decode(fmt, plain["input_ids"][r, :n]), decode(fmt, shifted["input_ids"][r, :n])
+        for ea, eb in zip(a, b):
+            offsets |= {p - o for o, p in zip(ea["obs"], eb["obs"])}
+            names |= set(eb["obs"])
+            for o0, o1, p0, p1, act in zip(ea["obs"], ea["obs"][1:], eb["obs"], eb["obs"][1:], ea["actions"]):
+                if act in steps and o1 != o0:
+                    steps[act].add(p1 - p0)
+        assert len({p - o for ea, eb in zip(a, b) for o, p in zip(ea["obs"], eb["obs"])}) == 1  # one offset a map
+    assert steps == {1: {8}, 2: {1}} and len(offsets) > 1 and max(names) >= 40 and any(x % 8 >= 5 for x in names)
+    with pytest.raises(ValueError, match="shift"):
+        source(StepFormat(), shift=0.5)
+    with pytest.raises(ValueError, match="shift"):
+        ProtocolConfig(shift=2.0).validate()
