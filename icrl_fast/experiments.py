@@ -77,14 +77,20 @@ def recovery(success_rate: list[float], switch: int, level: float = 0.9, window:
             "episodes_to_recover": (after[0] - switch) if after else None}
 
 
+def stitch_prefix(engine: RolloutEngine, maps: MapBatch) -> list[int]:
+    """The tokens of the two hand-written episodes on the stitching map ``maps[0]``, its observations named as the
+    engine's format shows them (``observation_names``: a grid format renames them)."""
+    names = observation_names(engine.fmt, maps)
+    return [t for obs, actions, rewards in STITCH_EPISODES
+            for t in engine.streams.episode([o if names is None else int(names[0, o]) for o in obs], actions, rewards)]
+
+
 def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dict | None = None) -> dict:
     """The behaviour-stitching test: ``cfg.episodes`` greedy trials after the two hand-written episodes."""
     cfg = replace(cfg, ramp="greedy")  # every trial acts greedily
     maps = MapBatch.from_descs([MAPS["stitching"]])
     engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device)
-    names = observation_names(fmt, maps)  # the hand-written episodes' observations as the format shows them
-    prefix = [t for obs, actions, rewards in STITCH_EPISODES
-              for t in engine.streams.episode([o if names is None else int(names[0, o]) for o in obs], actions, rewards)]
+    prefix = stitch_prefix(engine, maps)
     out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=[prefix])
     paths = out.paths[0]
     result = eval_result(cfg, vars(out), np.ones(cfg.episodes), baselines(maps, cfg.episodes, cfg.seed), extra_config)

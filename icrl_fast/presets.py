@@ -23,6 +23,9 @@ PRESETS = ("default", "protocol", "dqn", "gpu", "smoke", "paper")
 DEFAULT_STEPS = 2400
 #: Fraction of the default's training contexts that switch to a fresh map after their 30 episodes (e27).
 DEFAULT_SWITCH = 0.3
+#: The default's context format: the step format with every map's cells named on one 8 x 8 grid (e35), and the
+#: fraction of its training maps placed at a random offset on that grid (e37), so every cell's name is trained.
+DEFAULT_FORMAT, DEFAULT_SHIFT = "step-grid", 0.2
 
 
 @dataclass
@@ -143,22 +146,23 @@ def preset(name: str) -> TrainConfig:
     """Where a run starts from (every field can then be changed by a flag):
 
     * ``default`` -- the best recipe measured on this 2-core CPU: ``protocol`` plus the paper's TD loss (weight 1;
-      docs/results/icrl-runs.md, e02) in the step format (one token per env step, e19), 30 % of its contexts switching
-      to a fresh map halfway (e27), for 2,400 steps: what fits 20 minutes here;
+      docs/results/icrl-runs.md, e02) in the step format (one token per env step, e19) with cells named on one 8 x 8
+      grid (``step-grid``, e35; 20 % of the training maps at a random offset on it, e37), 30 % of its contexts
+      switching to a fresh map halfway (e27), for 2,400 steps: what fits 20 minutes here;
     * ``protocol`` -- the protocol recipe without noise (e01), kept so every logged run can be rerun;
     * ``dqn`` -- the default before protocol contexts: offline Double DQN + CQL on success-weighted slices (0.21);
-    * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps, the step
-      format); measured once, in the compact format and cut to 750 steps (``--data.format compact``, ~95 s on an
-      H200: 0.66, docs/results/icrl-runs.md g01); in the step format not yet;
+    * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps, the
+      default's format); measured once, in the compact format and cut to 750 steps (``--data.format compact``, ~95 s
+      on an H200: 0.66, docs/results/icrl-runs.md g01); in the step formats not yet;
     * ``smoke`` -- seconds, what the tests run; ``paper`` -- the paper's recipe (8B + IA3, pure DQN, on a GPU).
     """
     if name == "default":  # the protocol recipe + the paper's TD loss, sized to 20 minutes on this 2-core CPU
-        cfg = protocol_recipe("default", td=1.0, data_format="step", switch=DEFAULT_SWITCH)
+        cfg = protocol_recipe("default", td=1.0, data_format=DEFAULT_FORMAT, switch=DEFAULT_SWITCH, shift=DEFAULT_SHIFT)
         return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=DEFAULT_STEPS))
     if name == "protocol":
         return protocol_recipe("protocol")
     if name == "gpu":
-        cfg = protocol_recipe("gpu", td=1.0, data_format="step", contexts=32)
+        cfg = protocol_recipe("gpu", td=1.0, data_format=DEFAULT_FORMAT, contexts=32, shift=DEFAULT_SHIFT)
         return dataclasses.replace(
             cfg, model=ModelConfig(hidden_size=256, layers=6, heads=8, intermediate_size=768),
             optim=dataclasses.replace(cfg.optim, steps=20000, lr=1e-3, warmup_steps=200), ckpt_every=1000)

@@ -39,7 +39,7 @@ from icrl_fast.checkpoint import (  # noqa: F401
 )
 from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
 from icrl_fast.data.dataset import OfflineDataset, build_dataset
-from icrl_fast.data.formats import FORMATS
+from icrl_fast.data.formats import FORMATS, GRID_FORMATS
 from icrl_fast.evaluate import evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import SHARD_NEEDS_PRETRAINED, ModelConfig, QNetwork  # noqa: F401  (ModelConfig: tests)
 from icrl_fast.presets import PRESETS, OnlineConfig, OptimConfig, TrainConfig, deterministic_on, preset  # noqa: F401
@@ -212,6 +212,9 @@ def check_config(cfg: TrainConfig) -> None:
                          "each process plays its share of the maps")
     if cfg.data.format not in FORMATS:
         raise ValueError(f"--data.format must be one of {FORMATS}, got {cfg.data.format!r}")
+    if cfg.mode == "protocol" and cfg.protocol.shift > 0 and cfg.data.format not in GRID_FORMATS:
+        raise ValueError(f"--protocol.shift places maps on the grid of a grid format ({', '.join(GRID_FORMATS)}); "
+                         f"--data.format {cfg.data.format} has none (pass --protocol.shift 0)")
     if cfg.data.format.startswith("step") and cfg.model.path:
         raise ValueError("--data.format step embeds its own tokens (factored): it trains a from-scratch model, not a "
                          "pretrained one (--model PATH: use --data.format paper)")
@@ -360,6 +363,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
         p.error(str(e))
     if cfg.model.path and cfg.data.format == "paper" and cfg.data.tokenizer is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=cfg.model.path))  # its own
+    if cfg.mode == "protocol" and cfg.protocol.shift > 0 and cfg.data.format not in GRID_FORMATS \
+            and "protocol.shift" not in args:
+        # the preset's shift places maps on a grid format's grid: another format has none, so it is off (a shift
+        # asked for on the command line stays, and check_config refuses it)
+        print(f"note: --data.format {cfg.data.format} has no grid to place maps on: the preset's --protocol.shift "
+              f"{cfg.protocol.shift} is off (0)")
+        cfg = dataclasses.replace(cfg, protocol=dataclasses.replace(cfg.protocol, shift=0.0))
     if out is None:
         out = Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
     elif (Path(out) / "checkpoints").exists():

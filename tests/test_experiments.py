@@ -11,7 +11,8 @@ from icrl_fast.envs.learners import ramp_ceiling
 from icrl_fast.envs.maps import MAPS, MapBatch, generate_maps
 from icrl_fast.evaluate import EvalConfig
 from icrl_fast.evaluate import main as evaluate_main
-from icrl_fast.experiments import STITCH_EPISODES, demonstrations, imitation, non_stationary, recovery, stitching
+from icrl_fast.experiments import (STITCH_EPISODES, demonstrations, imitation, non_stationary, recovery, stitch_prefix,
+                                   stitching)
 from icrl_fast.model.qnet import ModelConfig, QNetwork
 from icrl_fast.protocol import paper_ramp, summary_rows
 from icrl_fast.rl.rollout import RolloutEngine
@@ -87,18 +88,20 @@ def test_the_restarted_ramp_holds_even_a_player_that_knows_the_map_near_0_7_ten_
     assert recovery([0.7] * 30 + best.tolist(), 30)["episodes_to_recover"] <= 10
 
 
-@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],
-                         ids=["compact", "paper", "step"])
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat(), StepFormat(grid=8)],
+                         ids=["compact", "paper", "step", "step-grid"])
 def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
     q = tiny(fmt)
     engine = RolloutEngine(q, fmt)
-    prefix = [t for obs, act, rew in STITCH_EPISODES for t in engine.streams.episode(obs, act, rew)]
     maps = MapBatch.from_descs([MAPS["stitching"]])
+    prefix = stitch_prefix(engine, maps)
     out = engine.run(maps, 2, 1.0, seed=0, prefix=[prefix])
     episodes = decode(fmt, out.tokens[0])
     assert len(episodes) == 4 and (out.token_episode[0][: len(prefix)] == -1).all()
+    name = (lambda o: o // 4 * 8 + o % 4) if fmt.name == "step-grid" else (lambda o: o)  # the map is 4 wide
     for ep, (obs, actions, rewards) in zip(episodes, STITCH_EPISODES):  # they cross at tile 10
-        assert ep["obs"] == obs[:-1] and ep["actions"] == actions and ep["rewards"] == rewards and 10 in obs
+        assert ep["obs"] == [name(o) for o in obs[:-1]] and ep["actions"] == actions and ep["rewards"] == rewards
+        assert 10 in obs
     res = stitching(q, fmt, EvalConfig(maps=1, episodes=5, experiment="stitching"))
     st = res["stitching"]
     assert st["trials"] == 5 and len(st["paths"]) == 5 and all(p[0] == 8 for p in st["paths"])
@@ -106,8 +109,8 @@ def test_stitching_context_starts_with_the_two_hand_written_episodes(fmt):
     assert st["stitched"] == [p == [8, 9, 10, 14, 18, 22] for p in st["paths"]]
 
 
-@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat()],
-                         ids=["compact", "paper", "step"])
+@pytest.mark.parametrize("fmt", [compact_format(), paper_format(), StepFormat(), StepFormat(grid=8)],
+                         ids=["compact", "paper", "step", "step-grid"])
 def test_imitation_probe_shows_successful_episodes_then_plays_greedily(fmt):
     maps = generate_maps(4, seed=11)
     prefix, counts = demonstrations(fmt, maps, 3, seed=2)
@@ -115,14 +118,15 @@ def test_imitation_probe_shows_successful_episodes_then_plays_greedily(fmt):
     moves = {0: (0, -1), 1: (1, 0), 2: (0, 1), 3: (-1, 0)}  # left, down, right, up
     for b in range(len(maps)):  # each demonstration decodes to an episode that, walked on the map, reaches G
         desc, ncol = maps.to_desc(b), int(maps.ncol[b])
+        stride = getattr(fmt, "grid", None) or ncol  # step-grid names cell (r, c) r * 8 + c
         episodes = decode(fmt, prefix[b])
         assert len(episodes) == 3
         for ep in episodes:
             assert ep["rewards"][-1] == 1.0 and sum(ep["rewards"]) == 1.0
-            r, c = divmod(ep["obs"][0], ncol)
+            r, c = divmod(ep["obs"][0], stride)
             assert desc[r][c] == "S"
             for k, a in enumerate(ep["actions"]):
-                assert r * ncol + c == ep["obs"][k]
+                assert r * stride + c == ep["obs"][k]
                 r = min(max(r + moves[a][0], 0), len(desc) - 1)
                 c = min(max(c + moves[a][1], 0), ncol - 1)
             assert desc[r][c] == "G"

@@ -115,11 +115,22 @@ def test_cli_errors_are_clear(tmp_path):
     (["--eval.ramp", "sometimes"], "ramp paper or greedy"),
     (["--data.format", "tiny"], "--data.format must be one of"),
     (["--data.format", "step", "--model.path", "/models/llama"], "trains a from-scratch model"),
+    (["--mode", "protocol", "--data.format", "compact", "--protocol.shift", "0.5"], "has none (pass --protocol.shift 0)"),
 ])
 def test_bad_online_and_eval_settings_stop_before_any_work(tmp_path, capsys, flags, message):
     assert T.main(["--preset", "smoke", "--out", str(tmp_path / "run"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "dataset").exists()  # rejected before the dataset is built
+
+
+def test_the_default_on_a_format_without_a_grid_drops_its_shift_and_says_so(tmp_path, capsys):
+    """The default names cells on a grid (step-grid) and shifts some maps on it; asked for another format, its shift
+    is off (a note says so, the config records 0); the default itself keeps it."""
+    assert T.parse_args(["--out", str(tmp_path / "a")])[0].protocol.shift == 0.2
+    assert T.parse_args(["--out", str(tmp_path / "a")])[0].data.format == "step-grid"
+    cfg, _, _ = T.parse_args(["--data.format", "step", "--out", str(tmp_path / "b")])
+    assert cfg.protocol.shift == 0.0 and "--protocol.shift 0.2 is off" in capsys.readouterr().out
+    T.check_config(cfg)  # runnable as it stands
 
 
 def test_two_runs_of_a_default_width_model_are_bit_identical(tmp_path):

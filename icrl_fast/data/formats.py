@@ -44,6 +44,7 @@ SPECIAL_TOKENS = (BOT, EOT_TEXT, START_HEADER, END_HEADER, EOT)
 ACTION_WORDS = ("left", "down", "right", "up")
 REWARD_TEXT = "1.0"
 FORMATS = ("paper", "compact", "step", "step-noend", "step-grid")
+GRID_FORMATS = ("step-grid",)  # formats that name every map's cells on one grid (``StepFormat.grid``)
 
 
 class OfflineVocab:
