@@ -147,12 +147,13 @@ def training(run: Path) -> dict | None:
         parts.append(f"cql {cfg['dqn']['cql']:g}")
     s, base = ev["success_rate"], ev["baselines"]
     protocol = cfg.get("protocol", {}) if cfg["mode"] == "protocol" else {}
-    noise, switch = protocol.get("noise", 0.0), protocol.get("switch", 0.0)
+    noise, switch, shift = protocol.get("noise", 0.0), protocol.get("switch", 0.0), protocol.get("shift", 0.0)
     fmt = run_format_name(run, cfg)  # step: one token per env step (compact ~2): tokens count differently
     point = run / "train_point.json"  # a run sized to a wall-clock budget on a lent GPU (benchmarks/gpu/train_point.py)
     device = json.loads(point.read_text())["device"] if point.is_file() else "CPU"
     return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else "")
-            + (f", {switch:.0%} of contexts switch maps" if switch else ""),
+            + (f", {switch:.0%} of contexts switch maps" if switch else "")
+            + (f", {shift:.0%} of maps shifted on the grid" if shift else ""),
             "objectives": " + ".join(parts),
             "model": f"{model['layers']}x{model['hidden_size']}" + FORMAT_NOTE.get(fmt, "")
             + ("" if model.get("factored_embedding", True) or not FORMAT_NOTE.get(fmt)

@@ -194,7 +194,9 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     row = training(run)
     assert row["steps"] == 100 and row["tokens"] == 500_000 and row["minutes"] == pytest.approx(70 / 60)
     assert (row["early"], row["mid"], row["late"]) == pytest.approx((0.1, 0.2, 0.5))
-    assert row["objectives"] == "td 1 + imitation 1 + observation 0.5" and row["model"] == "2x128, step format"
+    assert row["objectives"] == "td 1 + imitation 1 + observation 0.5"
+    assert row["model"] == "2x128, step format, cells numbered on one 8-column grid"
+    assert row["mode"] == "protocol, 30% of contexts switch maps, 20% of maps shifted on the grid"
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- report:start -->\n<!-- report:end -->\nb\n<!-- training:start -->\nold\n"
                       "<!-- training:end -->\nc\n")
