@@ -207,7 +207,7 @@ def make_format(name: str, tokenizer_path: str | None = None, max_obs: int = 64)
     if name in ("step", "step-noend", "step-grid"):
         if tokenizer_path:
             raise ValueError("the step format has its own vocabulary; --tokenizer applies to the paper format")
-        grid = math.isqrt(max_obs) if name == "step-grid" else None  # 64 observations: an 8 x 8 grid
+        grid = math.isqrt(max_obs) if name in GRID_FORMATS else None  # 64 observations: an 8 x 8 grid
         return StepFormat(max_obs, show_end=name != "step-noend", grid=grid)
     raise ValueError(f"unknown context format {name!r}; choose one of {FORMATS}")
 

@@ -106,8 +106,16 @@ def observation_names(fmt, maps: MapBatch) -> np.ndarray | None:
     if len(maps) and (ncol.max() > grid or (nrow.max() - 1) * grid + ncol.max() > fmt.max_obs):
         raise ValueError(f"format {fmt.name} numbers cells on a {grid}-column grid of {fmt.max_obs} cells: maps up to "
                          f"{int(nrow.max())}x{int(ncol.max())} do not fit")
+    return names_on_grid(maps, grid)
+
+
+def names_on_grid(maps: MapBatch, stride) -> np.ndarray:
+    """int64 ``[B, cells]``: ``r * stride + c`` for map ``b``'s cell ``r * ncol + c``, as if the map sat in the corner
+    of a grid ``stride`` columns wide (``stride``: one int for every map, or one per map; ``ncol`` names the cells as
+    they are)."""
+    ncol = maps.ncol.astype(np.int64)[:, None]
     cell = np.arange(int(maps.num_cells.max()) if len(maps) else 0, dtype=np.int64)
-    return cell // ncol[:, None] * grid + cell % ncol[:, None]
+    return cell // ncol * np.asarray(stride, dtype=np.int64).reshape(-1, 1) + cell % ncol
 
 
 def grid_numbered(fmt, log: EpisodeLog, maps: MapBatch) -> EpisodeLog:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from icrl_fast.data.formats import ContextFormat, decode, encode_episodes, pad_token, token_contract
-from icrl_fast.data.step_format import StepFormat, grid_numbered, observation_names
+from icrl_fast.data.step_format import StepFormat, grid_numbered, names_on_grid, observation_names
 from icrl_fast.envs.learners import EpisodeLog, play_protocol, rename_observations, teacher_labels
 from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
@@ -177,28 +177,24 @@ def widen_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, wi
     wide (``w`` drawn from ``ncol + 1 .. widest``; the extra columns are never reached). Same map, same moves, same
     labels: only the numbers' row stride changes, which is what an observation number means on a wider map."""
     ncol = maps.ncol.astype(np.int64)
-    cell = np.arange(int(maps.num_cells.max()), dtype=np.int64)
-    names = np.tile(cell, (len(maps), 1))
+    stride = ncol.copy()  # a map's own width: its cells as they are
     for b in np.flatnonzero(rng.random(len(maps)) < fraction):
-        w = int(rng.integers(ncol[b] + 1, widest + 1)) if ncol[b] < widest else int(ncol[b])
-        names[b] = cell // ncol[b] * w + cell % ncol[b]
-    return rename_observations(log, names)
+        stride[b] = int(rng.integers(ncol[b] + 1, widest + 1)) if ncol[b] < widest else int(ncol[b])
+    return rename_observations(log, names_on_grid(maps, stride))
 
 
-def shift_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, grid: int, max_obs: int) -> EpisodeLog:
-    """``log`` (of ``maps``) with observation ``r * ncol + c`` named ``(r + dr) * grid + c + dc``: the map placed on a
-    ``grid``-column grid of ``max_obs`` cells, at offset ``(dr, dc)`` drawn uniformly among those where it fits for
-    a fraction of the maps, at ``(0, 0)`` (``observation_names``) for the others. Same map, same moves, same row
-    stride, same labels: only where on the grid its cells are named changes."""
-    ncol, nrow = maps.ncol.astype(np.int64), maps.nrow.astype(np.int64)
-    cell = np.arange(int(maps.num_cells.max()), dtype=np.int64)
+def shift_observations(log: EpisodeLog, maps: MapBatch, rng, fraction: float, fmt: StepFormat) -> EpisodeLog:
+    """``log`` (of ``maps``) with observation ``r * ncol + c`` named ``(r + dr) * grid + c + dc``: the map placed on
+    grid format ``fmt``'s grid (``grid`` columns, ``max_obs`` cells), at offset ``(dr, dc)`` drawn uniformly among
+    those where it fits for a fraction of the maps, at ``(0, 0)`` (``observation_names``) for the others. Same map,
+    same moves, same row stride, same labels: only where on the grid its cells are named changes."""
+    grid, ncol, nrow = fmt.grid, maps.ncol.astype(np.int64), maps.nrow.astype(np.int64)
     offset = np.zeros(len(maps), dtype=np.int64)
     for b in np.flatnonzero(rng.random(len(maps)) < fraction):
-        dr = int(rng.integers(0, max_obs // grid - nrow[b] + 1))
+        dr = int(rng.integers(0, fmt.max_obs // grid - nrow[b] + 1))
         dc = int(rng.integers(0, grid - ncol[b] + 1))
         offset[b] = dr * grid + dc
-    names = cell // ncol[:, None] * grid + cell % ncol[:, None] + offset[:, None]
-    return rename_observations(log, names)
+    return rename_observations(log, observation_names(fmt, maps) + offset[:, None])
 
 
 def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.ndarray,
@@ -315,7 +311,7 @@ class ProtocolSource:
         from its own stream (shift 0 and widen 0 change no draw)."""
         if self.cfg.shift > 0:
             rng = np.random.default_rng([self.seed, 11, part, *key])
-            return shift_observations(log, maps, rng, self.cfg.shift, self.fmt.grid, self.fmt.max_obs)
+            return shift_observations(log, maps, rng, self.cfg.shift, self.fmt)
         log = grid_numbered(self.fmt, log, maps)
         if self.cfg.widen <= 0:
             return log
