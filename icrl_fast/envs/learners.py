@@ -406,11 +406,16 @@ def greedy_solves(maps: MapBatch, q: np.ndarray, max_episode_steps: int = 100) -
 # the exits of the episode being played, and the exits of the last successful episode. ``teacher_choices`` turns
 # that into the set of actions it prefers at a state; ``teacher_observe`` folds one step into it.
 @njit(inline="always", cache=True)
-def teacher_choices(winner, tried, avoid, s):
+def teacher_choices(winner, tried, avoid, s, least_tried):
     """Bit mask (bit ``a`` for action ``a``) of the teacher's preferred actions at state ``s``.
 
     Copy: the action the last successful episode last took at ``s``. Else explore: the actions untried at ``s`` that
-    are not known to end in a hole or bump a wall; else any action not known bad; else all four.
+    are not known to end in a hole or bump a wall; else the actions not known bad (``least_tried``: those of them
+    tried least often at ``s``, ``tried`` holding counts); else all four.
+
+    Why ``least_tried`` (e41): a model that imitates "any action not known bad" learns equal logits there, and its
+    greedy argmax then takes the same one at every visit: two cells that are each other's only tried exits become a
+    loop to the time limit. Least-tried turns the tie into a rotation the context shows.
     """
     if winner[s] >= 0:
         return np.int64(1) << np.int64(winner[s])
@@ -423,6 +428,16 @@ def teacher_choices(winner, tried, avoid, s):
                 untried |= np.int64(1) << a
     if untried:
         return untried
+    if ok and least_tried:
+        fewest, best = np.int64(1) << np.int64(62), np.int64(0)
+        for a in range(4):
+            if ok & (np.int64(1) << a):
+                c = np.int64(tried[s, a])
+                if c < fewest:
+                    fewest, best = c, np.int64(1) << a
+                elif c == fewest:
+                    best |= np.int64(1) << a
+        return best
     if ok:
         return ok
     return np.int64(15)
@@ -432,7 +447,7 @@ def teacher_choices(winner, tried, avoid, s):
 def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended):
     """Fold step ``s --a--> s2`` (``reward``, ``done``: terminated; ``ended``: the episode ends here, terminated or
     cut; ``s2`` is not read when it does) into the teacher's knowledge."""
-    tried[s, a] = True
+    tried[s, a] += 1
     current[s] = a
     # A wall bump shows as the same observation next; after a cut episode's last step the context shows no next
     # observation, so the teacher (a function of the context) cannot know it there.
@@ -446,14 +461,14 @@ def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended
 
 @njit(parallel=True, cache=True)
 def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_steps, slippery, success_rate,
-                     reward_of_tile, obs_log, act_log, rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final):
+                     reward_of_tile, least_tried, obs_log, act_log, rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final):
     cells = tiles.shape[1] * tiles.shape[2]
     for b in prange(tiles.shape[0]):
         st = stream_state(seed, np.uint64(b))
         w = ncol[b]
         winner = np.full(cells, -1, dtype=np.int8)
         current = np.full(cells, -1, dtype=np.int8)
-        tried = np.zeros((cells, 4), dtype=np.bool_)
+        tried = np.zeros((cells, 4), dtype=np.int32)
         avoid = np.zeros((cells, 4), dtype=np.bool_)
         cursor = 0
         for e in range(p_teacher.shape[0]):
@@ -462,7 +477,7 @@ def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_s
             ret = 0.0
             t = 0
             while True:
-                label = teacher_choices(winner, tried, avoid, s)
+                label = teacher_choices(winner, tried, avoid, s, least_tried)
                 st, u = next_uniform(st)
                 if u < p_teacher[e]:
                     st, a = pick_from_mask(label, st)
@@ -486,7 +501,8 @@ def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_s
 
 
 def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: int = 100, is_slippery: bool = False,
-                  success_rate: float = 1.0 / 3.0, reward_schedule=(1, 0, 0)) -> tuple[EpisodeLog, np.ndarray]:
+                  success_rate: float = 1.0 / 3.0, reward_schedule=(1, 0, 0),
+                  least_tried: bool = False) -> tuple[EpisodeLog, np.ndarray]:
     """Play the evaluation protocol with the context teacher on every map: one context of ``len(p_teacher)``
     episodes per map; in episode ``k`` each action is the teacher's (uniform among its choices) with probability
     ``p_teacher[k]``, else uniform random (the paper's ramp: ``icrl_fast.evaluate.paper_ramp``).
@@ -494,6 +510,7 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
     Returns the :class:`EpisodeLog` (episodes of map ``b`` contiguous, in play order) and ``labels`` uint8 ``[S]``:
     per step, the bit mask of the teacher's choices at that step's observation, given the context before it -- also
     where a random action was executed (the imitation target). Map ``b`` draws from stream ``(seed, b)``.
+    ``least_tried``: the teacher's rule once every safe action at a state was tried (``teacher_choices``).
     """
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
@@ -507,25 +524,26 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
     steps, eps = _log_buffers(n, p_teacher.size, max_episode_steps)
     labels = np.empty_like(steps[0], dtype=np.uint8)
     _protocol_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), p_teacher,
-                     int(max_episode_steps), bool(is_slippery), success_rate, reward_of_tile, *steps, labels, *eps)
+                     int(max_episode_steps), bool(is_slippery), success_rate, reward_of_tile, bool(least_tried), *steps,
+                     labels, *eps)
     log, keep = _episode_log(steps, eps)
     return log, labels[keep]
 
 
 @njit(cache=True)
-def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, cells, labels):
+def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, cells, least_tried, labels):
     e = 0
     n_ep = map_id.shape[0]
     while e < n_ep:
         winner = np.full(cells, -1, dtype=np.int8)
         current = np.full(cells, -1, dtype=np.int8)
-        tried = np.zeros((cells, 4), dtype=np.bool_)
+        tried = np.zeros((cells, 4), dtype=np.int32)
         avoid = np.zeros((cells, 4), dtype=np.bool_)
         m = map_id[e]
         while e < n_ep and map_id[e] == m:
             for t in range(start[e], start[e] + length[e]):
                 s = np.int64(obs[t])
-                labels[t] = teacher_choices(winner, tried, avoid, s)
+                labels[t] = teacher_choices(winner, tried, avoid, s, least_tried)
                 last = t == start[e] + length[e] - 1
                 s2 = np.int64(-1) if last else np.int64(obs[t + 1])  # the context shows no observation after an end
                 teacher_observe(winner, current, tried, avoid, s, np.int64(actions[t]), s2, np.float64(rewards[t]),
@@ -533,14 +551,15 @@ def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, cell
             e += 1
 
 
-def teacher_labels(log: EpisodeLog, cells: int = 64) -> np.ndarray:
+def teacher_labels(log: EpisodeLog, cells: int = 64, least_tried: bool = False) -> np.ndarray:
     """The teacher's choice masks (uint8 ``[S]``, bit ``a`` = action ``a``) at every step of ``log``, read from the
     context alone: each map's episodes (contiguous in ``log``, in play order) are one context. Any behaviour's log
     can be labelled -- the model's own rollouts too (DAgger); ``final_obs`` is not read (the context does not show
-    it). ``cells``: observations per map (at least the largest observation + 1)."""
+    it). ``cells``: observations per map (at least the largest observation + 1). ``least_tried``: as in
+    ``play_protocol``."""
     if log.obs.size and int(log.obs.max()) >= cells:
         raise ValueError(f"observations go up to {int(log.obs.max())}; cells must exceed that, got {cells}")
     labels = np.empty(log.obs.shape[0], dtype=np.uint8)
     _label_kernel(log.obs, log.actions, log.rewards, log.map_id, log.start, log.length, log.terminated, int(cells),
-                  labels)
+                  bool(least_tried), labels)
     return labels

@@ -22,6 +22,8 @@ from torch import nn
 
 from icrl_fast.model.attention import apply_liger, attn_implementation
 from icrl_fast.model.factored_embedding import FactoredEmbedding
+from icrl_fast.model.kv_cache import CACHE_ARG
+from icrl_fast.model.same_state_memory import MEMORY_DIM, SameStateMemory
 
 IA3_MODULES = ["k_proj", "v_proj", "down_proj"]
 
@@ -49,6 +51,10 @@ class ModelConfig:
     factored_embedding: bool = field(default=True, metadata={"help": "embed a format's factored tokens (step) as the "
                                                                      "sum of their factors' embeddings; false: one "
                                                                      "embedding per token id (an ablation)"})
+    memory: bool = field(default=False, metadata={"help": "add a hard-wired same-state head to the embedding (step "
+                                                          "formats): per decision, what each action did from this "
+                                                          "cell earlier in the context (icrl_fast.model."
+                                                          "same_state_memory)"})
 
 
 SHARD_NEEDS_PRETRAINED = ("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "
@@ -71,10 +77,11 @@ class QNetwork(nn.Module):
         attn = attn_implementation(device, cfg.attention, dtype)
         self.register_buffer("action_ids", torch.as_tensor(action_ids, dtype=torch.long), persistent=False)
         self.pretrained = cfg.path is not None
+        self.memory = SameStateMemory(token_factors) if cfg.memory and token_factors is not None else None
         if self.pretrained:
-            if token_factors is not None:
+            if token_factors is not None or cfg.memory:
                 raise ValueError("a pretrained model (--model PATH) keeps its own embeddings: use the paper format, "
-                                 "not one with factored tokens (step)")
+                                 "not one with factored tokens (step), and no --model.memory")
             if cfg.kv_heads is not None:
                 raise ValueError("kv_heads shapes a from-scratch model; a pretrained one (--model PATH) brings its own "
                                  "num_key_value_heads: leave kv_heads unset")
@@ -116,7 +123,11 @@ class QNetwork(nn.Module):
                 if len(token_factors) != vocab_size:
                     raise ValueError(f"token_factors needs one row per token ({vocab_size}), got {len(token_factors)}")
                 self.model.model.embed_tokens = FactoredEmbedding(token_factors, cfg.hidden_size,
-                                                                  conf.initializer_range, dtype)
+                                                                  conf.initializer_range, dtype,
+                                                                  memory_dim=MEMORY_DIM if cfg.memory else 0)
+            elif cfg.memory:
+                raise ValueError("--model.memory reads a step format's factored tokens: use --data.format step or "
+                                 "step-grid with --model.factored_embedding true")
             self.target = copy.deepcopy(self.model).requires_grad_(False)
         # Liger on this model's modules only (the online net, and the target copy of a from-scratch model)
         targets = [self.target] if self.target is not None else []
@@ -177,13 +188,29 @@ class QNetwork(nn.Module):
             return self.model.get_base_model().lm_head.weight
         return (self.target if target else self.model).lm_head.weight
 
-    def hidden(self, input_ids: torch.Tensor, *, target: bool = False, **kwargs) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, *, target: bool = False, memory: torch.Tensor | None = None,
+               **kwargs) -> torch.Tensor:
         """Final hidden states ``[B, L, d]`` (after the last norm) of the online or target network.
 
         Extra keyword arguments (``attention_mask``, ``position_ids``, the cache under ``kv_cache.CACHE_ARG``,
         ``use_cache``) go to the transformers model; with ``return_output=True`` the model output is returned instead.
+
+        ``memory``: a model with the same-state memory (``ModelConfig.memory``) needs its features ``[B, L,
+        MEMORY_DIM]`` of ``input_ids``; they are computed here when every row of ``input_ids`` is a whole context
+        from its start, and must be given for a cached call that feeds only a context's new tokens
+        (``SameStateMemory.tails`` of the whole context).
         """
         return_output = kwargs.pop("return_output", False)
+        if self.memory is not None:
+            if memory is None:
+                if kwargs.get(CACHE_ARG) is not None:
+                    raise ValueError("a cached call of a model with the same-state memory feeds only the new tokens: "
+                                     "pass memory=SameStateMemory.tails(...) of the whole contexts")
+                memory = torch.from_numpy(self.memory.features(input_ids.cpu().numpy())).to(input_ids.device)
+            kwargs["inputs_embeds"] = self._backbone(target).embed_tokens(input_ids, memory=memory)
+            input_ids = None
+        elif memory is not None:
+            raise ValueError("memory features were given to a model without the same-state memory")
         if self.pretrained and target:
             self.model.set_adapter("delayed")
             try:

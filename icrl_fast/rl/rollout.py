@@ -310,10 +310,12 @@ class RolloutEngine:
         finally:
             model.set_attn_implementation(impl)
 
-    def _forward(self, cache: RolloutCache, blocks: list[list[int]]) -> np.ndarray:
-        """One model call: cache row ``r`` gets the tokens ``blocks[r]`` (at least one each), left-padded so every
-        context's decision token is the last column. Returns Q there, ``float32 [rows, 4]``, and appends the call's
-        batch size to ``batch_sizes``."""
+    def _forward(self, cache: RolloutCache, log: ContextLog, rows) -> np.ndarray:
+        """One model call: cache row ``r`` gets the pending tokens of context ``rows[r]`` of ``log`` (at least one
+        each; fed to the log here), left-padded so every context's decision token is the last column. Returns Q
+        there, ``float32 [rows, 4]``, and appends the call's batch size to ``batch_sizes``. A model with the
+        same-state memory gets its features of the new tokens, computed from each whole context."""
+        blocks = [log.feed(b) for b in rows]
         counts = np.array([len(x) for x in blocks], dtype=np.int64)
         width = int(counts.max())
         ids = np.zeros((len(blocks), width), dtype=np.int64)
@@ -321,8 +323,12 @@ class RolloutEngine:
             ids[row, width - counts[row]:] = block
         pos, mask = cache.plan(torch.from_numpy(counts), width)
         self.check_length(cache.get_seq_length())  # the cache knows every live context's length
+        memory = getattr(self.qnet, "memory", None)
+        if memory is not None:
+            tails = memory.tails([(log.tokens[b], len(x)) for b, x in zip(rows, blocks)], width)
+            memory = torch.from_numpy(tails).to(self.device)
         h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
-                             **{CACHE_ARG: cache}, use_cache=True, **cache.attention_kwargs())
+                             **{CACHE_ARG: cache}, use_cache=True, memory=memory, **cache.attention_kwargs())
         self.batch_sizes.append(len(blocks))
         return self.qnet.q_values(h[:, -1]).cpu().numpy()
 
@@ -370,7 +376,7 @@ class RolloutEngine:
                 keep = np.flatnonzero(episode[live] < episodes)
                 cache.keep(torch.from_numpy(keep).to(self.device))
                 live = live[keep]
-            q[live] = self._forward(cache, [log.feed(b) for b in live])
+            q[live] = self._forward(cache, log, live)
             for b in live:
                 log.q_read[b].append(q[b].copy())
             explore = rng.random(m) >= p_model[np.minimum(episode, episodes - 1)]
@@ -439,7 +445,7 @@ class RolloutEngine:
         u = np.zeros(len(slots), dtype=np.float64)
         rand = np.zeros(len(slots), dtype=np.int64)
         while len(slots):
-            q = self._forward(cache, [log.feed(b) for b in slots])
+            q = self._forward(cache, log, slots)
             for row, b in enumerate(slots):
                 log.q_read[b].append(q[row].copy())
             _explore_draws(explore_state, slots, u, rand)

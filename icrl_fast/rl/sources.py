@@ -36,6 +36,9 @@ from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
 
 
+TEACHER_RULES = ("any", "least-tried")
+
+
 @dataclass
 class ProtocolConfig:
     """The protocol context source (``--mode protocol``)."""
@@ -67,6 +70,9 @@ class ProtocolConfig:
                                                         "random offset on the grid (same map, same row stride, its "
                                                         "cells named as if it sat elsewhere): every cell's name gets "
                                                         "trained, also those only larger maps reach"})
+    teacher: str = field(default="any", metadata={"help": "the context teacher's rule once every safe action at a "
+                                                         "state was tried: any (uniform over them) or least-tried "
+                                                         "(those tried least often there; e41)"})
     relabel: float = field(default=0.0, metadata={"help": "fraction of contexts whose observation numbers are renamed "
                                                           "by a random permutation of 0 .. max_obs - 1 (one per "
                                                           "context): every observation token is trained, and a map "
@@ -78,6 +84,8 @@ class ProtocolConfig:
                              f"{self.pool_maps}, {self.episodes}, {self.contexts}, {self.bucket}, {self.max_len}")
         if not 0.0 <= self.noise < 1.0:
             raise ValueError(f"protocol noise must be a probability below 1, got {self.noise}")
+        if self.teacher not in TEACHER_RULES:
+            raise ValueError(f"protocol teacher must be one of {TEACHER_RULES}, got {self.teacher!r}")
         if not 0.0 <= self.dagger <= 1.0:
             raise ValueError(f"protocol dagger must be a fraction in [0, 1], got {self.dagger}")
         if not 0.0 <= self.switch <= 1.0:
@@ -239,6 +247,7 @@ class ProtocolSource:
             raise ValueError(f"protocol widen_to {cfg.widen_to}: maps of {int(self.pool.nrow.max())} rows would need "
                              f"observation numbers beyond the format's {fmt.max_obs}")
         self.p_teacher = cfg.p_teacher()
+        self.least_tried = cfg.teacher == "least-tried"
         self.pad = pad_token(fmt)
         self._chunk: tuple[tuple, list[dict]] | None = None
         if progress:
@@ -275,10 +284,10 @@ class ProtocolSource:
             finally:
                 self.engine.qnet.train(was_training)
             log = contexts_log(fmt, played.tokens)
-            labels = teacher_labels(log, fmt.max_obs)
+            labels = teacher_labels(log, fmt.max_obs, self.least_tried)
             self.dagger_success.append(float(played.success.mean()))
         else:
-            log, labels = play_protocol(maps, self.p_teacher, seed=seed)
+            log, labels = play_protocol(maps, self.p_teacher, seed=seed, least_tried=self.least_tried)
             log = self._number(log, maps, key, 0)
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
@@ -327,7 +336,7 @@ class ProtocolSource:
             return log, labels
         maps_b = self._draw_maps(rng, switched.size)
         seed_b = int(np.random.SeedSequence([self.seed, 8, *key]).generate_state(1)[0])
-        log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b)
+        log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b, least_tried=self.least_tried)
         log_b = self._number(log_b, maps_b, key, 1)
         partner = np.full(n, -1)
         partner[switched] = np.arange(switched.size)

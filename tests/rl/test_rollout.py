@@ -19,9 +19,9 @@ FORMATS = [compact_format(), paper_format(), StepFormat(), StepFormat(grid=8)]
 FORMAT_IDS = ["compact", "paper", "step", "step-grid"]
 
 
-def tiny(fmt, max_positions=8192, heads=2, kv_heads=None):
+def tiny(fmt, max_positions=8192, heads=2, kv_heads=None, memory=False):
     return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=heads, kv_heads=kv_heads, intermediate_size=64,
-                                max_positions=max_positions), fmt.vocab_size, fmt.action_ids, seed=1,
+                                max_positions=max_positions, memory=memory), fmt.vocab_size, fmt.action_ids, seed=1,
                     token_factors=getattr(fmt, "token_factors", None)).eval()
 
 
@@ -73,6 +73,22 @@ def test_ring_buffer_equals_a_sliding_window_full_forward(fmt, window):
     # and the window matters: the unwindowed engine reads different Q-values late in the context
     unbounded = RolloutEngine(q, fmt).run(maps, episodes, 0.0, seed=3)
     assert not np.allclose(unbounded.q[0][-1], out.q[0][-1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("window", [None, 23])
+def test_a_model_with_the_same_state_memory_reads_through_the_cache_what_a_full_forward_reads(window):
+    """The engine feeds the memory features of only the new tokens, computed from each whole context; lockstep, the
+    ring buffer and continuous batching (reused rows) all equal a full forward over the finished context."""
+    fmt = FORMATS[3]
+    q = tiny(fmt, memory=True)
+    maps = generate_maps(7, seed=0, height=(2, 7), width=(2, 7), min_hops=1)
+    episodes = 30 if window else 6
+    out = RolloutEngine(q, fmt, window=window).run(maps, episodes, paper_ramp(episodes), seed=0)
+    assert_engine_equals_full_forward(q, fmt, out, window)
+    out = RolloutEngine(q, fmt, window=window).collect(maps, episodes, paper_ramp(episodes), seed=0, width=3)
+    assert_engine_equals_full_forward(q, fmt, out, window)
+    if window:
+        assert min(len(t) for t in out.tokens) > 2 * window
 
 
 def test_a_window_lets_contexts_outgrow_the_model_positions():

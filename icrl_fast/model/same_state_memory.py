@@ -1,0 +1,111 @@
+"""A hard-wired same-state head for the step formats: what each action did from this cell before, in this context.
+
+Issue 17's model option "a hard-wired same-state (n-gram induction) attention head" (arXiv 2411.01958). At a
+decision position ``p`` (a ``START(o)`` or ``LAND(a, move, o)`` token: the agent stands on ``o``) the head looks at
+every earlier decision on the same ``o`` and at the token that followed it (the action taken there and where it
+landed), and returns, per action ``a`` and outcome class (``MOVED`` elsewhere, ``STAYED`` on ``o``: a wall or a
+slip back, ``HOLE``, ``GOAL``):
+
+* ``log1p(count)``: how often ``a`` from ``o`` had that outcome so far (16 values): a fixed attention head with
+  equal weight on every same-state position and one-hot values, summed instead of averaged;
+* a one-hot of the **latest** outcome of ``a`` from ``o`` (16 values, all zero if ``a`` was never tried there):
+  the same head with all its weight on the most recent same-state position per action (what a changed map
+  needs: the count remembers the old map, the latest outcome the new one).
+
+So ``MEMORY_DIM = 32`` features per position, zero at every position that is not a decision. A ``cut`` landing
+(time limit) counts by where it landed, as a move. The features are a pure function of the tokens up to and
+including ``p``: a model adds ``Linear(32, d)`` of them to the token embedding (``FactoredEmbedding``). The
+rollout engine computes them from the whole context it has fed, so a cached step sees what a full forward of the
+context sees (tested).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from icrl_fast.data.step_format import KINDS, TYPE_LAND0, TYPE_START
+
+MOVED, STAYED, HOLE, GOAL = range(4)
+MEMORY_DIM = 32
+_KIND_MOVE, _KIND_GOAL, _KIND_HOLE, _KIND_CUT = (KINDS.index(k) for k in ("move", "goal", "hole", "cut"))
+
+
+@njit(cache=True)
+def _scan(types, acts, obs, ids, first, out, count, latest):
+    """Features of positions ``first ..`` of one sequence ``ids`` into ``out[:len(ids) - first]`` (``count``
+    ``[obs, 4, 4]`` and ``latest`` ``[obs, 4]`` are scratch, reset here)."""
+    count[:] = 0
+    latest[:] = -1
+    land0 = TYPE_LAND0
+    for p in range(ids.shape[0]):
+        t = types[ids[p]]
+        if p > 0 and t >= land0:  # a landing: the action taken at p - 1, if p - 1 was a decision
+            tp = types[ids[p - 1]]
+            if tp == TYPE_START or tp == land0 + _KIND_MOVE:
+                s = obs[ids[p - 1]] - 1
+                a = acts[ids[p]] - 1
+                kind = t - land0
+                if kind == _KIND_GOAL:
+                    c = GOAL
+                elif kind == _KIND_HOLE:
+                    c = HOLE
+                elif obs[ids[p]] - 1 == s:
+                    c = STAYED
+                else:
+                    c = MOVED
+                count[s, a, c] += 1
+                latest[s, a] = c
+        if p < first:
+            continue
+        row = out[p - first]
+        row[:] = 0.0
+        if t == TYPE_START or t == land0 + _KIND_MOVE:
+            s = obs[ids[p]] - 1
+            for a in range(4):
+                for c in range(4):
+                    if count[s, a, c] > 0:
+                        row[a * 4 + c] = np.log1p(np.float32(count[s, a, c]))
+                if latest[s, a] >= 0:
+                    row[16 + a * 4 + latest[s, a]] = 1.0
+
+
+class SameStateMemory:
+    """The features above for one step format, from its ``token_factors`` (type, action + 1, observation + 1)."""
+
+    def __init__(self, token_factors):
+        f = np.asarray(token_factors)
+        if f.ndim != 2 or f.shape[1] != 3:
+            raise ValueError("the same-state memory reads a step format's token factors [vocab, 3] (type, action, "
+                             f"observation): use --data.format step or step-grid, got factors of shape {f.shape}")
+        self.types, self.acts, self.obs = (np.ascontiguousarray(f[:, i], dtype=np.int64) for i in range(3))
+        self.vocab = len(f)
+        self._count = np.zeros((int(self.obs.max()) + 1, 4, 4), dtype=np.int32)
+        self._latest = np.zeros((int(self.obs.max()) + 1, 4), dtype=np.int8)
+
+    def _check(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            raise ValueError(f"token ids must be in 0..{self.vocab - 1} for this format")
+        return ids
+
+    def features(self, ids) -> np.ndarray:
+        """float32 ``[..., L, MEMORY_DIM]`` of ``ids`` ``[..., L]``: each row one whole context from its start."""
+        ids = self._check(ids)
+        rows = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
+        out = np.zeros((*rows.shape, MEMORY_DIM), dtype=np.float32)
+        for r in range(rows.shape[0]):
+            _scan(self.types, self.acts, self.obs, rows[r], 0, out[r], self._count, self._latest)
+        return out.reshape(*ids.shape, MEMORY_DIM)
+
+    def tails(self, contexts, width: int) -> np.ndarray:
+        """float32 ``[B, width, MEMORY_DIM]``: the features of the last ``n_b <= width`` tokens of context ``b``
+        (``contexts``: ``(tokens_b, n_b)`` pairs, each the whole context fed so far), right-aligned, zero on the
+        left (the rollout engine's left-padded call)."""
+        out = np.zeros((len(contexts), width, MEMORY_DIM), dtype=np.float32)
+        for b, (tokens, n) in enumerate(contexts):
+            ids = self._check(tokens)
+            if not 0 < n <= min(width, len(ids)):
+                raise ValueError(f"context {b}: a tail of {n} tokens needs 0 < n <= min(width, length)")
+            _scan(self.types, self.acts, self.obs, ids, len(ids) - n, out[b, width - n:], self._count, self._latest)
+        return out

@@ -1,0 +1,127 @@
+"""The same-state memory: its features against a brute-force reading of the context, and a model that uses them."""
+
+import numpy as np
+import pytest
+import torch
+
+from icrl_fast.data.step_format import KINDS, TYPE_LAND0, TYPE_START, StepFormat
+from icrl_fast.envs.maps import generate_maps
+from icrl_fast.evaluate import paper_ramp
+from icrl_fast.model.qnet import ModelConfig, QNetwork
+from icrl_fast.model.same_state_memory import GOAL, HOLE, MEMORY_DIM, MOVED, STAYED, SameStateMemory
+from icrl_fast.rl.rollout import RolloutEngine
+
+FMT = StepFormat(grid=8)
+
+
+def reference(fmt: StepFormat, ids) -> np.ndarray:
+    """The module docstring read literally: at each decision, look back at every earlier decision on the same cell
+    and the token after it (O(L^2))."""
+    typ, act, obs = (fmt.token_factors[:, i] for i in range(3))
+    move = TYPE_LAND0 + KINDS.index("move")
+    decision = [typ[i] in (TYPE_START, move) for i in ids]
+    out = np.zeros((len(ids), MEMORY_DIM), dtype=np.float32)
+    for p, i in enumerate(ids):
+        if not decision[p]:
+            continue
+        count, latest = np.zeros((4, 4)), {}
+        for j in range(p):  # j + 1 <= p: the landing of decision j is in the context at p
+            if decision[j] and obs[ids[j]] == obs[i] and typ[ids[j + 1]] >= TYPE_LAND0:
+                nxt = ids[j + 1]
+                kind = KINDS[typ[nxt] - TYPE_LAND0]
+                c = {"goal": GOAL, "hole": HOLE}.get(kind, STAYED if obs[nxt] == obs[i] else MOVED)
+                count[act[nxt] - 1, c] += 1
+                latest[act[nxt] - 1] = c
+        out[p, :16] = np.log1p(count).ravel()
+        for a, c in latest.items():
+            out[p, 16 + 4 * a + c] = 1.0
+    return out
+
+
+def test_a_hand_written_context():
+    f = FMT
+    ids = [f.start(0), f.land(1, "move", 8), f.land(3, "move", 8), f.land(0, "hole", 16),
+           f.start(0), f.land(1, "move", 8), f.land(2, "goal", 9), f.start(0)]
+    got = SameStateMemory(f.token_factors).features(np.array(ids))
+    want = np.zeros_like(got)
+    want[2, 4 * 3 + STAYED], want[2, 16 + 4 * 3 + STAYED] = np.log1p(1), 1  # on 8: right bumped into a wall
+    want[4, 4 * 1 + MOVED], want[4, 16 + 4 * 1 + MOVED] = np.log1p(1), 1  # on 0 again: down moved
+    want[5, [4 * 3 + STAYED, 4 * 0 + HOLE]] = np.log1p(1)  # on 8 again: right stayed, left fell in a hole
+    want[5, [16 + 4 * 3 + STAYED, 16 + 4 * 0 + HOLE]] = 1
+    want[7, 4 * 1 + MOVED], want[7, 16 + 4 * 1 + MOVED] = np.log1p(2), 1  # down moved twice from 0
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got, reference(f, ids), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", [StepFormat(), FMT, StepFormat(max_obs=49, show_end=False)],
+                         ids=["step", "step-grid", "step-noend-49"])
+def test_features_equal_the_brute_force_reading_of_played_contexts(fmt):
+    """Contexts played on slippery maps (slips give STAYED and MOVED for one action), with cuts, goals and holes."""
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), fmt.vocab_size,
+                 fmt.action_ids, seed=0, token_factors=fmt.token_factors).eval()
+    maps = generate_maps(6, seed=3, height=(3, 6), width=(3, 7))
+    out = RolloutEngine(q, fmt).run(maps, 12, 0.0, seed=2, is_slippery=True)
+    memory = SameStateMemory(fmt.token_factors)
+    width = max(map(len, out.tokens))
+    padded = np.full((len(out.tokens), width), fmt.pad_id)
+    for b, t in enumerate(out.tokens):
+        padded[b, : len(t)] = t
+    batch = memory.features(padded)  # right-padded rows, as a training batch
+    kinds = set()
+    for b, t in enumerate(out.tokens):
+        want = reference(fmt, t.tolist())
+        np.testing.assert_allclose(batch[b, : len(t)], want, rtol=1e-6)
+        assert not batch[b, len(t):].any()
+        np.testing.assert_allclose(memory.tails([(t.tolist(), 7)], 9)[0, 2:], want[-7:], rtol=1e-6)
+        kinds |= set(np.flatnonzero(want[:, 16:].reshape(-1, 4, 4).any((0, 1))))
+    assert kinds == {MOVED, STAYED, HOLE, GOAL} or (not fmt.show_end and kinds >= {MOVED, STAYED, HOLE})
+
+
+def test_bad_inputs_are_clear_errors():
+    memory = SameStateMemory(FMT.token_factors)
+    with pytest.raises(ValueError, match="token factors"):
+        SameStateMemory(np.zeros((5, 2), dtype=int))
+    with pytest.raises(ValueError, match="token ids"):
+        memory.features(np.array([FMT.vocab_size]))
+    with pytest.raises(ValueError, match="tail"):
+        memory.tails([([FMT.start(0)], 2)], 4)
+    with pytest.raises(ValueError, match="step format"):
+        QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, memory=True), 64, [0, 1, 2, 3])
+
+
+def tiny(memory: bool) -> QNetwork:
+    return QNetwork(ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, memory=memory),
+                    FMT.vocab_size, FMT.action_ids, seed=1, token_factors=FMT.token_factors).eval()
+
+
+def test_the_model_reads_the_features_and_a_cached_call_must_bring_them():
+    q = tiny(True)
+    maps = generate_maps(4, seed=0, height=(3, 5), width=(3, 5))
+    out = RolloutEngine(q, FMT).run(maps, 8, paper_ramp(8), seed=0)
+    ids = torch.from_numpy(out.tokens[0])[None]
+    with torch.no_grad():
+        h = q.hidden(ids)
+        feats = torch.from_numpy(q.memory.features(ids.numpy()))
+        np.testing.assert_allclose(q.hidden(ids, memory=feats), h)  # computed here == given
+        assert not torch.allclose(q.hidden(ids, memory=torch.zeros_like(feats)), h, atol=1e-4)  # and they matter
+        for target in (False, True):  # the target network has its own copy of the projection
+            assert (q.hidden(ids, target=target) - q.hidden(ids, target=target, memory=feats)).abs().max() == 0
+    from icrl_fast.model.kv_cache import CACHE_ARG
+    with pytest.raises(ValueError, match="cached call"):
+        q.hidden(ids, **{CACHE_ARG: object()})
+    with pytest.raises(ValueError, match="without the same-state memory"):
+        tiny(False).hidden(ids, memory=feats)
+
+
+def test_the_projection_trains_and_follows_the_target_update():
+    q = tiny(True).train()
+    proj, target = q.model.model.embed_tokens.memory, q.target.model.embed_tokens.memory
+    torch.testing.assert_close(proj.weight, target.weight)
+    maps = generate_maps(2, seed=1, height=(3, 4), width=(3, 4))
+    out = RolloutEngine(q, FMT).run(maps, 6, 0.0, seed=0)
+    q.hidden(torch.from_numpy(out.tokens[0])[None]).square().sum().backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        proj.weight.add_(1.0)
+    q.polyak_update(0.5)
+    torch.testing.assert_close(target.weight, proj.weight - 0.5)
