@@ -187,6 +187,21 @@ def test_the_teacher_copies_the_last_success_and_explores_untried_moves_that_are
         teacher_labels(log, cells=1)  # observation 1 needs 2 cells
 
 
+def test_once_every_safe_action_was_tried_the_least_tried_teacher_rotates_where_the_any_teacher_ties():
+    from icrl_fast.envs.learners import teacher_labels
+
+    # map "SFG" / "HFF" again; at 4 down bumps the wall and left falls into the hole at 3; up and right are safe
+    log = hand_log([
+        ([0, 1, 4, 4], [2, 1, 1, 0], [0, 0, 0, 0], 3, True),
+        ([0, 1, 4, 1, 4, 5, 4, 1, 4], [2, 1, 3, 1, 2, 0, 3, 1, 2], [0] * 9, 5, False),  # cut
+    ])
+    any_rule, least = teacher_labels(log, cells=6), teacher_labels(log, cells=6, least_tried=True)
+    assert least[8] == any_rule[8] == 4      # at 4: right is its last untried safe action
+    assert least[10] == any_rule[10] == 4 | 8  # up and right each tried once
+    assert any_rule[12] == 4 | 8 and least[12] == 4  # up twice, right once: the rotation goes right
+    np.testing.assert_array_equal(np.delete(least, 12), np.delete(any_rule, 12))
+
+
 def test_the_protocol_player_labels_its_steps_as_the_context_teacher_would_and_the_teacher_learns_in_context():
     from icrl_fast.envs.learners import play_protocol, teacher_labels
     from icrl_fast.evaluate import paper_ramp
@@ -195,6 +210,9 @@ def test_the_protocol_player_labels_its_steps_as_the_context_teacher_would_and_t
     log, labels = play_protocol(maps, paper_ramp(30), seed=5)
     assert log.num_episodes == 300 * 30 and labels.shape == log.obs.shape
     np.testing.assert_array_equal(labels, teacher_labels(log))  # a pure function of the context
+    log_lt, labels_lt = play_protocol(maps, paper_ramp(30), seed=5, least_tried=True)
+    np.testing.assert_array_equal(labels_lt, teacher_labels(log_lt, least_tried=True))
+    assert log_lt.success.reshape(300, 30)[:, 20:].mean() >= 0.95
     replay_in_gymnasium(maps, log, range(0, log.num_episodes, 7))
     success = log.success.reshape(300, 30)
     assert success[:, :2].mean() < 0.3 and success[:, 20:].mean() >= 0.95  # measured 0.16 -> 0.98 on 3,000 maps
