@@ -153,11 +153,13 @@ def training(run: Path) -> dict | None:
     device = json.loads(point.read_text())["device"] if point.is_file() else "CPU"
     return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else "")
             + (f", {switch:.0%} of contexts switch maps" if switch else "")
-            + (f", {shift:.0%} of maps shifted on the grid" if shift else ""),
+            + (f", {shift:.0%} of maps shifted on the grid" if shift else "")
+            + (", least-tried teacher" if protocol.get("teacher", "any") == "least-tried" else ""),
             "objectives": " + ".join(parts),
             "model": f"{model['layers']}x{model['hidden_size']}" + FORMAT_NOTE.get(fmt, "")
             + ("" if model.get("factored_embedding", True) or not FORMAT_NOTE.get(fmt)
-               else ", one embedding per token"),
+               else ", one embedding per token")
+            + (", same-state memory" if model.get("memory") else ""),
             "lr": f"{optim['lr']:g} {optim.get('schedule', 'constant')}",
             "steps": recs[-1]["step"] if recs else 0, "tokens": last_tokens, "minutes": seconds / 60,
             "tok_s": last_tokens / seconds if seconds else float("nan"), "early": _mean(s, 0, 2),

@@ -195,22 +195,25 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     assert row["steps"] == 100 and row["tokens"] == 500_000 and row["minutes"] == pytest.approx(70 / 60)
     assert (row["early"], row["mid"], row["late"]) == pytest.approx((0.1, 0.2, 0.5))
     assert row["objectives"] == "td 1 + imitation 1 + observation 0.5"
-    assert row["model"] == "2x128, step format, cells numbered on one 8-column grid"
-    assert row["mode"] == "protocol, 30% of contexts switch maps, 20% of maps shifted on the grid"
+    assert row["model"] == "2x128, step format, cells numbered on one 8-column grid, same-state memory"
+    assert row["mode"] == ("protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried "
+                           "teacher")
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- report:start -->\n<!-- report:end -->\nb\n<!-- training:start -->\nold\n"
                       "<!-- training:end -->\nc\n")
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text
-    assert ("| e9-noise | protocol, 30% of contexts switch maps, 20% of maps shifted on the grid | td 1 + imitation 1 + "
-            "observation 0.5 | 2x128, step format, cells numbered on one 8-column grid |") in text  # switches, shift, grid
+    assert ("| e9-noise | protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried teacher | "
+            "td 1 + imitation 1 + observation 0.5 | 2x128, step format, cells numbered on one 8-column grid, same-state "
+            "memory |") in text  # switches, shift, teacher, grid, memory
     assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
     assert row["device"] == "CPU" and "| 0.45 | CPU |" in text
     (run / "train_point.json").write_text(json.dumps({"device": "NVIDIA H200"}))  # sized on a lent GPU
     assert training(run)["device"] == "NVIDIA H200"
     step = json.loads((run / "config.json").read_text())
     step["data"]["format"] = "compact"  # the step format's tokens (one per env step) are ~half the compact's
+    step["model"]["memory"] = False  # (the CLI drops the default's memory on the compact format)
     (run / "config.json").write_text(json.dumps(step))
     assert training(run)["model"] == "2x128"
     step["data"]["format"], step["model"]["factored_embedding"] = "step-noend", False

@@ -116,6 +116,8 @@ def test_cli_errors_are_clear(tmp_path):
     (["--data.format", "tiny"], "--data.format must be one of"),
     (["--data.format", "step", "--model.path", "/models/llama"], "trains a from-scratch model"),
     (["--mode", "protocol", "--data.format", "compact", "--protocol.shift", "0.5"], "has none (pass --protocol.shift 0)"),
+    (["--data.format", "compact", "--model.memory", "true"], "--model.memory reads a step format's factored tokens"),
+    (["--mode", "protocol", "--protocol.teacher", "best"], "protocol teacher must be one of"),
 ])
 def test_bad_online_and_eval_settings_stop_before_any_work(tmp_path, capsys, flags, message):
     assert T.main(["--preset", "smoke", "--out", str(tmp_path / "run"), *flags]) == 2
@@ -131,6 +133,10 @@ def test_the_default_on_a_format_without_a_grid_drops_its_shift_and_says_so(tmp_
     cfg, _, _ = T.parse_args(["--data.format", "step", "--out", str(tmp_path / "b")])
     assert cfg.protocol.shift == 0.0 and "--protocol.shift 0.2 is off" in capsys.readouterr().out
     T.check_config(cfg)  # runnable as it stands
+    cfg, _, _ = T.parse_args(["--data.format", "compact", "--out", str(tmp_path / "c")])  # nor a same-state memory
+    assert not cfg.model.memory and "--model.memory needs a step format" in capsys.readouterr().out
+    T.check_config(cfg)
+    assert T.parse_args(["--out", str(tmp_path / "a")])[0].model.memory
 
 
 def test_two_runs_of_a_default_width_model_are_bit_identical(tmp_path):

@@ -194,7 +194,7 @@ def test_factored_embeddings_can_be_switched_off_for_an_ablation():
 
     cfg = preset("default")
     assert isinstance(build_qnet(cfg, FMT, "cpu").model.model.embed_tokens, FactoredEmbedding)
-    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, factored_embedding=False))
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, factored_embedding=False, memory=False))
     emb = build_qnet(plain, FMT, "cpu").model.model.embed_tokens
     assert type(emb) is torch.nn.Embedding and emb.num_embeddings == FMT.vocab_size
 
