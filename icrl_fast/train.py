@@ -215,11 +215,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.mode == "protocol" and cfg.protocol.shift > 0 and cfg.data.format not in GRID_FORMATS:
         raise ValueError(f"--protocol.shift places maps on the grid of a grid format ({', '.join(GRID_FORMATS)}); "
                          f"--data.format {cfg.data.format} has none (pass --protocol.shift 0)")
-    if cfg.model.memory and (not cfg.data.format.startswith("step") or cfg.model.path
-                             or not cfg.model.factored_embedding):
-        raise ValueError("--model.memory reads a step format's factored tokens: it needs --data.format step, "
-                         "step-grid or step-noend, a from-scratch model and --model.factored_embedding true (pass "
-                         "--model.memory false)")
+    if cfg.model.memory and not memory_fits(cfg):
+        raise ValueError("--model.memory reads a step format's factored tokens over whole contexts: it needs "
+                         "--mode protocol (slices that start mid-context would hide what came before), --data.format "
+                         "step, step-grid or step-noend, a from-scratch model and --model.factored_embedding true "
+                         "(pass --model.memory false)")
     if cfg.data.format.startswith("step") and cfg.model.path:
         raise ValueError("--data.format step embeds its own tokens (factored): it trains a from-scratch model, not a "
                          "pretrained one (--model PATH: use --data.format paper)")
@@ -344,6 +344,12 @@ def _log(metrics_file, tb, rec: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
+def memory_fits(cfg: TrainConfig) -> bool:
+    """The same-state memory can run: whole protocol contexts in a step format, factored, from scratch."""
+    return (cfg.mode == "protocol" and cfg.data.format.startswith("step") and cfg.model.factored_embedding
+            and not cfg.model.path)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p = argparse.ArgumentParser(prog="python -m icrl_fast.train", description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [--preset NAME] [--out DIR] [--resume] [--SECTION.FIELD VALUE ...]",
@@ -375,12 +381,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
         print(f"note: --data.format {cfg.data.format} has no grid to place maps on: the preset's --protocol.shift "
               f"{cfg.protocol.shift} is off (0)")
         cfg = dataclasses.replace(cfg, protocol=dataclasses.replace(cfg.protocol, shift=0.0))
-    if cfg.model.memory and "model.memory" not in args and (
-            not cfg.data.format.startswith("step") or cfg.model.path or not cfg.model.factored_embedding):
-        # the preset's same-state memory reads a step format's factored tokens: elsewhere it is off (asked for on the
-        # command line it stays, and check_config refuses it)
-        print(f"note: the preset's --model.memory needs a step format with factored embeddings and a from-scratch "
-              f"model: off for --data.format {cfg.data.format}")
+    if cfg.model.memory and "model.memory" not in args and not memory_fits(cfg):
+        # the preset's same-state memory reads a step format's factored tokens over whole contexts: elsewhere it is
+        # off (asked for on the command line it stays, and check_config refuses it)
+        print(f"note: the preset's --model.memory needs protocol contexts in a step format with factored embeddings "
+              f"and a from-scratch model: off for --mode {cfg.mode} --data.format {cfg.data.format}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=False))
     if out is None:
         out = Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")

@@ -117,6 +117,7 @@ def test_cli_errors_are_clear(tmp_path):
     (["--data.format", "step", "--model.path", "/models/llama"], "trains a from-scratch model"),
     (["--mode", "protocol", "--data.format", "compact", "--protocol.shift", "0.5"], "has none (pass --protocol.shift 0)"),
     (["--data.format", "compact", "--model.memory", "true"], "--model.memory reads a step format's factored tokens"),
+    (["--mode", "offline", "--data.format", "step", "--model.memory", "true"], "it needs --mode protocol"),
     (["--mode", "protocol", "--protocol.teacher", "best"], "protocol teacher must be one of"),
 ])
 def test_bad_online_and_eval_settings_stop_before_any_work(tmp_path, capsys, flags, message):
@@ -134,9 +135,11 @@ def test_the_default_on_a_format_without_a_grid_drops_its_shift_and_says_so(tmp_
     assert cfg.protocol.shift == 0.0 and "--protocol.shift 0.2 is off" in capsys.readouterr().out
     T.check_config(cfg)  # runnable as it stands
     cfg, _, _ = T.parse_args(["--data.format", "compact", "--out", str(tmp_path / "c")])  # nor a same-state memory
-    assert not cfg.model.memory and "--model.memory needs a step format" in capsys.readouterr().out
+    assert not cfg.model.memory and "--model.memory needs protocol contexts in a step format" in capsys.readouterr().out
     T.check_config(cfg)
     assert T.parse_args(["--out", str(tmp_path / "a")])[0].model.memory
+    cfg, _, _ = T.parse_args(["--mode", "online", "--out", str(tmp_path / "d")])  # online replays slices
+    assert not cfg.model.memory and "off for --mode online" in capsys.readouterr().out
 
 
 def test_two_runs_of_a_default_width_model_are_bit_identical(tmp_path):
