@@ -141,7 +141,8 @@ def protocol_recipe(preset_name: str = "protocol", td: float = 0.0, data_format:
     return TrainConfig(
         preset=preset_name, mode="protocol", data=DatasetConfig(format=data_format, slice_len=1024),
         protocol=ProtocolConfig(**protocol), objective=ObjectiveConfig(td=td, imitation=1.0, observation=0.5),
-        model=ModelConfig(layers=2, memory=memory), optim=OptimConfig(steps=3000, lr=2e-3, warmup_steps=30, schedule="cosine"),
+        model=ModelConfig(layers=2, memory=memory),
+        optim=OptimConfig(steps=3000, lr=2e-3, warmup_steps=30, schedule="cosine"),
         log_every=50, ckpt_every=500)
 
 

@@ -204,9 +204,9 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text
-    assert ("| e9-noise | protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried teacher | "
-            "td 1 + imitation 1 + observation 0.5 | 2x128, step format, cells numbered on one 8-column grid, same-state "
-            "memory |") in text  # switches, shift, teacher, grid, memory
+    assert ("| e9-noise | protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried teacher "
+            "| td 1 + imitation 1 + observation 0.5 | 2x128, step format, cells numbered on one 8-column grid, "
+            "same-state memory |") in text  # switches, shift, teacher, grid, memory
     assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
     assert row["device"] == "CPU" and "| 0.45 | CPU |" in text
     (run / "train_point.json").write_text(json.dumps({"device": "NVIDIA H200"}))  # sized on a lent GPU

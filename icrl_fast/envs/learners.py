@@ -461,7 +461,8 @@ def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended
 
 @njit(parallel=True, cache=True)
 def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_steps, slippery, success_rate,
-                     reward_of_tile, least_tried, obs_log, act_log, rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final):
+                     reward_of_tile, least_tried, obs_log, act_log, rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc,
+                     ep_final):
     cells = tiles.shape[1] * tiles.shape[2]
     for b in prange(tiles.shape[0]):
         st = stream_state(seed, np.uint64(b))
