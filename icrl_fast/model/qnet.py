@@ -198,14 +198,14 @@ class QNetwork(nn.Module):
         ``memory``: a model with the same-state memory (``ModelConfig.memory``) needs its features ``[B, L,
         MEMORY_DIM]`` of ``input_ids``; they are computed here when every row of ``input_ids`` is a whole context
         from its start, and must be given for a cached call that feeds only a context's new tokens
-        (``SameStateMemory.tails`` of the whole context).
+        (``MemoryStream.tails``: the rollout engine's).
         """
         return_output = kwargs.pop("return_output", False)
         if self.memory is not None:
             if memory is None:
                 if kwargs.get(CACHE_ARG) is not None:
                     raise ValueError("a cached call of a model with the same-state memory feeds only the new tokens: "
-                                     "pass memory=SameStateMemory.tails(...) of the whole contexts")
+                                     "pass memory= their features (MemoryStream.tails)")
                 memory = torch.from_numpy(self.memory.features(input_ids.cpu().numpy())).to(input_ids.device)
             kwargs["inputs_embeds"] = self._backbone(target).embed_tokens(input_ids, memory=memory)
             input_ids = None

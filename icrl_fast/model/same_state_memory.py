@@ -15,8 +15,8 @@ slip back, ``HOLE``, ``GOAL``):
 So ``MEMORY_DIM = 32`` features per position, zero at every position that is not a decision. A ``cut`` landing
 (time limit) counts by where it landed, as a move. The features are a pure function of the tokens up to and
 including ``p``: a model adds ``Linear(32, d)`` of them to the token embedding (``FactoredEmbedding``). The
-rollout engine computes them from the whole context it has fed, so a cached step sees what a full forward of the
-context sees (tested).
+rollout engine reads each context's new tokens into that context's counts (``MemoryStream``), so a cached step sees
+what a full forward of the context sees (tested).
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ _KIND_MOVE, _KIND_GOAL, _KIND_HOLE, _KIND_CUT = (KINDS.index(k) for k in ("move"
 
 
 @njit(cache=True)
-def _scan(types, acts, obs, ids, first, out, count, latest):
-    """Features of positions ``first ..`` of one sequence ``ids`` into ``out[:len(ids) - first]`` (``count``
-    ``[obs, 4, 4]`` and ``latest`` ``[obs, 4]`` are scratch, reset here)."""
-    count[:] = 0
-    latest[:] = -1
+def _scan(types, acts, obs, ids, begin, first, out, count, latest):
+    """Read positions ``begin ..`` of one sequence ``ids`` into ``count`` ``[obs, 4, 4]`` and ``latest`` ``[obs, 4]``
+    (what positions before ``begin`` left there; position ``begin - 1`` is read only as the decision a landing at
+    ``begin`` answers) and write the features of positions ``first >= begin ..`` into ``out[:len(ids) - first]``."""
     land0 = TYPE_LAND0
-    for p in range(ids.shape[0]):
+    for p in range(begin, ids.shape[0]):
         t = types[ids[p]]
         if p > 0 and t >= land0:  # a landing: the action taken at p - 1, if p - 1 was a decision
             tp = types[ids[p - 1]]
@@ -80,8 +79,7 @@ class SameStateMemory:
                              f"observation): use --data.format step or step-grid, got factors of shape {f.shape}")
         self.types, self.acts, self.obs = (np.ascontiguousarray(f[:, i], dtype=np.int64) for i in range(3))
         self.vocab = len(f)
-        self._count = np.zeros((int(self.obs.max()) + 1, 4, 4), dtype=np.int32)
-        self._latest = np.zeros((int(self.obs.max()) + 1, 4), dtype=np.int8)
+        self.cells = int(self.obs.max()) + 1
 
     def _check(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -95,17 +93,42 @@ class SameStateMemory:
         rows = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
         out = np.zeros((*rows.shape, MEMORY_DIM), dtype=np.float32)
         for r in range(rows.shape[0]):
-            _scan(self.types, self.acts, self.obs, rows[r], 0, out[r], self._count, self._latest)
+            count, latest = self._fresh(1)
+            _scan(self.types, self.acts, self.obs, rows[r], 0, 0, out[r], count[0], latest[0])
         return out.reshape(*ids.shape, MEMORY_DIM)
 
-    def tails(self, contexts, width: int) -> np.ndarray:
-        """float32 ``[B, width, MEMORY_DIM]``: the features of the last ``n_b <= width`` tokens of context ``b``
-        (``contexts``: ``(tokens_b, n_b)`` pairs, each the whole context fed so far), right-aligned, zero on the
-        left (the rollout engine's left-padded call)."""
-        out = np.zeros((len(contexts), width, MEMORY_DIM), dtype=np.float32)
-        for b, (tokens, n) in enumerate(contexts):
-            ids = self._check(tokens)
-            if not 0 < n <= min(width, len(ids)):
-                raise ValueError(f"context {b}: a tail of {n} tokens needs 0 < n <= min(width, length)")
-            _scan(self.types, self.acts, self.obs, ids, len(ids) - n, out[b, width - n:], self._count, self._latest)
+    def _fresh(self, contexts: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.zeros((contexts, self.cells, 4, 4), dtype=np.int32),
+                np.full((contexts, self.cells, 4), -1, dtype=np.int8))
+
+    def stream(self, contexts: int) -> "MemoryStream":
+        """Incremental features of ``contexts`` growing contexts (the rollout engine's)."""
+        return MemoryStream(self, contexts)
+
+
+class MemoryStream:
+    """The features of contexts that grow by a few tokens per call: each context's counts so far and how many of its
+    tokens were read are kept, so a call reads only the new tokens (what ``features`` of the whole context gives for
+    them; tested)."""
+
+    def __init__(self, memory: SameStateMemory, contexts: int):
+        self.memory = memory
+        self.count, self.latest = memory._fresh(contexts)
+        self.read = np.zeros(contexts, dtype=np.int64)
+
+    def tails(self, rows, contexts, width: int) -> np.ndarray:
+        """float32 ``[len(rows), width, MEMORY_DIM]``: the features of the last ``n <= width`` tokens of context
+        ``rows[i]`` (``contexts[i]``: ``(tokens, n)``, the whole context fed so far, of which all but the last ``n``
+        were read by earlier calls), right-aligned, zero on the left (the rollout engine's left-padded call)."""
+        m = self.memory
+        out = np.zeros((len(rows), width, MEMORY_DIM), dtype=np.float32)
+        for i, (b, (tokens, n)) in enumerate(zip(rows, contexts)):
+            read = int(self.read[b])
+            if not 0 < n <= width or len(tokens) - n != read:
+                raise ValueError(f"context {b}: {len(tokens)} tokens of which {read} were read; a tail of {n} tokens "
+                                 f"needs 0 < n <= width ({width}) and exactly the unread ones")
+            back = min(read, 1)  # the decision a first new landing answers
+            ids = m._check(tokens[read - back:])
+            _scan(m.types, m.acts, m.obs, ids, back, back, out[i, width - n:], self.count[b], self.latest[b])
+            self.read[b] = len(tokens)
         return out

@@ -310,11 +310,17 @@ class RolloutEngine:
         finally:
             model.set_attn_implementation(impl)
 
-    def _forward(self, cache: RolloutCache, log: ContextLog, rows) -> np.ndarray:
+    def _memory_stream(self, contexts: int):
+        """The same-state memory's incremental reader of ``contexts`` contexts, or ``None`` without a memory."""
+        memory = getattr(self.qnet, "memory", None)
+        return None if memory is None else memory.stream(contexts)
+
+    def _forward(self, cache: RolloutCache, log: ContextLog, rows, memory) -> np.ndarray:
         """One model call: cache row ``r`` gets the pending tokens of context ``rows[r]`` of ``log`` (at least one
         each; fed to the log here), left-padded so every context's decision token is the last column. Returns Q
-        there, ``float32 [rows, 4]``, and appends the call's batch size to ``batch_sizes``. A model with the
-        same-state memory gets its features of the new tokens, computed from each whole context."""
+        there, ``float32 [rows, 4]``, and appends the call's batch size to ``batch_sizes``. ``memory``: for a model
+        with the same-state memory, the ``MemoryStream`` of the log's contexts (``_memory_stream``), which reads the
+        new tokens into each context's counts; else ``None``."""
         blocks = [log.feed(b) for b in rows]
         counts = np.array([len(x) for x in blocks], dtype=np.int64)
         width = int(counts.max())
@@ -323,9 +329,8 @@ class RolloutEngine:
             ids[row, width - counts[row]:] = block
         pos, mask = cache.plan(torch.from_numpy(counts), width)
         self.check_length(cache.get_seq_length())  # the cache knows every live context's length
-        memory = getattr(self.qnet, "memory", None)
         if memory is not None:
-            tails = memory.tails([(log.tokens[b], len(x)) for b, x in zip(rows, blocks)], width)
+            tails = memory.tails(rows, [(log.tokens[b], len(x)) for b, x in zip(rows, blocks)], width)
             memory = torch.from_numpy(tails).to(self.device)
         h = self.qnet.hidden(torch.from_numpy(ids).to(self.device), attention_mask=mask, position_ids=pos,
                              **{CACHE_ARG: cache}, use_cache=True, memory=memory, **cache.attention_kwargs())
@@ -363,6 +368,7 @@ class RolloutEngine:
         obs = env.reset()[:m]
         rng = np.random.default_rng(seed)
         log = ContextLog(self.streams, m, episodes, observation_names(self.fmt, env_maps))
+        memory = self._memory_stream(m)
         prefix = prefix if prefix is not None else [[] for _ in range(m)]
         for b in range(m):
             log.start(b, int(obs[b]), prefix[b])
@@ -376,7 +382,7 @@ class RolloutEngine:
                 keep = np.flatnonzero(episode[live] < episodes)
                 cache.keep(torch.from_numpy(keep).to(self.device))
                 live = live[keep]
-            q[live] = self._forward(cache, log, live)
+            q[live] = self._forward(cache, log, live, memory)
             for b in live:
                 log.q_read[b].append(q[b].copy())
             explore = rng.random(m) >= p_model[np.minimum(episode, episodes - 1)]
@@ -435,6 +441,7 @@ class RolloutEngine:
         obs = env.reset()  # seeds every map's stream (seed, b); later starts reseed theirs
         explore_state = _explore_streams(as_seed(seed) ^ _EXPLORE_SALT, m)
         log = ContextLog(self.streams, m, episodes, observation_names(self.fmt, maps))
+        memory = self._memory_stream(m)
         first_width = max(map(len, prefix), default=0) + self.streams.first_width()  # any map's first block
         slots = np.arange(min(width, m))  # the map each cache row plays
         for b in slots:
@@ -445,7 +452,7 @@ class RolloutEngine:
         u = np.zeros(len(slots), dtype=np.float64)
         rand = np.zeros(len(slots), dtype=np.int64)
         while len(slots):
-            q = self._forward(cache, log, slots)
+            q = self._forward(cache, log, slots, memory)
             for row, b in enumerate(slots):
                 log.q_read[b].append(q[row].copy())
             _explore_draws(explore_state, slots, u, rand)

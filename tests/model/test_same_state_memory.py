@@ -72,7 +72,14 @@ def test_features_equal_the_brute_force_reading_of_played_contexts(fmt):
         want = reference(fmt, t.tolist())
         np.testing.assert_allclose(batch[b, : len(t)], want, rtol=1e-6)
         assert not batch[b, len(t):].any()
-        np.testing.assert_allclose(memory.tails([(t.tolist(), 7)], 9)[0, 2:], want[-7:], rtol=1e-6)
+        stream, fed = memory.stream(2), 0  # the engine's incremental reader, fed in uneven blocks
+        for n in (1, 3, 1, 7, 2, len(t)):
+            n = min(n, len(t) - fed)
+            if n:
+                got = stream.tails([1], [(t[: fed + n].tolist(), n)], n + 2)[0]  # left-padded by two
+                np.testing.assert_allclose(got[2:], want[fed: fed + n], rtol=1e-6)
+                assert not got[:2].any()
+                fed += n
         kinds |= set(np.flatnonzero(want[:, 16:].reshape(-1, 4, 4).any((0, 1))))
     assert kinds == {MOVED, STAYED, HOLE, GOAL} or (not fmt.show_end and kinds >= {MOVED, STAYED, HOLE})
 
@@ -83,8 +90,12 @@ def test_bad_inputs_are_clear_errors():
         SameStateMemory(np.zeros((5, 2), dtype=int))
     with pytest.raises(ValueError, match="token ids"):
         memory.features(np.array([FMT.vocab_size]))
-    with pytest.raises(ValueError, match="tail"):
-        memory.tails([([FMT.start(0)], 2)], 4)
+    with pytest.raises(ValueError, match="a tail of 2 tokens"):
+        memory.stream(1).tails([0], [([FMT.start(0)], 2)], 4)  # more new tokens than the context has
+    stream = memory.stream(1)
+    stream.tails([0], [([FMT.start(0)], 1)], 4)
+    with pytest.raises(ValueError, match="exactly the unread ones"):
+        stream.tails([0], [([FMT.start(0), FMT.land(1, "move", 8), FMT.start(8)], 1)], 4)  # a token skipped
     with pytest.raises(ValueError, match="step format"):
         QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, memory=True), 64, [0, 1, 2, 3])
 
