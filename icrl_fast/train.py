@@ -220,6 +220,8 @@ def check_config(cfg: TrainConfig) -> None:
                          "--mode protocol (slices that start mid-context would hide what came before), --data.format "
                          "step, step-grid or step-noend, a from-scratch model and --model.factored_embedding true "
                          "(pass --model.memory false)")
+    if cfg.model.memory_forget and not cfg.model.memory:
+        raise ValueError("--model.memory_forget empties the same-state memory's counts: it needs --model.memory true")
     if cfg.data.format.startswith("step") and cfg.model.path:
         raise ValueError("--data.format step embeds its own tokens (factored): it trains a from-scratch model, not a "
                          "pretrained one (--model PATH: use --data.format paper)")
@@ -386,7 +388,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
         # off (asked for on the command line it stays, and check_config refuses it)
         print(f"note: the preset's --model.memory needs protocol contexts in a step format with factored embeddings "
               f"and a from-scratch model: off for --mode {cfg.mode} --data.format {cfg.data.format}")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=False))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=False, memory_forget=False))
     if out is None:
         out = Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
     elif (Path(out) / "checkpoints").exists():

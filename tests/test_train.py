@@ -119,6 +119,7 @@ def test_cli_errors_are_clear(tmp_path):
     (["--data.format", "compact", "--model.memory", "true"], "--model.memory reads a step format's factored tokens"),
     (["--mode", "offline", "--data.format", "step", "--model.memory", "true"], "it needs --mode protocol"),
     (["--mode", "protocol", "--protocol.teacher", "best"], "protocol teacher must be one of"),
+    (["--data.format", "step", "--model.memory_forget", "true"], "it needs --model.memory true"),
 ])
 def test_bad_online_and_eval_settings_stop_before_any_work(tmp_path, capsys, flags, message):
     assert T.main(["--preset", "smoke", "--out", str(tmp_path / "run"), *flags]) == 2

@@ -403,8 +403,22 @@ def greedy_solves(maps: MapBatch, q: np.ndarray, max_episode_steps: int = 100) -
 # ------------------------------------------------------------------------------------------- the context teacher
 # What the teacher knows is what the context shows: per map, for every (state, action) whether it was tried, whether
 # it is known bad (bumped a wall: the next observation is the same; or ended the episode without reward: a hole),
-# the exits of the episode being played, and the exits of the last successful episode. ``teacher_choices`` turns
-# that into the set of actions it prefers at a state; ``teacher_observe`` folds one step into it.
+# its latest outcome, the exits of the episode being played, and the exits of the last successful episode.
+# ``teacher_choices`` turns that into the set of actions it prefers at a state; ``teacher_observe`` folds one step
+# into it. With ``forget`` a *surprise* -- an action whose outcome from a state differs from the last time it was
+# seen, which on the deterministic (non-slippery) maps happens only when the map changed -- wipes that knowledge,
+# so after a switch the teacher starts over as on a fresh map.
+OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL = range(4)  # an outcome's class (same_state_memory's order)
+
+
+@njit(cache=True)
+def teacher_knowledge(cells) -> tuple[np.ndarray, ...]:
+    """Fresh ``(winner, current, tried, avoid, known)`` of one map with ``cells`` observations."""
+    return (np.full(cells, -1, dtype=np.int8), np.full(cells, -1, dtype=np.int8),
+            np.zeros((cells, 4), dtype=np.int32), np.zeros((cells, 4), dtype=np.bool_),
+            np.full((cells, 4), -1, dtype=np.int8))
+
+
 @njit(inline="always", cache=True)
 def teacher_choices(winner, tried, avoid, s, least_tried):
     """Bit mask (bit ``a`` for action ``a``) of the teacher's preferred actions at state ``s``.
@@ -444,13 +458,25 @@ def teacher_choices(winner, tried, avoid, s, least_tried):
 
 
 @njit(inline="always", cache=True)
-def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended):
+def teacher_observe(winner, current, tried, avoid, known, s, a, s2, reward, done, ended, forget):
     """Fold step ``s --a--> s2`` (``reward``, ``done``: terminated; ``ended``: the episode ends here, terminated or
-    cut; ``s2`` is not read when it does) into the teacher's knowledge."""
+    cut; ``s2`` is not read when it does) into the teacher's knowledge (``forget``: see above)."""
+    # A wall bump shows as the same observation next; after a cut episode's last step the context shows no next
+    # observation, so the teacher (a function of the context) cannot know its outcome there.
+    if done or not ended:
+        if done:
+            c = OUT_GOAL if reward > 0.0 else OUT_HOLE
+        else:
+            c = OUT_STAYED if s2 == s else OUT_MOVED
+        if forget and known[s, a] >= 0 and known[s, a] != c:
+            winner[:] = -1
+            current[:] = -1
+            tried[:] = 0
+            avoid[:] = False
+            known[:] = -1
+        known[s, a] = c
     tried[s, a] += 1
     current[s] = a
-    # A wall bump shows as the same observation next; after a cut episode's last step the context shows no next
-    # observation, so the teacher (a function of the context) cannot know it there.
     if (s2 == s and not ended) or (done and reward <= 0.0):
         avoid[s, a] = True
     if ended:
@@ -460,21 +486,21 @@ def teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended
 
 
 @njit(parallel=True, cache=True)
-def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_steps, slippery, success_rate,
-                     reward_of_tile, least_tried, obs_log, act_log, rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc,
-                     ep_final):
-    cells = tiles.shape[1] * tiles.shape[2]
+def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, tiles_b, nrow_b, ncol_b, starts_b, n_starts_b, switch_after,
+                     seed, p_teacher, max_steps, slippery, success_rate, reward_of_tile, least_tried, forget, obs_log,
+                     act_log, rew_log, lab_log, ep_len, ep_ret, ep_term, ep_trunc, ep_final):
+    cells = max(tiles.shape[1] * tiles.shape[2], tiles_b.shape[1] * tiles_b.shape[2])
     for b in prange(tiles.shape[0]):
         st = stream_state(seed, np.uint64(b))
-        w = ncol[b]
-        winner = np.full(cells, -1, dtype=np.int8)
-        current = np.full(cells, -1, dtype=np.int8)
-        tried = np.zeros((cells, 4), dtype=np.int32)
-        avoid = np.zeros((cells, 4), dtype=np.bool_)
+        winner, current, tried, avoid, known = teacher_knowledge(cells)
         cursor = 0
         for e in range(p_teacher.shape[0]):
+            if e < switch_after:
+                tl, nr, w, sts, ns = tiles, nrow[b], ncol[b], starts, n_starts[b]
+            else:  # the context goes on, on map b of the second set
+                tl, nr, w, sts, ns = tiles_b, nrow_b[b], ncol_b[b], starts_b, n_starts_b[b]
             st, u = next_uniform(st)
-            s = starts[b, start_slot(u, n_starts[b])]
+            s = sts[b, start_slot(u, ns)]
             ret = 0.0
             t = 0
             while True:
@@ -485,7 +511,7 @@ def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_s
                 else:
                     st, z = next_u64(st)
                     a = np.int64(z & np.uint64(3))
-                st, s2, reward, done = _move(tiles, b, nrow[b], w, s, a, slippery, success_rate, reward_of_tile, st)
+                st, s2, reward, done = _move(tl, b, nr, w, s, a, slippery, success_rate, reward_of_tile, st)
                 t += 1
                 obs_log[b, cursor] = s
                 act_log[b, cursor] = a
@@ -494,7 +520,7 @@ def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_s
                 cursor += 1
                 ret += reward
                 ended = done or t >= max_steps
-                teacher_observe(winner, current, tried, avoid, s, a, s2, reward, done, ended)
+                teacher_observe(winner, current, tried, avoid, known, s, a, s2, reward, done, ended, forget)
                 s = s2
                 if ended:
                     _summarise(ep_len, ep_ret, ep_term, ep_trunc, ep_final, b, e, t, ret, done, t >= max_steps, s)
@@ -502,8 +528,9 @@ def _protocol_kernel(tiles, nrow, ncol, starts, n_starts, seed, p_teacher, max_s
 
 
 def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: int = 100, is_slippery: bool = False,
-                  success_rate: float = 1.0 / 3.0, reward_schedule=(1, 0, 0),
-                  least_tried: bool = False) -> tuple[EpisodeLog, np.ndarray]:
+                  success_rate: float = 1.0 / 3.0, reward_schedule=(1, 0, 0), least_tried: bool = False,
+                  forget: bool = False, switch_to: MapBatch | None = None,
+                  switch_after: int | None = None) -> tuple[EpisodeLog, np.ndarray]:
     """Play the evaluation protocol with the context teacher on every map: one context of ``len(p_teacher)``
     episodes per map; in episode ``k`` each action is the teacher's (uniform among its choices) with probability
     ``p_teacher[k]``, else uniform random (the paper's ramp: ``icrl_fast.evaluate.paper_ramp``).
@@ -511,7 +538,10 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
     Returns the :class:`EpisodeLog` (episodes of map ``b`` contiguous, in play order) and ``labels`` uint8 ``[S]``:
     per step, the bit mask of the teacher's choices at that step's observation, given the context before it -- also
     where a random action was executed (the imitation target). Map ``b`` draws from stream ``(seed, b)``.
-    ``least_tried``: the teacher's rule once every safe action at a state was tried (``teacher_choices``).
+    ``least_tried``: the teacher's rule once every safe action at a state was tried (``teacher_choices``);
+    ``forget``: a surprise wipes its knowledge (see ``teacher_observe``). ``switch_to``: from episode
+    ``switch_after`` on, context ``b`` goes on on ``switch_to[b]`` (the non-stationary experiment), nothing marking
+    the switch: the teacher keeps what it knew.
     """
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
@@ -520,26 +550,30 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
         raise ValueError(f"p_teacher must be a non-empty 1-D array of probabilities, got {p_teacher!r}")
     if max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+    if (switch_to is None) != (switch_after is None):
+        raise ValueError("switch_to and switch_after go together")
+    if switch_to is None:
+        switch_to, switch_after = maps, p_teacher.size
+    elif not isinstance(switch_to, MapBatch) or len(switch_to) != len(maps) or not 0 <= switch_after <= p_teacher.size:
+        raise ValueError(f"switch_to must be a MapBatch of {len(maps)} maps and switch_after in 0..{p_teacher.size}")
     success_rate, reward_of_tile, _ = validate_dynamics(success_rate, reward_schedule, max_episode_steps)
     n = len(maps)
     steps, eps = _log_buffers(n, p_teacher.size, max_episode_steps)
     labels = np.empty_like(steps[0], dtype=np.uint8)
-    _protocol_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), p_teacher,
-                     int(max_episode_steps), bool(is_slippery), success_rate, reward_of_tile, bool(least_tried), *steps,
-                     labels, *eps)
+    _protocol_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, switch_to.tiles, switch_to.nrow,
+                     switch_to.ncol, switch_to.starts, switch_to.n_starts, int(switch_after), as_seed(seed), p_teacher,
+                     int(max_episode_steps), bool(is_slippery), success_rate, reward_of_tile, bool(least_tried),
+                     bool(forget), *steps, labels, *eps)
     log, keep = _episode_log(steps, eps)
     return log, labels[keep]
 
 
 @njit(cache=True)
-def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, cells, least_tried, labels):
+def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, cells, least_tried, forget, labels):
     e = 0
     n_ep = map_id.shape[0]
     while e < n_ep:
-        winner = np.full(cells, -1, dtype=np.int8)
-        current = np.full(cells, -1, dtype=np.int8)
-        tried = np.zeros((cells, 4), dtype=np.int32)
-        avoid = np.zeros((cells, 4), dtype=np.bool_)
+        winner, current, tried, avoid, known = teacher_knowledge(cells)
         m = map_id[e]
         while e < n_ep and map_id[e] == m:
             for t in range(start[e], start[e] + length[e]):
@@ -547,20 +581,20 @@ def _label_kernel(obs, actions, rewards, map_id, start, length, terminated, cell
                 labels[t] = teacher_choices(winner, tried, avoid, s, least_tried)
                 last = t == start[e] + length[e] - 1
                 s2 = np.int64(-1) if last else np.int64(obs[t + 1])  # the context shows no observation after an end
-                teacher_observe(winner, current, tried, avoid, s, np.int64(actions[t]), s2, np.float64(rewards[t]),
-                                last and terminated[e], last)
+                teacher_observe(winner, current, tried, avoid, known, s, np.int64(actions[t]), s2,
+                                np.float64(rewards[t]), last and terminated[e], last, forget)
             e += 1
 
 
-def teacher_labels(log: EpisodeLog, cells: int = 64, least_tried: bool = False) -> np.ndarray:
+def teacher_labels(log: EpisodeLog, cells: int = 64, least_tried: bool = False, forget: bool = False) -> np.ndarray:
     """The teacher's choice masks (uint8 ``[S]``, bit ``a`` = action ``a``) at every step of ``log``, read from the
     context alone: each map's episodes (contiguous in ``log``, in play order) are one context. Any behaviour's log
     can be labelled -- the model's own rollouts too (DAgger); ``final_obs`` is not read (the context does not show
-    it). ``cells``: observations per map (at least the largest observation + 1). ``least_tried``: as in
+    it). ``cells``: observations per map (at least the largest observation + 1). ``least_tried``, ``forget``: as in
     ``play_protocol``."""
     if log.obs.size and int(log.obs.max()) >= cells:
         raise ValueError(f"observations go up to {int(log.obs.max())}; cells must exceed that, got {cells}")
     labels = np.empty(log.obs.shape[0], dtype=np.uint8)
     _label_kernel(log.obs, log.actions, log.rewards, log.map_id, log.start, log.length, log.terminated, int(cells),
-                  bool(least_tried), labels)
+                  bool(least_tried), bool(forget), labels)
     return labels

@@ -55,6 +55,10 @@ class ModelConfig:
                                                           "formats): per decision, what each action did from this "
                                                           "cell earlier in the context (icrl_fast.model."
                                                           "same_state_memory)"})
+    memory_forget: bool = field(default=False, metadata={"help": "the same-state memory empties its counts at a "
+                                                                 "surprise (an action's outcome from a cell differs "
+                                                                 "from its latest there: on these deterministic maps, "
+                                                                 "a changed map)"})
 
 
 SHARD_NEEDS_PRETRAINED = ("--parallel fsdp shards a pretrained model (--model PATH); a from-scratch model fits one "
@@ -77,7 +81,8 @@ class QNetwork(nn.Module):
         attn = attn_implementation(device, cfg.attention, dtype)
         self.register_buffer("action_ids", torch.as_tensor(action_ids, dtype=torch.long), persistent=False)
         self.pretrained = cfg.path is not None
-        self.memory = SameStateMemory(token_factors) if cfg.memory and token_factors is not None else None
+        self.memory = (SameStateMemory(token_factors, forget=cfg.memory_forget)
+                       if cfg.memory and token_factors is not None else None)
         if self.pretrained:
             if token_factors is not None or cfg.memory:
                 raise ValueError("a pretrained model (--model PATH) keeps its own embeddings: use the paper format, "

@@ -12,6 +12,12 @@ slip back, ``HOLE``, ``GOAL``):
   the same head with all its weight on the most recent same-state position per action (what a changed map
   needs: the count remembers the old map, the latest outcome the new one).
 
+With ``forget`` (``--model.memory_forget``) a *surprise* -- an action whose outcome from a cell differs from its
+latest there, which on the deterministic (non-slippery) maps happens only when the map changed -- empties the
+context's counts before it is counted: after a switch the head reads the new map as a fresh one, as the
+forgetting teacher (``learners.teacher_observe``) does. A cut landing is never a surprise (the teacher cannot see
+its outcome). On a map that does not change the features are the same either way.
+
 So ``MEMORY_DIM = 32`` features per position, zero at every position that is not a decision. A ``cut`` landing
 (time limit) counts by where it landed, as a move. The features are a pure function of the tokens up to and
 including ``p``: a model adds ``Linear(32, d)`` of them to the token embedding (``FactoredEmbedding``). The
@@ -32,10 +38,11 @@ _KIND_MOVE, _KIND_GOAL, _KIND_HOLE, _KIND_CUT = (KINDS.index(k) for k in ("move"
 
 
 @njit(cache=True)
-def _scan(types, acts, obs, ids, begin, first, out, count, latest):
+def _scan(types, acts, obs, ids, begin, first, forget, out, count, latest):
     """Read positions ``begin ..`` of one sequence ``ids`` into ``count`` ``[obs, 4, 4]`` and ``latest`` ``[obs, 4]``
     (what positions before ``begin`` left there; position ``begin - 1`` is read only as the decision a landing at
-    ``begin`` answers) and write the features of positions ``first >= begin ..`` into ``out[:len(ids) - first]``."""
+    ``begin`` answers) and write the features of positions ``first >= begin ..`` into ``out[:len(ids) - first]``;
+    ``forget``: a surprise empties ``count`` and ``latest`` first (see the module docstring)."""
     land0 = TYPE_LAND0
     for p in range(begin, ids.shape[0]):
         t = types[ids[p]]
@@ -53,6 +60,9 @@ def _scan(types, acts, obs, ids, begin, first, out, count, latest):
                     c = STAYED
                 else:
                     c = MOVED
+                if forget and kind != _KIND_CUT and latest[s, a] >= 0 and latest[s, a] != c:
+                    count[:] = 0
+                    latest[:] = -1
                 count[s, a, c] += 1
                 latest[s, a] = c
         if p < first:
@@ -72,7 +82,7 @@ def _scan(types, acts, obs, ids, begin, first, out, count, latest):
 class SameStateMemory:
     """The features above for one step format, from its ``token_factors`` (type, action + 1, observation + 1)."""
 
-    def __init__(self, token_factors):
+    def __init__(self, token_factors, forget: bool = False):
         f = np.asarray(token_factors)
         if f.ndim != 2 or f.shape[1] != 3:
             raise ValueError("the same-state memory reads a step format's token factors [vocab, 3] (type, action, "
@@ -80,6 +90,7 @@ class SameStateMemory:
         self.types, self.acts, self.obs = (np.ascontiguousarray(f[:, i], dtype=np.int64) for i in range(3))
         self.vocab = len(f)
         self.cells = int(self.obs.max()) + 1
+        self.forget = bool(forget)
 
     def _check(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -94,7 +105,7 @@ class SameStateMemory:
         out = np.zeros((*rows.shape, MEMORY_DIM), dtype=np.float32)
         for r in range(rows.shape[0]):
             count, latest = self._fresh(1)
-            _scan(self.types, self.acts, self.obs, rows[r], 0, 0, out[r], count[0], latest[0])
+            _scan(self.types, self.acts, self.obs, rows[r], 0, 0, self.forget, out[r], count[0], latest[0])
         return out.reshape(*ids.shape, MEMORY_DIM)
 
     def _fresh(self, contexts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +140,7 @@ class MemoryStream:
                                  f"needs 0 < n <= width ({width}) and exactly the unread ones")
             back = min(read, 1)  # the decision a first new landing answers
             ids = m._check(tokens[read - back:])
-            _scan(m.types, m.acts, m.obs, ids, back, back, out[i, width - n:], self.count[b], self.latest[b])
+            _scan(m.types, m.acts, m.obs, ids, back, back, m.forget, out[i, width - n:], self.count[b],
+                  self.latest[b])
             self.read[b] = len(tokens)
         return out

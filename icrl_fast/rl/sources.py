@@ -73,6 +73,11 @@ class ProtocolConfig:
     teacher: str = field(default="any", metadata={"help": "the context teacher's rule once every safe action at a "
                                                          "state was tried: any (uniform over them) or least-tried "
                                                          "(those tried least often there; e41)"})
+    forget: bool = field(default=False, metadata={"help": "the teacher forgets what it knew at a surprise (an "
+                                                          "action's outcome from a state differs from the last time: "
+                                                          "on these deterministic maps, a changed map) and starts "
+                                                          "over; switch contexts are labelled by it from the context "
+                                                          "alone instead of by a teacher told of the switch"})
     relabel: float = field(default=0.0, metadata={"help": "fraction of contexts whose observation numbers are renamed "
                                                           "by a random permutation of 0 .. max_obs - 1 (one per "
                                                           "context): every observation token is trained, and a map "
@@ -248,6 +253,7 @@ class ProtocolSource:
                              f"observation numbers beyond the format's {fmt.max_obs}")
         self.p_teacher = cfg.p_teacher()
         self.least_tried = cfg.teacher == "least-tried"
+        self.forget = cfg.forget
         self.pad = pad_token(fmt)
         self._chunk: tuple[tuple, list[dict]] | None = None
         if progress:
@@ -284,10 +290,11 @@ class ProtocolSource:
             finally:
                 self.engine.qnet.train(was_training)
             log = contexts_log(fmt, played.tokens)
-            labels = teacher_labels(log, fmt.max_obs, self.least_tried)
+            labels = teacher_labels(log, fmt.max_obs, self.least_tried, self.forget)
             self.dagger_success.append(float(played.success.mean()))
         else:
-            log, labels = play_protocol(maps, self.p_teacher, seed=seed, least_tried=self.least_tried)
+            log, labels = play_protocol(maps, self.p_teacher, seed=seed, least_tried=self.least_tried,
+                                        forget=self.forget)
             log = self._number(log, maps, key, 0)
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
@@ -329,18 +336,23 @@ class ProtocolSource:
 
     def _switch(self, log: EpisodeLog, labels: np.ndarray, rng, key: tuple) -> tuple[EpisodeLog, np.ndarray]:
         """Each context goes on with probability ``switch`` on a fresh pool map, played from scratch (the teacher
-        knows nothing of the first map: it labels what to do given the context since the switch)."""
+        knows nothing of the first map). Its labels: without ``forget``, the fresh teacher's (what to do given the
+        context since the switch, which the context does not mark); with it, the forgetting teacher's read from the
+        whole context as shown (it keeps the first map's knowledge until a surprise tells it the map changed)."""
         n = self.cfg.contexts * self.cfg.bucket
         switched = np.flatnonzero(rng.random(n) < self.cfg.switch)
         if switched.size == 0:
             return log, labels
         maps_b = self._draw_maps(rng, switched.size)
         seed_b = int(np.random.SeedSequence([self.seed, 8, *key]).generate_state(1)[0])
-        log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b, least_tried=self.least_tried)
+        log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b, least_tried=self.least_tried,
+                                         forget=self.forget)
         log_b = self._number(log_b, maps_b, key, 1)
         partner = np.full(n, -1)
         partner[switched] = np.arange(switched.size)
         log, take = append_contexts(log, log_b, partner)
+        if self.forget:
+            return log, teacher_labels(log, self.fmt.max_obs, self.least_tried, forget=True)
         return log, np.concatenate([labels, labels_b])[take]
 
     def _collate(self, contexts: list, log) -> dict[str, np.ndarray]:

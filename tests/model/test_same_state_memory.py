@@ -14,24 +14,35 @@ from icrl_fast.rl.rollout import RolloutEngine
 FMT = StepFormat(grid=8)
 
 
-def reference(fmt: StepFormat, ids) -> np.ndarray:
+def reference(fmt: StepFormat, ids, forget: bool = False) -> np.ndarray:
     """The module docstring read literally: at each decision, look back at every earlier decision on the same cell
-    and the token after it (O(L^2))."""
+    and the token after it (O(L^2)); with ``forget``, only at those after the latest surprise."""
     typ, act, obs = (fmt.token_factors[:, i] for i in range(3))
     move = TYPE_LAND0 + KINDS.index("move")
     decision = [typ[i] in (TYPE_START, move) for i in ids]
+    events = []  # (cell, action, outcome) of every answered decision, in order; a surprise restarts the list
+    seen = {}
+    for j in range(len(ids) - 1):
+        if decision[j] and typ[ids[j + 1]] >= TYPE_LAND0:
+            nxt = ids[j + 1]
+            kind = KINDS[typ[nxt] - TYPE_LAND0]
+            cell, a = obs[ids[j]], act[nxt] - 1
+            c = {"goal": GOAL, "hole": HOLE}.get(kind, STAYED if obs[nxt] == cell else MOVED)
+            surprise = forget and kind != "cut" and seen.get((cell, a), c) != c
+            events.append((j + 1, cell, a, c, surprise))
+            seen = {} if surprise else seen
+            seen[(cell, a)] = c
     out = np.zeros((len(ids), MEMORY_DIM), dtype=np.float32)
     for p, i in enumerate(ids):
         if not decision[p]:
             continue
+        known = [e for e in events if e[0] <= p]  # a landing at or before p is in the context at p
+        restart = max([k for k, e in enumerate(known) if e[4]], default=0)
         count, latest = np.zeros((4, 4)), {}
-        for j in range(p):  # j + 1 <= p: the landing of decision j is in the context at p
-            if decision[j] and obs[ids[j]] == obs[i] and typ[ids[j + 1]] >= TYPE_LAND0:
-                nxt = ids[j + 1]
-                kind = KINDS[typ[nxt] - TYPE_LAND0]
-                c = {"goal": GOAL, "hole": HOLE}.get(kind, STAYED if obs[nxt] == obs[i] else MOVED)
-                count[act[nxt] - 1, c] += 1
-                latest[act[nxt] - 1] = c
+        for _, cell, a, c, _ in known[restart:]:
+            if cell == obs[i]:
+                count[a, c] += 1
+                latest[a] = c
         out[p, :16] = np.log1p(count).ravel()
         for a, c in latest.items():
             out[p, 16 + 4 * a + c] = 1.0
@@ -82,6 +93,45 @@ def test_features_equal_the_brute_force_reading_of_played_contexts(fmt):
                 fed += n
         kinds |= set(np.flatnonzero(want[:, 16:].reshape(-1, 4, 4).any((0, 1))))
     assert kinds == {MOVED, STAYED, HOLE, GOAL} or (not fmt.show_end and kinds >= {MOVED, STAYED, HOLE})
+
+
+def test_a_forgetting_memory_reads_a_switched_context_from_its_first_surprise_and_equals_the_other_without_one():
+    fmt = FMT
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32, memory=True), fmt.vocab_size,
+                 fmt.action_ids, seed=0, token_factors=fmt.token_factors).eval()
+    maps = generate_maps(8, seed=5)
+    engine = RolloutEngine(q, fmt)
+    plain = engine.run(maps, 6, 0.0, seed=1)  # random actions on maps that do not change: no surprise
+    switched = engine.run(maps, 12, 0.0, seed=1, switch_to=maps[np.roll(np.arange(8), 1)], switch_after=6)
+    keep, forget = SameStateMemory(fmt.token_factors), SameStateMemory(fmt.token_factors, forget=True)
+    for t in plain.tokens:
+        np.testing.assert_array_equal(forget.features(t), keep.features(t))
+    differ = 0
+    for t in switched.tokens:
+        want = reference(fmt, t.tolist(), forget=True)
+        np.testing.assert_allclose(forget.features(t), want, rtol=1e-6)
+        stream, fed = forget.stream(1), 0
+        for n in (2, 5, 1, len(t)):
+            n = min(n, len(t) - fed)
+            if n:
+                got = stream.tails([0], [(t[: fed + n].tolist(), n)], n)[0]
+                np.testing.assert_allclose(got, want[fed: fed + n], rtol=1e-6)
+                fed += n
+        differ += not np.array_equal(want, reference(fmt, t.tolist()))
+    assert differ >= 4  # most switched contexts hit a surprise
+
+
+def test_a_surprise_empties_the_counts():
+    f = FMT
+    ids = [f.start(0), f.land(2, "move", 1), f.land(2, "goal", 2),  # right, right reaches the goal
+           f.start(0), f.land(2, "move", 1), f.land(2, "hole", 2),  # the same moves: now a hole (the map changed)
+           f.start(0)]
+    keep = SameStateMemory(f.token_factors).features(np.array(ids))
+    forget = SameStateMemory(f.token_factors, forget=True).features(np.array(ids))
+    np.testing.assert_array_equal(forget[:5], keep[:5])
+    assert keep[6, 4 * 2 + MOVED] == np.float32(np.log1p(2))  # from 0, right moved twice
+    assert not forget[6].any()  # the hole at 1 wiped it all; nothing was learned about 0 since
+    np.testing.assert_allclose(forget, reference(f, ids, forget=True), rtol=1e-6)
 
 
 def test_bad_inputs_are_clear_errors():

@@ -110,6 +110,30 @@ def test_dagger_chunks_are_the_models_own_protocol_contexts_labelled_by_the_teac
         ProtocolSource(cfg, fmt, generate_maps(3, seed=0), seed=4).batch(step=2)
 
 
+def test_with_forget_switch_contexts_are_labelled_by_the_forgetting_teacher_from_the_whole_context():
+    """--protocol.forget: the teacher is not told of the switch; it reads the joined context and starts over at
+    the first surprise. The first half, and contexts that do not switch, keep the labels they were played with."""
+    fmt = StepFormat()
+    src, _ = source(fmt, switch=0.5, forget=True, teacher="least-tried")
+    plain, _ = source(fmt, switch=0.5, teacher="least-tried")
+    switched = 0
+    for micro in range(2):
+        batch, other = src.batch(step=0, micro=micro), plain.batch(step=0, micro=micro)
+        np.testing.assert_array_equal(batch["input_ids"], other["input_ids"])  # the same play
+        ids, mask, length = batch["input_ids"], batch["decision_mask"], batch["length"]
+        for r in range(ids.shape[0]):
+            log = contexts_log(fmt, [ids[r, : length[r]]])
+            labels = batch["label"][r][mask[r]]
+            np.testing.assert_array_equal(labels, teacher_labels(log, least_tried=True, forget=True))
+            if log.num_episodes == 12:
+                switched += 1
+                first = log.start[6]
+                np.testing.assert_array_equal(labels[:first], other["label"][r][mask[r]][:first])
+            else:
+                np.testing.assert_array_equal(labels, other["label"][r][mask[r]])
+    assert switched > 0
+
+
 def test_noise_caps_the_teachers_share_in_every_episode():
     cfg = ProtocolConfig(episodes=30, noise=0.1)
     p = cfg.p_teacher()
