@@ -94,6 +94,13 @@ def load_checkpoint(run_dir: Path, qnet: QNetwork, opt=None, sched=None, replay:
 
 def init_networks(source: Path, qnet: QNetwork) -> None:
     """Start from another run's latest networks (e.g. offline pre-training before online fine-tuning)."""
+    config = source / "config.json"
+    theirs = json.loads(config.read_text()).get("model", {}).get("memory", False) if config.is_file() else None
+    if theirs is not None and bool(theirs) != (qnet.memory is not None):
+        raise ValueError(f"cannot start from {source}: it was trained {'with' if theirs else 'without'} the same-state "
+                         f"memory (--model.memory) and this model is {'not' if theirs else 'too'}; online mode "
+                         "replays slices that start mid-context, where the memory cannot run: start from a run "
+                         "trained with --model.memory false")
     try:
         load_checkpoint(source, qnet)
     except (RuntimeError, KeyError) as e:

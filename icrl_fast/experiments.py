@@ -5,10 +5,12 @@
   nothing in the context marking the switch; 50 trials (maps). Adds ``recovery``: the pre-switch level (success
   in episodes 20-29) and how many episodes after the switch the model needs to get back to 90 % of it, and the
   same for the ceiling: the exact best success of a player that knows map B from the switch on, forced through
-  the restarted ramp (``learners.ramp_ceiling``). On 2,000 random maps the ramp's random moves alone hold it to
-  0.68 / 0.68 / 0.76 in episodes 10-12 after the switch: it is back at 90 % of a 0.78 pre-switch level at the
-  10th episode and of 0.9 only at the 14th, so above ~0.78 no learner meets "within 10 episodes", and one that
-  must first find the new goal needs more.
+  the restarted ramp (``learners.ramp_ceiling``). On 2,000 random maps the ramp's random moves alone hold that
+  player to 0.68 / 0.68 / 0.76 in episodes 10-12 after the switch: it is back at 90 % of a 0.78 pre-switch level at
+  the 10th episode and of 0.9 only at the 14th, so above ~0.78 no learner meets "within 10 episodes" under the
+  restarted ramp, and one that must first find the new goal needs more. Also the same for the forgetting context
+  teacher (``learners.play_protocol`` with ``forget``: a player that knows only its context) on the same maps and
+  ramp, 20 plays per map: what imitating it can reach (acting by itself, 2,000 maps: back at 90 % after 9).
 * ``stitching``: the fixed 4 x 6 map ``HHFF FFFF SFFH HFFF HFFF HFGF`` (S = tile 8, G = tile 22). The context
   starts with two hand-written episodes that cross at tile 10: a successful detour over the top row
   (8 -> 4 -> 5 -> 6 -> 10 -> 14 -> 18 -> 22) and a short start into a hole (8 -> 9 -> 10 -> 11). Stitching = taking
@@ -30,7 +32,7 @@ import numpy as np
 
 from icrl_fast.data.formats import encode_episodes
 from icrl_fast.data.step_format import grid_numbered, observation_names
-from icrl_fast.envs.learners import QLearningConfig, q_learning, ramp_ceiling
+from icrl_fast.envs.learners import QLearningConfig, play_protocol, q_learning, ramp_ceiling
 from icrl_fast.envs.maps import MAPS, MapBatch
 from icrl_fast.protocol import EvalConfig, baselines, eval_result, make_ramp, wilson
 from icrl_fast.rl.rollout import RolloutEngine
@@ -41,6 +43,7 @@ STITCH_EPISODES = (  # (observations, actions, rewards) of the two hand-written 
     ([8, 9, 10, 11], [RIGHT, RIGHT, RIGHT], [0, 0, 0]),
 )
 STITCHED_PATH = [8, 9, 10, 14, 18, 22]
+TEACHER_PLAYS = 20  # plays per map of the context teacher beside the non-stationary experiment
 
 
 def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfig, device: str = "cpu",
@@ -63,6 +66,14 @@ def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfi
         result["recovery"]["ceiling"] = {
             "success_rate": best.tolist(),
             "episodes_to_recover": recovery([*result["success_rate"][:half], *best], half)["episodes_to_recover"]}
+    # A player that knows only its context: the forgetting context teacher (--protocol.forget) on the same maps
+    # under the same ramp, 20 plays per map. What imitating it can reach; acting by itself (greedy), the yardstick.
+    reps = np.tile(np.arange(len(maps_a)), TEACHER_PLAYS)
+    log, _ = play_protocol(maps_a[reps], ramp, seed=cfg.seed, least_tried=True, forget=True, switch_to=maps_b[reps],
+                           switch_after=half)
+    played = log.success.reshape(len(reps), 2 * half).mean(0).tolist()
+    result["recovery"]["teacher"] = {"success_rate": played, "plays_per_map": TEACHER_PLAYS,
+                                     **{k: recovery(played, half)[k] for k in ("pre_switch", "episodes_to_recover")}}
     result["_paths"] = [p[:half] for p in out.paths]  # drawn on map A: its episodes only
     return result
 

@@ -121,6 +121,11 @@ def summary_rows(result: dict) -> list[str]:
             rows.append(f"  the ceiling (the best a player that knows the new map can expect under the same restarted "
                         f"ramp): {_after(c['episodes_to_recover'])}; episodes 0-{n - 1} after the switch: model "
                         f"{np.mean(s[-len(after):][:n]):.2f}, ceiling {np.mean(after[:n]):.2f}")
+        if "teacher" in rec:
+            t = rec["teacher"]
+            rows.append(f"  the forgetting context teacher (a player that knows only its context, "
+                        f"{t['plays_per_map']} plays per map): back to {rec['level']:.0%} of its pre-switch "
+                        f"{t['pre_switch']:.2f} {_after(t['episodes_to_recover'])}")
     elif "stitching" in result:
         st = result["stitching"]
         rows.append(f"stitching: {st['successes']}/{st['trials']} trials reached the goal, {sum(st['stitched'])} by "

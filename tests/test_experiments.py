@@ -77,6 +77,11 @@ def test_non_stationary_contract_and_recovery():
     greedy = non_stationary(tiny(fmt), fmt, maps, maps[np.roll(np.arange(4), 1)],
                             EvalConfig(maps=4, episodes=4, experiment="non-stationary", ramp="greedy"))
     assert "ceiling" not in greedy["recovery"]  # no forced random moves: a player that knows the map is back at once
+    teacher = greedy["recovery"]["teacher"]  # the forgetting context teacher, 20 plays of each map
+    assert len(teacher["success_rate"]) == 8 and teacher["plays_per_map"] == 20
+    rate = teacher["success_rate"]
+    assert rate[7] > rate[4] and teacher["pre_switch"] == pytest.approx(np.mean(rate[:4]))  # it learns map B anew
+    assert any("the forgetting context teacher" in row for row in summary_rows(greedy))
 
 
 def test_the_restarted_ramp_holds_even_a_player_that_knows_the_map_near_0_7_ten_episodes_after_the_switch():
@@ -195,18 +200,18 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     assert row["steps"] == 100 and row["tokens"] == 500_000 and row["minutes"] == pytest.approx(70 / 60)
     assert (row["early"], row["mid"], row["late"]) == pytest.approx((0.1, 0.2, 0.5))
     assert row["objectives"] == "td 1 + imitation 1 + observation 0.5"
-    assert row["model"] == "2x128, step format, cells numbered on one 8-column grid, same-state memory"
+    assert row["model"] == "2x128, step format, cells numbered on one 8-column grid, same-state memory (forgetting)"
     assert row["mode"] == ("protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried "
-                           "teacher")
+                           "forgetting teacher")
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- report:start -->\n<!-- report:end -->\nb\n<!-- training:start -->\nold\n"
                       "<!-- training:end -->\nc\n")
     assert report_main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text
-    assert ("| e9-noise | protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried teacher "
-            "| td 1 + imitation 1 + observation 0.5 | 2x128, step format, cells numbered on one 8-column grid, "
-            "same-state memory |") in text  # switches, shift, teacher, grid, memory
+    assert ("| e9-noise | protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried "
+            "forgetting teacher | td 1 + imitation 1 + observation 0.5 | 2x128, step format, cells numbered on one "
+            "8-column grid, same-state memory (forgetting) |") in text  # switches, shift, teacher, grid, memory
     assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
     assert row["device"] == "CPU" and "| 0.45 | CPU |" in text
     (run / "train_point.json").write_text(json.dumps({"device": "NVIDIA H200"}))  # sized on a lent GPU
