@@ -81,6 +81,8 @@ def row(label: str, ev: dict) -> str:
         if "ceiling" in r:
             ours += (f" (the ceiling under the restarted ramp, a player that knows the new map: "
                      f"{_after(r['ceiling']['episodes_to_recover'])})")
+        if "teacher" in r:
+            ours += f"; the forgetting context teacher: {_after(r['teacher']['episodes_to_recover'])}"
     else:
         ours = (f"episodes 0-1 **{_mean(s, 0, 2):.2f}**, 10-19 {_mean(s, 10, 20):.2f}, 20-29 **{_mean(s, 20, 30):.2f}**"
                 f" (tabular Q {_mean(base['tabular_q'], 20, 30):.2f}, random {_mean(base['random'], 20, 30):.2f})")
@@ -154,18 +156,26 @@ def training(run: Path) -> dict | None:
     return {"run": run.name, "mode": cfg["mode"] + (f", noise {noise:g}" if noise else "")
             + (f", {switch:.0%} of contexts switch maps" if switch else "")
             + (f", {shift:.0%} of maps shifted on the grid" if shift else "")
-            + (", least-tried teacher" if protocol.get("teacher", "any") == "least-tried" else ""),
+            + _teacher_note(protocol),
             "objectives": " + ".join(parts),
             "model": f"{model['layers']}x{model['hidden_size']}" + FORMAT_NOTE.get(fmt, "")
             + ("" if model.get("factored_embedding", True) or not FORMAT_NOTE.get(fmt)
                else ", one embedding per token")
-            + (", same-state memory" if model.get("memory") else ""),
+            + ((", same-state memory" + (" (forgetting)" if model.get("memory_forget") else ""))
+               if model.get("memory") else ""),
             "lr": f"{optim['lr']:g} {optim.get('schedule', 'constant')}",
             "steps": recs[-1]["step"] if recs else 0, "tokens": last_tokens, "minutes": seconds / 60,
             "tok_s": last_tokens / seconds if seconds else float("nan"), "early": _mean(s, 0, 2),
             "mid": _mean(s, 10, 20), "late": _mean(s, 20, 30), "tabular_q": _mean(base["tabular_q"], 20, 30),
             "random": _mean(base["random"], 20, 30), "ramp": ev["config"].get("eval", {}).get("ramp", "paper"),
             "device": device}
+
+
+def _teacher_note(protocol: dict) -> str:
+    """What the training table says of a protocol run's teacher (the default rule, "any", says nothing)."""
+    words = [w for w, on in (("least-tried", protocol.get("teacher", "any") == "least-tried"),
+                             ("forgetting", protocol.get("forget", False))) if on]
+    return f", {' '.join(words)} teacher" if words else ""
 
 
 #: what the training table says of a run's context format (the compact format, the default of the logged runs

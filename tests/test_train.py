@@ -138,7 +138,11 @@ def test_the_default_on_a_format_without_a_grid_drops_its_shift_and_says_so(tmp_
     cfg, _, _ = T.parse_args(["--data.format", "compact", "--out", str(tmp_path / "c")])  # nor a same-state memory
     assert not cfg.model.memory and "--model.memory needs protocol contexts in a step format" in capsys.readouterr().out
     T.check_config(cfg)
-    assert T.parse_args(["--out", str(tmp_path / "a")])[0].model.memory
+    default = T.parse_args(["--out", str(tmp_path / "a")])[0]
+    assert default.model.memory and default.model.memory_forget and default.protocol.forget
+    cfg, _, _ = T.parse_args(["--model.memory", "false", "--out", str(tmp_path / "e")])  # its forgetting goes too
+    assert not cfg.model.memory_forget and cfg.protocol.forget
+    T.check_config(cfg)
     cfg, _, _ = T.parse_args(["--mode", "online", "--out", str(tmp_path / "d")])  # online replays slices
     assert not cfg.model.memory and "off for --mode online" in capsys.readouterr().out
 
@@ -182,6 +186,14 @@ def test_online_fine_tuning_starts_from_an_offline_run(tmp_path):
         cfg.model, hidden_size=48))
     with pytest.raises(ValueError, match="do not match"):
         T.run(bad, tmp_path / "bad", progress=False)
+    import shutil  # a run trained with the same-state memory cannot seed online mode, which has none: said so
+    shutil.copytree(tmp_path / "offline", tmp_path / "memory")
+    config = json.loads((tmp_path / "memory" / "config.json").read_text())
+    config["model"]["memory"] = True
+    (tmp_path / "memory" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trained with the same-state memory"):
+        T.run(dataclasses.replace(cfg, online=dataclasses.replace(cfg.online, init=str(tmp_path / "memory"))),
+              tmp_path / "bad2", progress=False)
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
