@@ -97,10 +97,13 @@ def init_networks(source: Path, qnet: QNetwork) -> None:
     config = source / "config.json"
     theirs = json.loads(config.read_text()).get("model", {}).get("memory", False) if config.is_file() else None
     if theirs is not None and bool(theirs) != (qnet.memory is not None):
-        raise ValueError(f"cannot start from {source}: it was trained {'with' if theirs else 'without'} the same-state "
-                         f"memory (--model.memory) and this model is {'not' if theirs else 'too'}; online mode "
-                         "replays slices that start mid-context, where the memory cannot run: start from a run "
-                         "trained with --model.memory false")
+        if theirs:
+            raise ValueError(f"cannot start from {source}: it was trained with the same-state memory "
+                             "(--model.memory), which this model has not (online mode replays slices that start "
+                             "mid-context, where the memory cannot run): start from a run trained with "
+                             "--model.memory false")
+        raise ValueError(f"cannot start from {source}: it was trained without the same-state memory, which this "
+                         "model has (--model.memory false here, or start from a run trained with it)")
     try:
         load_checkpoint(source, qnet)
     except (RuntimeError, KeyError) as e:

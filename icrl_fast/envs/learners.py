@@ -541,7 +541,8 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
     ``least_tried``: the teacher's rule once every safe action at a state was tried (``teacher_choices``);
     ``forget``: a surprise wipes its knowledge (see ``teacher_observe``). ``switch_to``: from episode
     ``switch_after`` on, context ``b`` goes on on ``switch_to[b]`` (the non-stationary experiment), nothing marking
-    the switch: the teacher keeps what it knew.
+    the switch: the teacher keeps what it knew (with ``forget``, until a surprise). ``forget`` reads a changed outcome
+    as a changed map, which holds on deterministic maps only: with ``is_slippery`` it is an error.
     """
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
@@ -550,6 +551,8 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
         raise ValueError(f"p_teacher must be a non-empty 1-D array of probabilities, got {p_teacher!r}")
     if max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+    if forget and is_slippery:
+        raise ValueError("forget reads a changed outcome as a changed map: on slippery maps outcomes change by chance")
     if (switch_to is None) != (switch_after is None):
         raise ValueError("switch_to and switch_after go together")
     if switch_to is None:

@@ -15,8 +15,9 @@ slip back, ``HOLE``, ``GOAL``):
 With ``forget`` (``--model.memory_forget``) a *surprise* -- an action whose outcome from a cell differs from its
 latest there, which on the deterministic (non-slippery) maps happens only when the map changed -- empties the
 context's counts before it is counted: after a switch the head reads the new map as a fresh one, as the
-forgetting teacher (``learners.teacher_observe``) does. A cut landing is never a surprise (the teacher cannot see
-its outcome). On a map that does not change the features are the same either way.
+forgetting teacher (``learners.teacher_observe``) does, by the same rule: a cut landing (whose outcome the teacher
+cannot see, and which ``step-noend`` shows without its cell) is neither a surprise nor what one is checked against.
+On a map that does not change the features are the same either way.
 
 So ``MEMORY_DIM = 32`` features per position, zero at every position that is not a decision. A ``cut`` landing
 (time limit) counts by where it landed, as a move. The features are a pure function of the tokens up to and
@@ -38,11 +39,12 @@ _KIND_MOVE, _KIND_GOAL, _KIND_HOLE, _KIND_CUT = (KINDS.index(k) for k in ("move"
 
 
 @njit(cache=True)
-def _scan(types, acts, obs, ids, begin, first, forget, out, count, latest):
+def _scan(types, acts, obs, ids, begin, first, forget, out, count, latest, known):
     """Read positions ``begin ..`` of one sequence ``ids`` into ``count`` ``[obs, 4, 4]`` and ``latest`` ``[obs, 4]``
     (what positions before ``begin`` left there; position ``begin - 1`` is read only as the decision a landing at
     ``begin`` answers) and write the features of positions ``first >= begin ..`` into ``out[:len(ids) - first]``;
-    ``forget``: a surprise empties ``count`` and ``latest`` first (see the module docstring)."""
+    ``forget``: a surprise empties ``count``, ``latest`` and ``known`` first (see the module docstring); ``known``
+    ``[obs, 4]`` holds the latest outcome seen at a landing that is not a cut, what a surprise is checked against."""
     land0 = TYPE_LAND0
     for p in range(begin, ids.shape[0]):
         t = types[ids[p]]
@@ -60,9 +62,12 @@ def _scan(types, acts, obs, ids, begin, first, forget, out, count, latest):
                     c = STAYED
                 else:
                     c = MOVED
-                if forget and kind != _KIND_CUT and latest[s, a] >= 0 and latest[s, a] != c:
-                    count[:] = 0
-                    latest[:] = -1
+                if forget and kind != _KIND_CUT:
+                    if known[s, a] >= 0 and known[s, a] != c:
+                        count[:] = 0
+                        latest[:] = -1
+                        known[:] = -1
+                    known[s, a] = c
                 count[s, a, c] += 1
                 latest[s, a] = c
         if p < first:
@@ -104,12 +109,14 @@ class SameStateMemory:
         rows = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
         out = np.zeros((*rows.shape, MEMORY_DIM), dtype=np.float32)
         for r in range(rows.shape[0]):
-            count, latest = self._fresh(1)
-            _scan(self.types, self.acts, self.obs, rows[r], 0, 0, self.forget, out[r], count[0], latest[0])
+            count, latest, known = self._fresh(1)
+            _scan(self.types, self.acts, self.obs, rows[r], 0, 0, self.forget, out[r], count[0], latest[0], known[0])
         return out.reshape(*ids.shape, MEMORY_DIM)
 
-    def _fresh(self, contexts: int) -> tuple[np.ndarray, np.ndarray]:
+    def _fresh(self, contexts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Empty ``(count, latest, known)`` of ``contexts`` contexts."""
         return (np.zeros((contexts, self.cells, 4, 4), dtype=np.int32),
+                np.full((contexts, self.cells, 4), -1, dtype=np.int8),
                 np.full((contexts, self.cells, 4), -1, dtype=np.int8))
 
     def stream(self, contexts: int) -> "MemoryStream":
@@ -124,7 +131,7 @@ class MemoryStream:
 
     def __init__(self, memory: SameStateMemory, contexts: int):
         self.memory = memory
-        self.count, self.latest = memory._fresh(contexts)
+        self.count, self.latest, self.known = memory._fresh(contexts)
         self.read = np.zeros(contexts, dtype=np.int64)
 
     def tails(self, rows, contexts, width: int) -> np.ndarray:
@@ -141,6 +148,6 @@ class MemoryStream:
             back = min(read, 1)  # the decision a first new landing answers
             ids = m._check(tokens[read - back:])
             _scan(m.types, m.acts, m.obs, ids, back, back, m.forget, out[i, width - n:], self.count[b],
-                  self.latest[b])
+                  self.latest[b], self.known[b])
             self.read[b] = len(tokens)
         return out

@@ -238,6 +238,13 @@ def test_forgetting_changes_nothing_on_a_map_that_stays_and_recovers_after_a_swi
         late[f] = log.success.reshape(300, 60)[:, 50:].mean()
         assert log.success.reshape(300, 60)[:, 20:30].mean() >= 0.95
     assert late[True] >= 0.9 and late[False] <= 0.7, late  # measured on 2,000 maps: 0.97 and 0.49
+    small, large = generate_maps(40, seed=2, height=3, width=3), generate_maps(40, seed=3, height=5, width=5)
+    log, labels = play_protocol(small, np.ones(20), seed=1, least_tried=True, forget=True, switch_to=large,
+                                switch_after=10)  # cells up to 24 after a switch from 3 x 3 maps
+    assert log.obs[log.start[10]:].max() > 8 and log.success.reshape(40, 20)[:, 15:].mean() > 0.5
+    np.testing.assert_array_equal(labels, teacher_labels(log, cells=25, least_tried=True, forget=True))
+    with pytest.raises(ValueError, match="slippery"):
+        play_protocol(maps, ramp, seed=0, forget=True, is_slippery=True)
     with pytest.raises(ValueError, match="together"):
         play_protocol(maps, ramp, seed=0, switch_to=other)
     with pytest.raises(ValueError, match="switch_after"):

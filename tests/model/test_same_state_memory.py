@@ -31,7 +31,8 @@ def reference(fmt: StepFormat, ids, forget: bool = False) -> np.ndarray:
             surprise = forget and kind != "cut" and seen.get((cell, a), c) != c
             events.append((j + 1, cell, a, c, surprise))
             seen = {} if surprise else seen
-            seen[(cell, a)] = c
+            if kind != "cut":  # a cut's outcome is not what a surprise is checked against (the teacher's rule)
+                seen[(cell, a)] = c
     out = np.zeros((len(ids), MEMORY_DIM), dtype=np.float32)
     for p, i in enumerate(ids):
         if not decision[p]:
@@ -132,6 +133,24 @@ def test_a_surprise_empties_the_counts():
     assert keep[6, 4 * 2 + MOVED] == np.float32(np.log1p(2))  # from 0, right moved twice
     assert not forget[6].any()  # the hole at 1 wiped it all; nothing was learned about 0 since
     np.testing.assert_allclose(forget, reference(f, ids, forget=True), rtol=1e-6)
+
+
+def test_a_cut_landing_is_neither_a_surprise_nor_what_one_is_checked_against():
+    """The teacher's rule: the context shows no outcome for a cut (step-noend not even its cell), so a map that
+    changed under a cut is noticed at the next landing that is not one."""
+    f = FMT
+    ids = [f.start(0), f.land(2, "move", 1), f.land(2, "goal", 2),  # right, right reaches the goal
+           f.start(0), f.land(2, "move", 1), f.land(2, "cut", 2),   # the same, cut by the time limit on 2
+           f.start(0), f.land(2, "move", 1), f.land(2, "move", 2),  # right from 1 moved: not the goal it was
+           f.land(1, "hole", 10), f.start(0)]
+    forget = SameStateMemory(f.token_factors, forget=True).features(np.array(ids))
+    assert forget[7, 16 + 4 * 2 + MOVED] == 1 and forget[7, 4 * 2 + GOAL] > 0  # on 1: latest right a (cut) move
+    assert not forget[-1].any()  # the surprise at 1 emptied everything; nothing known of 0 since
+    np.testing.assert_allclose(forget, reference(f, ids, forget=True), rtol=1e-6)
+    noend = StepFormat(grid=8, show_end=False)  # its cut token shows cell 0, as if the bump into a wall had moved
+    ids = [noend.start(9), noend.land(3, "cut", 0), noend.start(9), noend.land(3, "move", 9), noend.start(9)]
+    keep = SameStateMemory(noend.token_factors).features(np.array(ids))
+    np.testing.assert_array_equal(SameStateMemory(noend.token_factors, forget=True).features(np.array(ids)), keep)
 
 
 def test_bad_inputs_are_clear_errors():
