@@ -388,9 +388,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
         # off (asked for on the command line it stays, and check_config refuses it)
         print(f"note: the preset's --model.memory needs protocol contexts in a step format with factored embeddings "
               f"and a from-scratch model: off for --mode {cfg.mode} --data.format {cfg.data.format}")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=False, memory_forget=False))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory=False))
     if cfg.model.memory_forget and not cfg.model.memory and "model.memory_forget" not in args:
-        # the preset's forgetting belongs to its memory: without the memory (--model.memory false) it goes too
+        # the preset's forgetting belongs to its memory: without the memory (dropped above, or --model.memory false)
+        # it goes too (asked for on the command line it stays, and check_config refuses it)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory_forget=False))
     if out is None:
         out = Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")

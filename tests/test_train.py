@@ -143,6 +143,11 @@ def test_the_default_on_a_format_without_a_grid_drops_its_shift_and_says_so(tmp_
     cfg, _, _ = T.parse_args(["--model.memory", "false", "--out", str(tmp_path / "e")])  # its forgetting goes too
     assert not cfg.model.memory_forget and cfg.protocol.forget
     T.check_config(cfg)
+    cfg, _, _ = T.parse_args(["--data.format", "compact", "--model.memory_forget", "true",
+                              "--out", str(tmp_path / "f")])
+    assert not cfg.model.memory and cfg.model.memory_forget  # asked for, it stays: and is refused
+    with pytest.raises(ValueError, match="it needs --model.memory true"):
+        T.check_config(cfg)
     cfg, _, _ = T.parse_args(["--mode", "online", "--out", str(tmp_path / "d")])  # online replays slices
     assert not cfg.model.memory and "off for --mode online" in capsys.readouterr().out
 

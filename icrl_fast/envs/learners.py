@@ -408,7 +408,19 @@ def greedy_solves(maps: MapBatch, q: np.ndarray, max_episode_steps: int = 100) -
 # into it. With ``forget`` a *surprise* -- an action whose outcome from a state differs from the last time it was
 # seen, which on the deterministic (non-slippery) maps happens only when the map changed -- wipes that knowledge,
 # so after a switch the teacher starts over as on a fresh map.
-OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL = range(4)  # an outcome's class (same_state_memory's order)
+OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL = range(4)  # an outcome's class (also the same-state memory's)
+
+
+@njit(inline="always", cache=True)
+def surprised(known, s, a, c):
+    """Record outcome class ``c`` of action ``a`` from ``s`` in ``known`` (``[cells, 4]``, -1: not seen) and say
+    whether it is a surprise: it differs from the last one recorded there. A surprise also empties ``known``
+    before recording; the caller wipes the rest of what it knew. The one rule of the teacher and the memory."""
+    surprise = known[s, a] >= 0 and known[s, a] != c
+    if surprise:
+        known[:] = -1
+    known[s, a] = c
+    return surprise
 
 
 @njit(cache=True)
@@ -468,13 +480,11 @@ def teacher_observe(winner, current, tried, avoid, known, s, a, s2, reward, done
             c = OUT_GOAL if reward > 0.0 else OUT_HOLE
         else:
             c = OUT_STAYED if s2 == s else OUT_MOVED
-        if forget and known[s, a] >= 0 and known[s, a] != c:
+        if forget and surprised(known, s, a, c):
             winner[:] = -1
             current[:] = -1
             tried[:] = 0
             avoid[:] = False
-            known[:] = -1
-        known[s, a] = c
     tried[s, a] += 1
     current[s] = a
     if (s2 == s and not ended) or (done and reward <= 0.0):

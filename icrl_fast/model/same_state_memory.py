@@ -32,8 +32,9 @@ import numpy as np
 from numba import njit
 
 from icrl_fast.data.step_format import KINDS, TYPE_LAND0, TYPE_START
+from icrl_fast.envs.learners import OUT_GOAL, OUT_HOLE, OUT_MOVED, OUT_STAYED, surprised
 
-MOVED, STAYED, HOLE, GOAL = range(4)
+MOVED, STAYED, HOLE, GOAL = OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL  # the teacher's outcome classes
 MEMORY_DIM = 32
 _KIND_MOVE, _KIND_GOAL, _KIND_HOLE, _KIND_CUT = (KINDS.index(k) for k in ("move", "goal", "hole", "cut"))
 
@@ -62,12 +63,9 @@ def _scan(types, acts, obs, ids, begin, first, forget, out, count, latest, known
                     c = STAYED
                 else:
                     c = MOVED
-                if forget and kind != _KIND_CUT:
-                    if known[s, a] >= 0 and known[s, a] != c:
-                        count[:] = 0
-                        latest[:] = -1
-                        known[:] = -1
-                    known[s, a] = c
+                if forget and kind != _KIND_CUT and surprised(known, s, a, c):
+                    count[:] = 0
+                    latest[:] = -1
                 count[s, a, c] += 1
                 latest[s, a] = c
         if p < first:
