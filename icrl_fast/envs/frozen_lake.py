@@ -1,13 +1,15 @@
 """Batched Frozen Lake: Numba step/reset over structure-of-arrays state, one random stream per env.
 
 The dynamics are gymnasium's ``FrozenLake-v1`` (``gymnasium/envs/toy_text/frozen_lake.py``), proven equal by
-``tests/envs``. They live in three small ``@njit`` functions that every caller shares — the batched kernels
-here, the single :class:`~icrl_fast.envs.gym_env.FrozenLakeEnv`, and the ``P`` table it exposes:
+``tests/envs``. They live in small ``@njit`` functions that every caller shares — the batched kernel here, the
+single :class:`~icrl_fast.envs.gym_env.FrozenLakeEnv`, the ``P`` table it exposes, and the learners (the batched
+kernel writes :func:`landing`'s rule out as selects, for speed; ``tests/envs/test_step_reference.py`` holds it to
+the rules):
 
 * :func:`slip_branch` — gymnasium's categorical draw over ``[(a - 1) % 4, a, (a + 1) % 4]`` with probabilities
   ``[fail, success_rate, fail]`` (``fail = (1 - success_rate) / 2``); non-slippery always takes ``a``;
-* :func:`transition` — one move (walls clamp), the landing tile, and gymnasium's rule that stepping *from* a
-  goal or hole stays put with reward 0 and ``terminated=True``;
+* :func:`move` — one move, walls clamp; :func:`transition` — that move, the landing tile, and gymnasium's rule
+  that stepping *from* a goal or hole stays put (:func:`landing`: reward 0 and ``terminated=True``);
 * :func:`start_from_uniform` — gymnasium's reset draw, uniform over the S tiles.
 
 Rewards follow ``reward_schedule = (goal, hole, other)``; ``terminated`` means the agent landed on G or H and
@@ -48,7 +50,9 @@ _DC = np.array([-1, 0, 1, 0], dtype=np.int32)
 # 65,536): a parallel step waits for a worker that the scheduler has parked behind the other process. With the
 # machine to itself (bench_env, 2026-11-30) two threads were ~2x faster at every size from 1,024 envs (78.8 M vs
 # 39.3 M env-steps/s at 1,024), so this threshold trades that for not collapsing beside a busy core (one thread:
-# 1,011x SyncVectorEnv there; two: 482x). It is now only where the timing-driven choice below starts.
+# 1,011x SyncVectorEnv there; two: 482x). It is now only where the timing-driven choice below starts. With the
+# two-pass kernel (2026-12-02, 2-core Xeon VM, machine to itself) two threads vs one: 1,024 envs 0.86x, 2,048 0.98x,
+# 4,096 1.16x, 16,384 1.37x: the threshold still sits where two threads start to pay.
 PARALLEL_MIN_ENVS = 4096
 # From this many envs on, the automatic thread count starts as above and then follows the step times: probes of the
 # other count switch when it is faster (``thread_choice.ThreadChooser``), which gets two threads' 2x on a quiet
@@ -86,9 +90,18 @@ def slip_branch(u, slippery, success_rate):
 
 
 @njit(inline="always", cache=True)
+def move(nrow, ncol, r, c, a, branch):
+    """The cell ``(r', c')`` that action ``a`` (0 left, 1 down, 2 right, 3 up) bent by slip ``branch`` leads to from
+    ``(r, c)`` on a ``nrow x ncol`` map; walls clamp."""
+    d = (a + branch + 3) & 3  # branch 0, 1, 2 -> a - 1, a, a + 1 (mod 4); a is in 0..3
+    # Branch-free move: random actions make a 4-way `if` mispredict most of the time (measured ~1.5x slower).
+    return min(max(r + _DR[d], 0), nrow - 1), min(max(c + _DC[d], 0), ncol - 1)
+
+
+@njit(inline="always", cache=True)
 def transition(tiles, b, nrow, ncol, r, c, a, branch):
-    """Apply action ``a`` (0 left, 1 down, 2 right, 3 up) bent by slip ``branch`` at cell ``(r, c)`` of map ``b``
-    of ``tiles [B, rows, cols]`` (indexed, not sliced: a slice per env costs two atomic refcount updates).
+    """Apply action ``a`` bent by slip ``branch`` (see :func:`move`) at cell ``(r, c)`` of map ``b`` of ``tiles [B,
+    rows, cols]`` (indexed, not sliced: a slice per env costs two atomic refcount updates).
 
     Returns ``(r', c', tile, from_terminal)``: the new cell, its tile code, and whether ``(r, c)`` was already a
     goal or hole (then gymnasium keeps the agent there with reward 0 and ``terminated=True``).
@@ -96,10 +109,7 @@ def transition(tiles, b, nrow, ncol, r, c, a, branch):
     here = tiles[b, r, c]
     if here == GOAL or here == HOLE:
         return r, c, here, True
-    d = (a + branch + 3) & 3  # branch 0, 1, 2 -> a - 1, a, a + 1 (mod 4); a is in 0..3
-    # Branch-free move: random actions make a 4-way `if` mispredict most of the time (measured ~1.5x slower).
-    r = min(max(r + _DR[d], 0), nrow - 1)
-    c = min(max(c + _DC[d], 0), ncol - 1)
+    r, c = move(nrow, ncol, r, c, a, branch)
     return r, c, tiles[b, r, c], False
 
 
@@ -165,45 +175,60 @@ _set_num_threads = types.ExternalFunction("set_num_threads", types.void(types.in
 
 # One kernel for every batch size, told how many threads to use: the prange kernel beats a plain-range one even
 # in one thread (measured at 1,024 envs: 24 vs 115 us per step), because in a plain loop Numba keeps ~20 atomic
-# refcount updates per env for the inlined _step_one's array arguments, which its parfor lowering prunes.
+# refcount updates per env for the inlined helpers' array arguments, which its parfor lowering prunes.
+# Two passes (issue #19): the move of every env first, with no branch on its outcome, then the resets of the envs
+# that need one. With the reset inside the move loop, the "did it end?" branch (taken by a random ~1 in 6 envs per
+# step on paper maps under random actions) mispredicted and kept the loop from being vectorised; the default modes
+# (SAME_STEP, slippery or not) also get loops of their own in which the inlined move sees the mode as a constant.
+# Measured (bench_env, 2-core Xeon VM, 2026-12-02, results bit-equal): 65,536 paper maps 67-75 -> 113 M env-steps/s
+# (slippery 42-47 -> 102 M); one thread at 16,384 envs 39-40 -> 94 M.
+# pos rows: 0 row, 1 col, 2 elapsed steps, 3 reset flag (_PENDING: the episode ended under NEXT_STEP and the next
+# step resets; _RESET_NOW: the second pass resets the env in this step).
+_PENDING, _RESET_NOW = 1, 2
+
+
 @njit(inline="always", cache=True)
-def _step_one(i, a, tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate, reward_of_tile,
-              max_steps, mode, obs, rew, term, trunc, final_obs):
-    """Step env ``i``; returns 1 if the step returned terminated or truncated, else 0. ``pos`` rows:
-    0 row, 1 col, 2 elapsed steps, 3 reset pending (NEXT_STEP)."""
-    if mode == NEXT_STEP and pos[3, i] != 0:
-        obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
+def _move_one(i, a, tiles, nrow, ncol, pos, rng, slippery, success_rate, reward_of_tile, max_steps, mode, obs, rew,
+              term, trunc, final_obs):
+    """First pass for env ``i``: its move and outputs, or (NEXT_STEP, reset pending) the outputs of a reset step with
+    the reset left to the second pass (which also resets where a SAME_STEP episode ended)."""
+    if mode == NEXT_STEP and pos[3, i] == _PENDING:
+        pos[3, i] = _RESET_NOW
         rew[i] = 0.0
         term[i] = False
         trunc[i] = False
         final_obs[i] = -1
-        return 0
+        return
     branch = 1
     if slippery:
         st, u = next_uniform(rng[i])
         rng[i] = st
         branch = slip_branch(u, slippery, success_rate)
-    r, c, tile, from_terminal = transition(tiles, i, nrow[i], ncol[i], pos[0, i], pos[1, i], a, branch)
+    r0, c0 = pos[0, i], pos[1, i]
+    nc = ncol[i]
+    # Only DISABLED ever steps from a goal or hole: SAME_STEP resets a finished env in its last step and NEXT_STEP in
+    # the next one, and every reset lands on an S tile, so the other modes skip reading the tile they stand on.
+    if mode == DISABLED:
+        r, c, tile, from_terminal = transition(tiles, i, nrow[i], nc, r0, c0, a, branch)
+    else:
+        r, c = move(nrow[i], nc, r0, c0, a, branch)
+        tile, from_terminal = tiles[i, r, c], False
     elapsed = pos[2, i] + 1
-    reward, done = landing(tile, from_terminal, reward_of_tile)
-    cut = max_steps > 0 and elapsed >= max_steps
-    rew[i] = reward
+    # landing()'s rule written out as selects: through the call (a tuple, a branch) the loop measured ~1.7x slower
+    done = from_terminal | (tile == GOAL) | (tile == HOLE)
+    rew[i] = 0.0 if from_terminal else reward_of_tile[tile]
+    cut = (max_steps > 0) & (elapsed >= max_steps)
+    end = done | cut
+    s = r * nc + c
     term[i] = done
     trunc[i] = cut
-    s = r * ncol[i] + c
-    final_obs[i] = -1
-    if done or cut:
-        if mode == SAME_STEP:
-            final_obs[i] = s
-            obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
-            return 1
-        if mode == NEXT_STEP:
-            pos[3, i] = 1
+    final_obs[i] = s if end & (mode == SAME_STEP) else -1
+    obs[i] = s
     pos[0, i] = r
     pos[1, i] = c
     pos[2, i] = elapsed
-    obs[i] = s
-    return np.int64(done or cut)
+    if mode == NEXT_STEP:  # (SAME_STEP's second pass resets where the step ended: no flag to store)
+        pos[3, i] = np.int32(end) * _PENDING
 
 
 @njit(parallel=True, cache=True)
@@ -212,15 +237,32 @@ def _step_kernel(n_threads, actions, tiles, nrow, ncol, starts, n_starts, pos, r
     """Step every env in ``n_threads`` threads (1 .. NUMBA_NUM_THREADS); returns how many envs returned terminated
     or truncated (>= 0), or ``-1 - i`` for the first env ``i`` whose action is outside 0..3 (nothing stepped).
     The calling thread's Numba thread count is restored on return."""
-    bad = _first_bad_action(actions)
-    if bad >= 0:
-        return -1 - bad
+    bad = np.int64(0)
+    for i in range(actions.shape[0]):  # no early exit: a loop the compiler vectorises
+        bad |= (actions[i] < 0) | (actions[i] > 3)
+    if bad:
+        return -1 - _first_bad_action(actions)
     caller = np.int32(_get_num_threads())  # the low 32 bits hold the C int
     _set_num_threads(n_threads)
-    ended = 0
+    # the default modes get loops of their own, where the inlined move sees mode and slippery as constants
+    if mode == SAME_STEP and not slippery:
+        for i in prange(actions.shape[0]):
+            _move_one(i, actions[i], tiles, nrow, ncol, pos, rng, False, success_rate, reward_of_tile,
+                      max_steps, SAME_STEP, obs, rew, term, trunc, final_obs)
+    elif mode == SAME_STEP:
+        for i in prange(actions.shape[0]):
+            _move_one(i, actions[i], tiles, nrow, ncol, pos, rng, True, success_rate, reward_of_tile,
+                      max_steps, SAME_STEP, obs, rew, term, trunc, final_obs)
+    else:
+        for i in prange(actions.shape[0]):
+            _move_one(i, actions[i], tiles, nrow, ncol, pos, rng, slippery, success_rate, reward_of_tile,
+                      max_steps, mode, obs, rew, term, trunc, final_obs)
+    ended = 0  # counted here, not in the first pass: a reduction there keeps it from being vectorised
     for i in prange(actions.shape[0]):
-        ended += _step_one(i, actions[i], tiles, nrow, ncol, starts, n_starts, pos, rng, slippery, success_rate,
-                           reward_of_tile, max_steps, mode, obs, rew, term, trunc, final_obs)
+        end = term[i] | trunc[i]
+        ended += np.int64(end)
+        if end if mode == SAME_STEP else pos[3, i] == _RESET_NOW:
+            obs[i] = _reset_one(i, tiles, ncol, starts, n_starts, pos, rng)
     _set_num_threads(caller)
     return ended
 
