@@ -180,8 +180,9 @@ _set_num_threads = types.ExternalFunction("set_num_threads", types.void(types.in
 # that need one. With the reset inside the move loop, the "did it end?" branch (taken by a random ~1 in 6 envs per
 # step on paper maps under random actions) mispredicted and kept the loop from being vectorised; the default modes
 # (SAME_STEP, slippery or not) also get loops of their own in which the inlined move sees the mode as a constant.
-# Measured (bench_env, 2-core Xeon VM, 2026-12-02, results bit-equal): 65,536 paper maps 67-75 -> 113 M env-steps/s
-# (slippery 42-47 -> 102 M); one thread at 16,384 envs 39-40 -> 94 M.
+# Measured (2-core Xeon VM, 2026-12-02, results bit-equal; the old and new kernels interleaved in one process, median
+# of 7): 65,536 paper maps 72 -> 114 M env-steps/s in two threads, 39 -> 61 M in one; slippery 45 -> 93 M and
+# 23 -> 52 M.
 # pos rows: 0 row, 1 col, 2 elapsed steps, 3 reset flag (_PENDING: the episode ended under NEXT_STEP and the next
 # step resets; _RESET_NOW: the second pass resets the env in this step).
 _PENDING, _RESET_NOW = 1, 2
