@@ -36,13 +36,14 @@ import pytest
 import torch
 from conftest import add_note, rows_of
 
-from icrl_fast.data.formats import HFVocab, compact_format, paper_format
+from icrl_fast.data.formats import HFVocab, compact_format, make_format, paper_format
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
 from icrl_fast.envs.maps import generate_maps
 from icrl_fast.evaluate import paper_ramp
 from icrl_fast.model.attention import HAS_FLASH, register_kvcache_attention
 from icrl_fast.model.kv_cache import CACHE_ARG, RolloutCache
 from icrl_fast.model.qnet import ModelConfig, QNetwork
+from icrl_fast.presets import preset
 from icrl_fast.rl.rollout import ContextStreams, RolloutEngine
 from icrl_fast.testing import word_tokenizer
 
@@ -334,6 +335,63 @@ def cached_step(benchmark, record, qnet, floor_rates, length, attention, name, c
                     f"{row['vs_floor']:.2f}x the floor (memory: {f['bytes'] / 1e6:.1f} MB = KV {f['kv_bytes'] / 1e6:.1f} "
                     f"+ weights {f['weight_bytes'] / 1e6:.1f}, {f['memory_s'] * 1e3:.3f} ms; compute: "
                     f"{f['flops'] / 1e9:.3f} GFLOP, {f['compute_s'] * 1e3:.3f} ms)")
+
+
+@pytest.fixture(scope="module")
+def preset_qnet():
+    """The default preset's own model and format: 2 layers of 128, the step-grid format (one token per env step), the
+    same-state memory with forgetting."""
+    cfg = preset("default")
+    fmt = make_format(cfg.data.format)
+    return QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, device=DEVICE, seed=0,
+                    token_factors=fmt.token_factors).eval(), fmt
+
+
+@pytest.mark.parametrize("length", [256, 4096])
+def test_step_vs_context_default_preset(benchmark, record, preset_qnet, floor_rates, length):
+    """The cached step of the default preset's model as its rollouts make it: one new token per context (step
+    format), its memory features read by ``MemoryStream.tails`` inside the step, against the same floor."""
+    qnet, fmt = preset_qnet
+    g = torch.Generator().manual_seed(length)
+    contexts = torch.randint(0, fmt.vocab_size, (50, length + 40), generator=g).numpy()
+    stream = qnet.memory.stream(50)
+    cache = RolloutCache(qnet.num_layers, 50, device=DEVICE, initial_capacity=length + 64)
+    rows = list(range(50))
+    fed = [0]
+    drawn = []
+
+    def feed(n: int):
+        """The next ``n`` tokens of every context through the cache, memory features included; Q of the last."""
+        end = fed[0] + n
+        ids = torch.from_numpy(contexts[:, fed[0]:end]).to(DEVICE)
+        memory = torch.from_numpy(stream.tails(rows, [(contexts[b, :end], n) for b in rows], n)).to(DEVICE)
+        pos, mask = cache.plan(torch.full((50,), n), n)
+        h = qnet.hidden(ids, memory=memory, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache},
+                        use_cache=True)
+        fed[0] = end
+        return qnet.q_values(h[:, -1]).cpu()
+
+    def step():
+        drawn.append(torch.ones(50, dtype=torch.long))
+        feed(1)
+
+    with torch.no_grad():
+        for _ in range(length // 256):
+            feed(256)
+        benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
+    name = f"default preset's model, cached step at {length} tokens (1 new each, memory features included)"
+    row = record(SUITE, name, 50, "steps/s", f"step-vs-context L={length}", "ours")
+    f = cached_step_floor(qnet, floor_rates, length, drawn, len(benchmark.stats.stats.data))
+    row.update({"floor_s": f["floor_s"], "vs_floor": row["median_s"] / f["floor_s"], "floor": {**f, **floor_rates}})
+    add_note(SUITE, f"{name}: {row['median_s'] * 1e3:.3f} ms, floor {f['floor_s'] * 1e3:.3f} ms, "
+                    f"{row['vs_floor']:.2f}x the floor (memory: {f['bytes'] / 1e6:.1f} MB = KV {f['kv_bytes'] / 1e6:.1f} "
+                    f"+ weights {f['weight_bytes'] / 1e6:.1f}, {f['memory_s'] * 1e3:.3f} ms; compute: "
+                    f"{f['flops'] / 1e9:.3f} GFLOP, {f['compute_s'] * 1e3:.3f} ms)")
+    if length == 4096:
+        by = {r["name"]: r["median_s"] for r in rows_of(SUITE)}
+        steps = [by.get(name.replace("4096", str(n))) for n in (256, 4096)]
+        if None not in steps:
+            add_note(SUITE, f"default preset's cached step 4096 vs 256 tokens: {steps[1] / steps[0]:.2f}x")
 
 
 @pytest.mark.parametrize("length", [256, 4096])
