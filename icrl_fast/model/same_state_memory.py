@@ -28,6 +28,8 @@ what a full forward of the context sees (tested).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from numba import njit
 
@@ -135,17 +137,41 @@ class MemoryStream:
     def tails(self, rows, contexts, width: int) -> np.ndarray:
         """float32 ``[len(rows), width, MEMORY_DIM]``: the features of the last ``n <= width`` tokens of context
         ``rows[i]`` (``contexts[i]``: ``(tokens, n)``, the whole context fed so far, of which all but the last ``n``
-        were read by earlier calls), right-aligned, zero on the left (the rollout engine's left-padded call)."""
+        were read by earlier calls), right-aligned, zero on the left (the rollout engine's left-padded call).
+
+        One kernel call reads every context's new tokens (``_scan_tails``): per context only a slice is taken here
+        (a call per context cost ~10 us, half the features' time in a rollout step of 50 contexts)."""
         m = self.memory
-        out = np.zeros((len(rows), width, MEMORY_DIM), dtype=np.float32)
-        for i, (b, (tokens, n)) in enumerate(zip(rows, contexts)):
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        pieces, backs, ns = [], np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
+        for i, (b, (tokens, n)) in enumerate(zip(rows.tolist(), contexts)):
             read = int(self.read[b])
             if not 0 < n <= width or len(tokens) - n != read:
                 raise ValueError(f"context {b}: {len(tokens)} tokens of which {read} were read; a tail of {n} tokens "
                                  f"needs 0 < n <= width ({width}) and exactly the unread ones")
-            back = min(read, 1)  # the decision a first new landing answers
-            ids = m._check(tokens[read - back:])
-            _scan(m.types, m.acts, m.obs, ids, back, back, m.forget, out[i, width - n:], self.count[b],
-                  self.latest[b], self.known[b])
-            self.read[b] = len(tokens)
+            backs[i] = back = min(read, 1)  # the decision a first new landing answers
+            ns[i] = n
+            pieces.append(tokens[read - back:])
+        if len(pieces) != len(rows) or len(np.unique(rows)) != len(rows):
+            raise ValueError(f"tails needs one (tokens, n) per row and distinct rows, got rows {rows.tolist()} and "
+                             f"{len(pieces)} contexts")
+        sizes = backs + ns
+        ids = m._check(np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(sizes.sum())))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        out = np.zeros((len(rows), width, MEMORY_DIM), dtype=np.float32)
+        _scan_tails(m.types, m.acts, m.obs, ids, offsets, backs, ns, rows, m.forget, out, self.count, self.latest,
+                    self.known)
+        self.read[rows] += ns
         return out
+
+
+@njit(cache=True)
+def _scan_tails(types, acts, obs, ids, offsets, backs, ns, rows, forget, out, count, latest, known):
+    """``MemoryStream.tails``' reads: context ``rows[i]``'s tokens are ``ids[offsets[i]:offsets[i + 1]]`` (``backs[i]``
+    already read, then ``ns[i]`` new ones), its features go to the right end of ``out[i]``."""
+    width = out.shape[1]
+    for i in range(rows.shape[0]):
+        b = rows[i]
+        _scan(types, acts, obs, ids[offsets[i]:offsets[i + 1]], backs[i], backs[i], forget, out[i, width - ns[i]:],
+              count[b], latest[b], known[b])

@@ -165,6 +165,14 @@ def test_bad_inputs_are_clear_errors():
     stream.tails([0], [([FMT.start(0)], 1)], 4)
     with pytest.raises(ValueError, match="exactly the unread ones"):
         stream.tails([0], [([FMT.start(0), FMT.land(1, "move", 8), FMT.start(8)], 1)], 4)  # a token skipped
+    with pytest.raises(ValueError, match="distinct rows"):
+        memory.stream(2).tails([1, 1], [([FMT.start(0)], 1)] * 2, 4)  # one context read twice in a call
+    with pytest.raises(ValueError, match="token ids"):
+        memory.stream(2).tails([0, 1], [([FMT.start(0)], 1), ([FMT.vocab_size], 1)], 4)
+    fresh = memory.stream(2)  # a refused call reads nothing
+    with pytest.raises(ValueError, match="token ids"):
+        fresh.tails([0, 1], [([FMT.start(0)], 1), ([-1], 1)], 4)
+    assert fresh.read.tolist() == [0, 0] and not fresh.count.any()
     with pytest.raises(ValueError, match="step format"):
         QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, memory=True), 64, [0, 1, 2, 3])
 
