@@ -128,10 +128,9 @@ def note_model_cost(row: dict, batch) -> None:
 
 @pytest.fixture(scope="module")
 def grown(batch):
-    """50 contexts of the batch's tokens (repeated), each read up to its last token but one."""
+    """50 contexts of the batch's tokens (repeated), as the rollout engine holds them (Python lists)."""
     ids, lengths = batch
-    contexts = [ids[b % len(ids), : lengths[b % len(ids)]] for b in range(50)]
-    return contexts
+    return [ids[b % len(ids), : lengths[b % len(ids)]].tolist() for b in range(50)]
 
 
 @pytest.mark.parametrize("role", ["reference", "ours"])
