@@ -51,8 +51,9 @@ _DC = np.array([-1, 0, 1, 0], dtype=np.int32)
 # machine to itself (bench_env, 2026-11-30) two threads were ~2x faster at every size from 1,024 envs (78.8 M vs
 # 39.3 M env-steps/s at 1,024), so this threshold trades that for not collapsing beside a busy core (one thread:
 # 1,011x SyncVectorEnv there; two: 482x). It is now only where the timing-driven choice below starts. With the
-# two-pass kernel (2026-12-02, 2-core Xeon VM, machine to itself) two threads vs one: 1,024 envs 0.86x, 2,048 0.98x,
-# 4,096 1.16x, 16,384 1.37x: the threshold still sits where two threads start to pay.
+# two-pass kernel (2026-12-02, 2-core Xeon VM, machine to itself, two recorded runs) two threads vs one: 1,024 envs
+# 1.20-1.34x, 2,048 1.39-1.58x, 4,096 1.59-1.60x, 16,384 1.86-1.88x: on a quiet machine two threads pay from 1,024
+# envs, which the chooser finds by itself; the fixed threshold stays for the busy machine, where they collapse.
 PARALLEL_MIN_ENVS = 4096
 # From this many envs on, the automatic thread count starts as above and then follows the step times: probes of the
 # other count switch when it is faster (``thread_choice.ThreadChooser``), which gets two threads' 2x on a quiet

@@ -119,6 +119,8 @@ class MapBatch:
         object.__setattr__(self, "nrow", nrow)
         object.__setattr__(self, "ncol", ncol)
         starts, n_starts = _start_tables(tiles, nrow, ncol)
+        if (n_starts == 0).any():  # a reset would have no tile to start on (the step kernels assume one)
+            raise ValueError(f"every map needs an S tile; map {int(np.flatnonzero(n_starts == 0)[0])} has none")
         object.__setattr__(self, "starts", starts)
         object.__setattr__(self, "n_starts", n_starts)
 

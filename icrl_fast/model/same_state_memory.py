@@ -142,7 +142,11 @@ class MemoryStream:
         One kernel call reads every context's new tokens (``_scan_tails``): per context only a slice is taken here
         (a call per context cost ~10 us, half the features' time in a rollout step of 50 contexts)."""
         m = self.memory
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows, contexts = np.asarray(rows, dtype=np.int64), list(contexts)
+        if rows.ndim != 1 or len(contexts) != len(rows) or len(np.unique(rows)) != len(rows) \
+                or (rows.size and (rows.min() < 0 or rows.max() >= len(self.read))):
+            raise ValueError(f"tails needs one (tokens, n) per row and distinct rows in 0..{len(self.read) - 1}, got "
+                             f"rows {rows.tolist()} and {len(contexts)} contexts")
         pieces, backs, ns = [], np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
         for i, (b, (tokens, n)) in enumerate(zip(rows.tolist(), contexts)):
             read = int(self.read[b])
@@ -152,9 +156,6 @@ class MemoryStream:
             backs[i] = back = min(read, 1)  # the decision a first new landing answers
             ns[i] = n
             pieces.append(tokens[read - back:])
-        if len(pieces) != len(rows) or len(np.unique(rows)) != len(rows):
-            raise ValueError(f"tails needs one (tokens, n) per row and distinct rows, got rows {rows.tolist()} and "
-                             f"{len(pieces)} contexts")
         sizes = backs + ns
         ids = m._check(np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(sizes.sum())))
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)

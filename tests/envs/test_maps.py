@@ -156,3 +156,11 @@ def test_generator_rejects_bad_count_and_seed():
         generate_maps(5, seed=-1)
     with pytest.raises(TypeError, match="non-negative int"):
         generate_maps(5, seed=1.5)
+
+
+def test_a_map_batch_without_an_s_tile_is_refused():
+    """Built from tiles directly (``parse_desc`` already refuses such a desc): a reset would have nowhere to start."""
+    tiles = np.array([[[0, 3], [0, 0]], [[1, 3], [0, 0]]], dtype=np.uint8)  # map 0: F G / F F, no S
+    with pytest.raises(ValueError, match="map 0 has none"):
+        MapBatch(tiles, np.array([2, 2]), np.array([2, 2]))
+    assert MapBatch(tiles[1:], np.array([2]), np.array([2])).n_starts.tolist() == [1]

@@ -165,8 +165,9 @@ def test_bad_inputs_are_clear_errors():
     stream.tails([0], [([FMT.start(0)], 1)], 4)
     with pytest.raises(ValueError, match="exactly the unread ones"):
         stream.tails([0], [([FMT.start(0), FMT.land(1, "move", 8), FMT.start(8)], 1)], 4)  # a token skipped
-    with pytest.raises(ValueError, match="distinct rows"):
-        memory.stream(2).tails([1, 1], [([FMT.start(0)], 1)] * 2, 4)  # one context read twice in a call
+    for rows, n in (([1, 1], 2), ([-1, 1], 2), ([2], 1), ([[0]], 1), ([0], 2)):  # a context twice (-1 is 1 of 2),
+        with pytest.raises(ValueError, match="distinct rows"):  # out of range, not 1-D, a context without a row
+            memory.stream(2).tails(rows, [([FMT.start(0)], 1)] * n, 4)
     with pytest.raises(ValueError, match="token ids"):
         memory.stream(2).tails([0, 1], [([FMT.start(0)], 1), ([FMT.vocab_size], 1)], 4)
     fresh = memory.stream(2)  # a refused call reads nothing
