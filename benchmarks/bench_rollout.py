@@ -357,14 +357,18 @@ def test_step_vs_context_default_preset(benchmark, record, preset_qnet, floor_ra
     stream = qnet.memory.stream(50)
     cache = RolloutCache(qnet.num_layers, 50, device=DEVICE, initial_capacity=length + 64)
     rows = list(range(50))
+    held = [[] for _ in rows]  # each context's tokens so far, a list as the engine holds them
     fed = [0]
     drawn = []
 
     def feed(n: int):
         """The next ``n`` tokens of every context through the cache, memory features included; Q of the last."""
         end = fed[0] + n
-        ids = torch.from_numpy(contexts[:, fed[0]:end]).to(DEVICE)
-        memory = torch.from_numpy(stream.tails(rows, [(contexts[b, :end], n) for b in rows], n)).to(DEVICE)
+        block = contexts[:, fed[0]:end]
+        for b in rows:
+            held[b] += block[b].tolist()
+        ids = torch.from_numpy(block).to(DEVICE)
+        memory = torch.from_numpy(stream.tails(rows, [(held[b], n) for b in rows], n)).to(DEVICE)
         pos, mask = cache.plan(torch.full((50,), n), n)
         h = qnet.hidden(ids, memory=memory, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache},
                         use_cache=True)
