@@ -1,6 +1,9 @@
 """Package layout that pyproject.toml cannot express alone, and the optional C++/CUDA extension.
 
-* ``kernels/`` installs as the import ``icrl_kernels``.
+* ``kernels/icrl_kernels/`` installs as the import ``icrl_kernels``. ``kernels/`` itself has no ``__init__.py``: a
+  directory without one is only a namespace-package candidate, so from the repository root (first on ``sys.path``
+  under ``python -m``) ``import kernels`` still finds Hugging Face's ``kernels`` package, which transformers
+  imports when it is installed (tests/test_packaging.py checks it).
 * ``icrl_fast._C`` (csrc/: the batched Frozen Lake as torch ops) is built only when torch is importable at build
   time and a C++ compiler is present; its CUDA kernels only with nvcc and a CUDA build of torch. A plain
   ``pip install -e .`` builds in an isolated environment without torch, so it stays pure Python and works (the
@@ -19,7 +22,7 @@ import sys
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["icrl_fast", "icrl_fast.*"])
-packages += ["icrl_kernels"] + ["icrl_kernels." + p for p in find_packages(where="kernels")]
+packages += find_packages(where="kernels", include=["icrl_kernels", "icrl_kernels.*"])
 
 
 def extension():
@@ -51,4 +54,4 @@ def extension():
 
 
 ext_modules, cmdclass = extension()
-setup(packages=packages, package_dir={"icrl_kernels": "kernels"}, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_dir={"icrl_kernels": "kernels/icrl_kernels"}, ext_modules=ext_modules, cmdclass=cmdclass)

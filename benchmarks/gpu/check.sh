@@ -15,7 +15,7 @@
 #   6 bench_rollout     if time is left: env backend, step vs context length
 #
 # Environment of the lent machine: no package index and no `pip install -e .` (that would pull the torch pin): the
-# checkout goes on PYTHONPATH (icrl_kernels is kernels/, linked into a temporary directory) and wheels placed in
+# checkout goes on PYTHONPATH (icrl_kernels is kernels/icrl_kernels, linked into a temporary directory) and wheels placed in
 # .whl/ (gymnasium and its two dependencies, liger-kernel: see benchmarks/README.md) are installed into that
 # directory with --no-deps. Everything is logged to $OUT (default ./gpu-out): check.log, one log per step,
 # summary.json, env.json, and results/ (gpu-check-<device>.md|json plus the benchmark suites' own result files,
@@ -46,7 +46,7 @@ echo "== benchmarks/gpu/check.sh $* ($(date -u +%FT%TZ), budget ${BUDGET}s, out 
 # -- the checkout on PYTHONPATH, carried wheels beside it -------------------------------------------------------
 SHIM="$(mktemp -d)"
 trap 'rm -rf "$SHIM"' EXIT
-ln -s "$ROOT/kernels" "$SHIM/icrl_kernels"
+ln -s "$ROOT/kernels/icrl_kernels" "$SHIM/icrl_kernels"
 shopt -s nullglob
 WHEELS=("$ROOT"/.whl/*.whl)
 shopt -u nullglob

@@ -114,16 +114,9 @@ def variants(include_control: bool = True):
 
 def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    sys.path.insert(0, str(ROOT))  # a checkout without `pip install -e .`: icrl_kernels is kernels/
-    try:
-        import icrl_kernels  # noqa: F401
-    except ImportError:
-        import importlib.util
+    sys.path.insert(0, str(ROOT / "kernels"))  # a checkout without `pip install -e .`: kernels/icrl_kernels
+    import icrl_kernels  # noqa: F401
 
-        spec = importlib.util.spec_from_file_location("icrl_kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        sys.modules["icrl_kernels"] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
     for label, fn, types, constexprs, values, warps in variants():
         try:
             row = {"kernel": label, **_compile(fn, types, constexprs, values, warps)}
