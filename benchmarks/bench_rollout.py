@@ -327,11 +327,19 @@ def cached_step(benchmark, record, qnet, floor_rates, length, attention, name, c
     finally:
         qnet.model.set_attn_implementation(impl)
     row = record(SUITE, name, 50, "steps/s", f"step-vs-context L={length}", "ours")
+    against_floor(benchmark, row, qnet, floor_rates, length, drawn,
+                  kv_dtype_bytes=cache_dtype.itemsize if cache_dtype is not None else None)
+
+
+def against_floor(benchmark, row: dict, qnet, floor_rates: dict, length: int, drawn: list[torch.Tensor],
+                  kv_dtype_bytes: int | None = None) -> None:
+    """Set a recorded cached-step ``row`` against its floor (``cached_step_floor`` of the timed calls): the row's and
+    the benchmark's ``floor_s`` and ``vs_floor``, and a note with the floor's terms."""
     f = cached_step_floor(qnet, floor_rates, length, drawn, len(benchmark.stats.stats.data),
-                          kv_dtype_bytes=cache_dtype.itemsize if cache_dtype is not None else None)
+                          kv_dtype_bytes=kv_dtype_bytes)
     row.update({"floor_s": f["floor_s"], "vs_floor": row["median_s"] / f["floor_s"], "floor": {**f, **floor_rates}})
     benchmark.extra_info.update(floor_s=row["floor_s"], vs_floor=row["vs_floor"])
-    add_note(SUITE, f"{name}: {row['median_s'] * 1e3:.3f} ms, floor {f['floor_s'] * 1e3:.3f} ms, "
+    add_note(SUITE, f"{row['name']}: {row['median_s'] * 1e3:.3f} ms, floor {f['floor_s'] * 1e3:.3f} ms, "
                     f"{row['vs_floor']:.2f}x the floor (memory: {f['bytes'] / 1e6:.1f} MB = KV {f['kv_bytes'] / 1e6:.1f} "
                     f"+ weights {f['weight_bytes'] / 1e6:.1f}, {f['memory_s'] * 1e3:.3f} ms; compute: "
                     f"{f['flops'] / 1e9:.3f} GFLOP, {f['compute_s'] * 1e3:.3f} ms)")
@@ -385,12 +393,7 @@ def test_step_vs_context_default_preset(benchmark, record, preset_qnet, floor_ra
         benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=2)
     name = f"default preset's model, cached step at {length} tokens (1 new each, memory features included)"
     row = record(SUITE, name, 50, "steps/s", f"step-vs-context L={length}", "ours")
-    f = cached_step_floor(qnet, floor_rates, length, drawn, len(benchmark.stats.stats.data))
-    row.update({"floor_s": f["floor_s"], "vs_floor": row["median_s"] / f["floor_s"], "floor": {**f, **floor_rates}})
-    add_note(SUITE, f"{name}: {row['median_s'] * 1e3:.3f} ms, floor {f['floor_s'] * 1e3:.3f} ms, "
-                    f"{row['vs_floor']:.2f}x the floor (memory: {f['bytes'] / 1e6:.1f} MB = KV {f['kv_bytes'] / 1e6:.1f} "
-                    f"+ weights {f['weight_bytes'] / 1e6:.1f}, {f['memory_s'] * 1e3:.3f} ms; compute: "
-                    f"{f['flops'] / 1e9:.3f} GFLOP, {f['compute_s'] * 1e3:.3f} ms)")
+    against_floor(benchmark, row, qnet, floor_rates, length, drawn)
     if length == 4096:
         by = {r["name"]: r["median_s"] for r in rows_of(SUITE)}
         steps = [by.get(name.replace("4096", str(n))) for n in (256, 4096)]

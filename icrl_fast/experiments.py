@@ -73,8 +73,9 @@ def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfi
     log, _ = play_protocol(maps_a[reps], ramp, seed=cfg.seed, least_tried=True, forget=True, switch_to=maps_b[reps],
                            switch_after=half)
     played = log.success.reshape(len(reps), 2 * half).mean(0).tolist()
+    back = recovery(played, half)
     result["recovery"]["teacher"] = {"success_rate": played, "plays_per_map": TEACHER_PLAYS,
-                                     **{k: recovery(played, half)[k] for k in ("pre_switch", "episodes_to_recover")}}
+                                     **{k: back[k] for k in ("pre_switch", "episodes_to_recover")}}
     result["_paths"] = [p[:half] for p in out.paths]  # drawn on map A: its episodes only
     return result
 
