@@ -262,10 +262,13 @@ def epsilon_schedule(cfg: QLearningConfig) -> np.ndarray:
 
 
 def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slippery: bool,
-         success_rate: float, reward_schedule) -> tuple[EpisodeLog, np.ndarray]:
+         success_rate: float, reward_schedule, eps_by_episode: np.ndarray | None = None) -> tuple[EpisodeLog, np.ndarray]:
+    """``eps_by_episode``: P(uniform random action) per episode, ``cfg.episodes`` of them (default: the config's
+    linear ``epsilon_schedule``)."""
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
     cfg.validate()
+    eps_by_episode = epsilon_schedule(cfg) if eps_by_episode is None else np.ascontiguousarray(eps_by_episode, float)
     success_rate, reward_of_tile, _ = validate_dynamics(success_rate, reward_schedule, cfg.max_episode_steps)
     n, e_count = len(maps), cfg.episodes
     cells = maps.tiles.shape[1] * maps.tiles.shape[2]
@@ -274,7 +277,7 @@ def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slipper
     avoid = np.zeros((n, cells, 4), dtype=np.bool_)
     steps, eps = _log_buffers(n, e_count, cfg.max_episode_steps)
     _learn_kernel(maps.tiles, maps.nrow, maps.ncol, maps.starts, maps.n_starts, as_seed(seed), e_count,
-                  cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma), epsilon_schedule(cfg), learn,
+                  cfg.max_episode_steps, float(cfg.alpha), float(cfg.gamma), eps_by_episode, learn,
                   bool(is_slippery), success_rate, reward_of_tile, q, winner, avoid, *steps, *eps)
     return _episode_log(steps, eps)[0], q
 
@@ -288,6 +291,22 @@ def q_learning(maps: MapBatch, config: QLearningConfig = QLearningConfig(), *, s
     Defaults to the paper's non-slippery env.
     """
     return _run(maps, config, seed, Q_LEARNING, is_slippery, success_rate, reward_schedule)
+
+
+def q_learning_protocol(maps: MapBatch, p_learner, *, seed: int, alpha: float = 0.5, gamma: float = 0.95,
+                        max_episode_steps: int = 100, is_slippery: bool = False, success_rate: float = 1.0 / 3.0,
+                        reward_schedule=(1, 0, 0)) -> EpisodeLog:
+    """Play the evaluation protocol with a tabular Q-learner that starts from scratch in every context (a zero
+    table per map, updated after every step: the paper's kind of data, a generic learner's history): one context of
+    ``len(p_learner)`` episodes per map; in episode ``k`` each action is the learner's greedy one (ties broken
+    uniformly) with probability ``p_learner[k]``, else uniform random (the ramp's random actions are its
+    exploration). Nothing of the context teacher is used. Map ``b`` draws from stream ``(seed, b)``."""
+    p_learner = np.ascontiguousarray(p_learner, dtype=np.float64)
+    if p_learner.ndim != 1 or p_learner.size < 1 or ((p_learner < 0) | (p_learner > 1)).any():
+        raise ValueError(f"p_learner must be a non-empty 1-D array of probabilities, got {p_learner!r}")
+    cfg = QLearningConfig(episodes=p_learner.size, alpha=alpha, gamma=gamma, max_episode_steps=max_episode_steps)
+    return _run(maps, cfg, seed, Q_LEARNING, is_slippery, success_rate, reward_schedule,
+                eps_by_episode=1.0 - p_learner)[0]
 
 
 def random_policy(maps: MapBatch, episodes: int, *, seed: int, max_episode_steps: int = 100,

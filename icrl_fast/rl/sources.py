@@ -8,7 +8,10 @@
   teacher (``icrl_fast.envs.learners.play_protocol``) with uniform random actions, generated on the fly. Every
   decision carries the teacher's choice (``label``), also where a random action was executed. With ``dagger`` > 0
   a fraction of the chunks is played by the model itself through the rollout engine (same ramp: the evaluation's
-  own distribution of contexts) and labelled by the same teacher -- DAgger. With ``switch`` > 0 a fraction of the
+  own distribution of contexts) and labelled by the same teacher -- DAgger. ``behaviour`` chooses who plays beside
+  the ramp's random actions: the teacher, a tabular Q-learner from scratch in each context
+  (``icrl_fast.envs.learners.q_learning_protocol``; labels all zero: nothing of the teacher reaches training) or the
+  model itself through the rollout engine (labels all zero). With ``switch`` > 0 a fraction of the
   teacher-played contexts go on, after their episodes, on a second fresh map (the non-stationary experiment's
   contexts: two maps in one context). With ``relabel`` > 0 a fraction of the contexts have their observation
   numbers renamed by a random permutation (``relabel_observations``). A grid format (``step-grid``) numbers every
@@ -31,12 +34,14 @@ import numpy as np
 
 from icrl_fast.data.formats import ContextFormat, decode, encode_episodes, pad_token, token_contract
 from icrl_fast.data.step_format import StepFormat, grid_numbered, names_on_grid, observation_names
-from icrl_fast.envs.learners import EpisodeLog, play_protocol, rename_observations, teacher_labels
+from icrl_fast.envs.learners import EpisodeLog, play_protocol, q_learning_protocol, rename_observations, teacher_labels
 from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
 
-
 TEACHER_RULES = ("any", "least-tried")
+
+
+BEHAVIOURS = ("teacher", "q-learning", "self")  # who plays protocol contexts (--protocol.behaviour)
 
 
 @dataclass
@@ -78,6 +83,13 @@ class ProtocolConfig:
                                                           "on these deterministic maps, a changed map) and starts "
                                                           "over; switch contexts are labelled by it from the context "
                                                           "alone instead of by a teacher told of the switch"})
+    behaviour: str = field(default="teacher", metadata={"help": "who plays the training contexts, beside the ramp's "
+                                                                "random actions: teacher (the context teacher, "
+                                                                "whose choices are the imitation labels), q-learning "
+                                                                "(a tabular Q-learner from scratch in each context: "
+                                                                "the paper's kind of data, no teacher anywhere) or "
+                                                                "self (the model, through the rollout engine; its "
+                                                                "contexts do not switch maps)"})
     relabel: float = field(default=0.0, metadata={"help": "fraction of contexts whose observation numbers are renamed "
                                                           "by a random permutation of 0 .. max_obs - 1 (one per "
                                                           "context): every observation token is trained, and a map "
@@ -104,9 +116,14 @@ class ProtocolConfig:
             raise ValueError(f"protocol relabel must be a fraction in [0, 1], got {self.relabel}")
         if self.ramp not in ("paper", "teacher"):
             raise ValueError(f"protocol ramp must be paper or teacher, got {self.ramp!r}")
+        if self.behaviour not in BEHAVIOURS:
+            raise ValueError(f"--protocol.behaviour must be one of {', '.join(BEHAVIOURS)}, got {self.behaviour!r}")
+        if self.behaviour != "teacher" and self.dagger > 0:
+            raise ValueError(f"--protocol.dagger labels the model's contexts with the teacher; with --protocol.behaviour "
+                             f"{self.behaviour} no teacher is used: set --protocol.dagger 0")
 
     def p_teacher(self) -> np.ndarray:
-        """P(the teacher acts) per episode: the ramp, capped at ``1 - noise``."""
+        """P(the behaviour acts, not a uniform random action) per episode: the ramp, capped at ``1 - noise``."""
         ramp = paper_ramp(self.episodes) if self.ramp == "paper" else np.ones(self.episodes)
         return np.minimum(ramp, 1.0 - self.noise)
 
@@ -253,7 +270,7 @@ class ProtocolSource:
                              f"observation numbers beyond the format's {fmt.max_obs}")
         self.p_teacher = cfg.p_teacher()
         self.least_tried = cfg.teacher == "least-tried"
-        self.forget = cfg.forget
+        self.forget = cfg.forget and cfg.behaviour == "teacher"  # the teacher's rule: nothing else forgets
         self.pad = pad_token(fmt)
         self._chunk: tuple[tuple, list[dict]] | None = None
         if progress:
@@ -280,9 +297,10 @@ class ProtocolSource:
         rng = np.random.default_rng([self.seed, 6, *key])
         maps = self._draw_maps(rng, n)
         seed = int(np.random.SeedSequence([self.seed, 7, *key]).generate_state(1)[0])
-        if self.is_dagger(key[0]):
+        if cfg.behaviour == "self" or self.is_dagger(key[0]):
             if self.engine is None:
-                raise ValueError("protocol dagger > 0 needs the model's rollout engine (ProtocolSource(engine=...))")
+                raise ValueError("protocol dagger > 0 or behaviour self needs the model's rollout engine "
+                                 "(ProtocolSource(engine=...))")
             was_training = self.engine.qnet.training
             self.engine.qnet.eval()
             try:
@@ -290,11 +308,11 @@ class ProtocolSource:
             finally:
                 self.engine.qnet.train(was_training)
             log = contexts_log(fmt, played.tokens)
-            labels = teacher_labels(log, fmt.max_obs, self.least_tried, self.forget)
+            labels = (teacher_labels(log, fmt.max_obs, self.least_tried, self.forget) if cfg.behaviour == "teacher"
+                      else np.zeros(log.obs.shape[0], dtype=np.uint8))
             self.dagger_success.append(float(played.success.mean()))
         else:
-            log, labels = play_protocol(maps, self.p_teacher, seed=seed, least_tried=self.least_tried,
-                                        forget=self.forget)
+            log, labels = self._play(maps, seed)
             log = self._number(log, maps, key, 0)
             if cfg.switch > 0:
                 log, labels = self._switch(log, labels, rng, key)
@@ -316,6 +334,14 @@ class ProtocolSource:
         groups = [order[g * cfg.contexts: (g + 1) * cfg.contexts] for g in range(cfg.bucket)]
         perm = rng.permutation(cfg.bucket)  # do not feed short contexts first, long ones last
         return [self._collate([contexts[j] for j in groups[g]], log) for g in perm]
+
+    def _play(self, maps: MapBatch, seed: int) -> tuple[EpisodeLog, np.ndarray]:
+        """The protocol on ``maps`` played by the behaviour (teacher or q-learning) beside the ramp's random actions:
+        the log and the per-step labels (the teacher's choices; all zero without a teacher)."""
+        if self.cfg.behaviour == "q-learning":
+            log = q_learning_protocol(maps, self.p_teacher, seed=seed)
+            return log, np.zeros(log.obs.shape[0], dtype=np.uint8)
+        return play_protocol(maps, self.p_teacher, seed=seed, least_tried=self.least_tried, forget=self.forget)
 
     def _draw_maps(self, rng, n: int) -> MapBatch:
         """``n`` pool maps (with replacement only when the pool is smaller than ``n``)."""
@@ -345,8 +371,7 @@ class ProtocolSource:
             return log, labels
         maps_b = self._draw_maps(rng, switched.size)
         seed_b = int(np.random.SeedSequence([self.seed, 8, *key]).generate_state(1)[0])
-        log_b, labels_b = play_protocol(maps_b, self.p_teacher, seed=seed_b, least_tried=self.least_tried,
-                                         forget=self.forget)
+        log_b, labels_b = self._play(maps_b, seed_b)
         log_b = self._number(log_b, maps_b, key, 1)
         partner = np.full(n, -1)
         partner[switched] = np.arange(switched.size)

@@ -9,8 +9,14 @@ from icrl_fast.data.formats import ACTION_WORDS, compact_format, decode, make_fo
 from icrl_fast.data.step_format import StepFormat
 from icrl_fast.envs.learners import play_protocol, teacher_labels
 from icrl_fast.envs.maps import generate_maps
-from icrl_fast.rl.sources import (ProtocolConfig, ProtocolSource, append_contexts, contexts_log, exclude_maps,
-                                  outcome_mask)
+from icrl_fast.rl.sources import (
+    ProtocolConfig,
+    ProtocolSource,
+    append_contexts,
+    contexts_log,
+    exclude_maps,
+    outcome_mask,
+)
 
 
 def source(fmt=None, **kw):
@@ -284,3 +290,74 @@ def test_shift_places_maps_at_random_offsets_on_the_grid_with_the_same_stride():
         source(StepFormat(), shift=0.5)
     with pytest.raises(ValueError, match="shift"):
         ProtocolConfig(shift=2.0).validate()
+
+
+def _no_teacher(monkeypatch):
+    """Make every entry point of the context teacher fail, wherever the source module reaches it."""
+    from icrl_fast.envs import learners
+    from icrl_fast.rl import sources
+
+    def refuse(*a, **k):
+        raise AssertionError("the context teacher was used")
+
+    for mod in (learners, sources):
+        for name in ("play_protocol", "teacher_labels", "teacher_choices", "teacher_observe"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, refuse)
+
+
+@pytest.mark.parametrize("switch", [0.0, 0.5], ids=["no-switch", "switch"])
+def test_q_learning_behaviour_uses_nothing_of_the_teacher(monkeypatch, switch):
+    """--protocol.behaviour q-learning: contexts are a tabular Q-learner's protocol histories (the ramp's random
+    actions beside it), their labels are all zero, and no teacher code runs (forget is the teacher's rule: off)."""
+    from icrl_fast.envs.learners import q_learning_protocol
+    from icrl_fast.protocol import paper_ramp
+
+    fmt = StepFormat()
+    src, _ = source(fmt, episodes=12, behaviour="q-learning", switch=switch, forget=True)
+    _no_teacher(monkeypatch)
+    assert not src.forget
+    batch = src.batch(step=0, micro=0)
+    assert batch["label"].max() == 0 and batch["decision_mask"].any()
+    counts = [len(decode(fmt, batch["input_ids"][r, : n])) for r, n in enumerate(batch["length"])]
+    counts += [len(decode(fmt, b["input_ids"][r, : n])) for b in [src.batch(step=0, micro=1)]
+               for r, n in enumerate(b["length"])]
+    # 24: switched to a second map, played by a fresh Q-learner
+    assert set(counts) == {12} if switch == 0 else set(counts) == {12, 24}
+    # the behaviour is the Q-learner: on the same maps and seed it plays the same actions
+    maps = generate_maps(40, seed=2)
+    a = q_learning_protocol(maps, paper_ramp(30), seed=5)
+    b = q_learning_protocol(maps, paper_ramp(30), seed=5)
+    np.testing.assert_array_equal(a.actions, b.actions)
+    late = a.success.reshape(40, 30)[:, 20:].mean()
+    early = a.success.reshape(40, 30)[:, :2].mean()
+    assert late > early  # it learns within each context from zero: its late episodes beat the random first two
+
+
+def test_a_behaviour_other_than_the_teacher_refuses_teacher_labels():
+    with pytest.raises(ValueError, match="behaviour"):
+        ProtocolConfig(behaviour="oracle").validate()
+    with pytest.raises(ValueError, match="dagger"):
+        ProtocolConfig(behaviour="q-learning", dagger=0.5).validate()
+    from icrl_fast.presets import preset
+    from icrl_fast.train import check_config
+
+    cfg = preset("default")
+    cfg.protocol.behaviour = "q-learning"
+    cfg.objective.imitation = 1.0
+    with pytest.raises(ValueError, match="imitation"):
+        check_config(cfg)
+
+
+def test_self_behaviour_contexts_are_the_models_own_with_no_labels(monkeypatch):
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.rl.rollout import RolloutEngine
+
+    fmt = compact_format()
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32, max_positions=4096),
+                 fmt.vocab_size, fmt.action_ids, seed=0)
+    cfg = ProtocolConfig(pool_maps=100, episodes=4, contexts=2, bucket=2, behaviour="self", max_len=4096)
+    src = ProtocolSource(cfg, fmt, generate_maps(3, seed=0), seed=4, engine=RolloutEngine(q, fmt))
+    _no_teacher(monkeypatch)
+    batch = src.batch(step=0)
+    assert batch["label"].max() == 0 and batch["decision_mask"].any() and len(src.dagger_success) == 1
