@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from icrl_fast import distributed
+from icrl_fast import distributed, threads
 from icrl_fast.checkpoint import (  # noqa: F401
     build_qnet,
     init_networks,
@@ -67,6 +67,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if deterministic_on(cfg.deterministic, device) and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic_on(cfg.deterministic, device), warn_only=device != "cpu")
+    threads.configure(getattr(cfg, "threads", 0))  # 0: the cores the other processes leave free, re-read each step
     progress = progress and world.main
     ds = prepare_data(cfg, run_dir, world, progress)
     fmt = run_format(cfg, ds)
@@ -109,6 +110,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 _log(metrics_file, tb, collect(engine, ds, replay, cfg, state["step"], world))
                 state["last_rollout"] = state["step"]
                 t_last += time.perf_counter() - t0  # tokens/s counts training time only
+            threads.poll()  # follows the other processes' load: two runs side by side settle at a core each
             data_pos = {"epoch": state["epoch"], "cursor": state["cursor"]}  # committed only with the step, so an
             opt.zero_grad(set_to_none=True)                                  # interrupted step is redone
             step_tokens = 0
@@ -204,6 +206,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("the imitation and observation objectives need the teacher's labels of --mode protocol")
     if cfg.mode == "protocol":
         cfg.protocol.validate()
+        if cfg.protocol.behaviour != "teacher" and cfg.objective.imitation > 0:
+            raise ValueError(f"--objective.imitation imitates the context teacher, which --protocol.behaviour "
+                             f"{cfg.protocol.behaviour} does not use: set --objective.imitation 0")
     if cfg.mode == "online":
         cfg.online.validate()
     size = distributed.world_size()
@@ -260,8 +265,8 @@ def build_learner(cfg: TrainConfig, fmt, world, device: str):
 def make_source(cfg: TrainConfig, ds: OfflineDataset, fmt, replay, world, progress: bool, qnet, device: str):
     """The context source of ``cfg.mode`` (``icrl_fast.rl.sources``); DAgger chunks roll the network out."""
     if cfg.mode == "protocol":
-        engine = None if cfg.protocol.dagger == 0 else RolloutEngine(qnet, fmt, device=device,
-                                                                     max_positions=cfg.model.max_positions)
+        played = cfg.protocol.dagger > 0 or cfg.protocol.behaviour == "self"  # the model plays some contexts
+        engine = RolloutEngine(qnet, fmt, device=device, max_positions=cfg.model.max_positions) if played else None
         return ProtocolSource(cfg.protocol, fmt, ds.maps[ds.test_map_ids], seed=cfg.seed,
                               height=cfg.data.height, width=cfg.data.width, min_hops=cfg.data.min_hops,
                               grad_accum=cfg.optim.grad_accum, rank_key=world.key(), engine=engine,

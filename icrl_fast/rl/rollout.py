@@ -31,6 +31,7 @@ import torch
 from numba import njit
 from tqdm import tqdm
 
+from icrl_fast import threads
 from icrl_fast.data.formats import ContextFormat
 from icrl_fast.data.step_format import StepFormat, StepStreams, observation_names
 from icrl_fast.envs.frozen_lake import FrozenLakeBatch
@@ -321,6 +322,7 @@ class RolloutEngine:
         there, ``float32 [rows, 4]``, and appends the call's batch size to ``batch_sizes``. ``memory``: for a model
         with the same-state memory, the ``MemoryStream`` of the log's contexts (``_memory_stream``), which reads the
         new tokens into each context's counts; else ``None``."""
+        threads.poll()  # the thread budget follows the other processes' load (icrl_fast.threads)
         blocks = [log.feed(b) for b in rows]
         counts = np.array([len(x) for x in blocks], dtype=np.int64)
         width = int(counts.max())
