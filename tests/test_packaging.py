@@ -31,7 +31,7 @@ def test_hugging_face_kernels_is_installed_and_wins_from_the_repo_root():
 
 
 def test_train_help_runs_from_the_repo_root():
-    out = subprocess.run([sys.executable, "-m", "icrl_fast.train", "--help"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "icrl_fast.train", "--help"], cwd=ROOT, capture_output=True, check=False,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage: python -m icrl_fast.train")

@@ -1,7 +1,8 @@
 """Offline Double DQN over multi-episode contexts (arXiv 2501.14176, DESIGN.md §1), through ``icrl_kernels``.
 
 Transitions pair consecutive decision points of one slice: ``done`` when the two belong to different episodes
-(no bootstrap across an episode end), reward = the episode's return on an episode's last action (scaled by
+(no bootstrap across an episode end; with ``gamma_episode`` > 0 the target bootstraps there too, from the next
+episode's first decision, discounted by ``gamma_episode``), reward = the episode's return on an episode's last action (scaled by
 ``reward_scale`` inside the loss), and the last decision of a slice has no target and is dropped. The loss is
 ``icrl_kernels.q_td_loss`` on the final hidden states and the LM head, so no ``[N, V]`` logits are held.
 """
@@ -19,6 +20,11 @@ class DQNConfig:
     """The TD objective."""
 
     gamma: float = field(default=0.9, metadata={"help": "discount (paper: 0.9)"})
+    gamma_episode: float = field(default=0.0, metadata={"help": "discount of the next episode's first decision at an "
+                                                                "episode end (a target that bootstraps across episodes "
+                                                                "of one context, so what an episode learns is worth "
+                                                                "something to the next); 0 = no bootstrap across "
+                                                                "episode ends (the paper)"})
     reward_scale: float = field(default=30.0, metadata={"help": "reward multiplier (paper: 30)"})
     tau: float = field(default=0.1, metadata={"help": "Polyak factor of the target update (paper: 0.1); 1: no "
                                                       "target network (the online one, whose forward is then reused)"})
@@ -35,6 +41,8 @@ class DQNConfig:
                                                          "the data's action is pushed up where it led to the goal)"})
 
     def validate(self) -> None:
+        if not 0.0 <= self.gamma_episode <= 1.0:
+            raise ValueError(f"--dqn.gamma_episode must be in [0, 1], got {self.gamma_episode}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.tau <= 1.0:
             raise ValueError(f"need 0 <= gamma <= 1 and 0 < tau <= 1, got gamma={self.gamma}, tau={self.tau}")
         if self.argmax not in ("actions", "vocab") or self.loss not in ("paper", "mse", "huber"):
@@ -82,12 +90,14 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
         ht_all = h_all.detach() if same else qnet.hidden(ids, target=True)
     r, p, pn = tr["row"], tr["pos"], tr["next_pos"]
     hidden, next_hidden, next_target = h_all[r, p], h_all[r, pn].detach(), ht_all[r, pn].to(h_all.dtype)
+    # across an episode end the target bootstraps with gamma_episode (0: not at all, the paper's rule)
+    discounts = None if cfg.gamma_episode == 0 else torch.where(tr["done"], cfg.gamma_episode, cfg.gamma).float()
     weight = qnet.head_weight()
     target_weight = weight.detach() if same else qnet.head_weight(target=True).to(weight.dtype)
     loss = q_td_loss(hidden.contiguous(), weight, next_hidden.contiguous(), next_target.contiguous(), tr["action"],
                      tr["reward"], tr["done"], tr["seq_id"], action_ids=qnet.action_ids, target_weight=target_weight,
                      gamma=cfg.gamma, reward_scale=cfg.reward_scale, argmax=cfg.argmax, loss=cfg.loss,
-                     huber_delta=cfg.huber_delta, backend=backend)
+                     huber_delta=cfg.huber_delta, backend=backend, discounts=discounts)
     stats = {}
     if cfg.cql > 0:
         q_all = qnet.q_values(hidden)  # [T, A] fp32: tiny, outside the fused kernel
@@ -103,7 +113,8 @@ def dqn_loss(qnet, batch: dict[str, torch.Tensor], cfg: DQNConfig, backend: str 
         if cfg.argmax == "actions":  # the vocab-mode target would need the [N, V] logits the kernel avoids
             best = (next_hidden.float() @ rows.T).argmax(-1)
             q_next = (next_target.float() * target_weight[qnet.action_ids].float()[best]).sum(-1)
-            stats["target"] = (tr["reward"] * cfg.reward_scale + cfg.gamma * (~tr["done"]).float() * q_next).mean()
+            discount = cfg.gamma * (~tr["done"]).float() if discounts is None else discounts
+            stats["target"] = (tr["reward"] * cfg.reward_scale + discount * q_next).mean()
     return loss, stats
 
 

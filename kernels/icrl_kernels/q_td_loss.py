@@ -11,7 +11,10 @@ Contract (N transitions, d hidden size, V vocabulary, A actions):
 * ``weight``: the LM head ``[V, d]`` with ``action_ids [A]`` (Q is the logit of an action's token), or a dedicated
   Q-head ``[A, d]`` with ``action_ids=None``; ``target_weight`` (default ``weight``) is the target network's head;
 * ``actions [N]`` int in ``0..A-1``, ``rewards [N]`` float, ``dones [N]`` (1: the next decision belongs to another
-  episode: no bootstrap), ``seq_ids [N]`` int >= 0 (sequence of each transition, for the paper's normalisation).
+  episode: no bootstrap), ``seq_ids [N]`` int >= 0 (sequence of each transition, for the paper's normalisation);
+* optional ``discounts [N]`` float: each transition's discount of the next Q, in place of ``gamma * (1 - done)``
+  (e.g. a target that bootstraps across episode ends with a discount of its own). The fused path takes it as
+  ``gamma = 1`` and ``done = 1 - discount``, which its kernels already read as a float: the same kernels.
 
 Computes ``q = <hidden, W[tok(action)]>`` and ``y = reward_scale * r + gamma * (1 - done) * <next_target_hidden,
 W_tgt[a*]>`` with ``a* = argmax <next_hidden, W[.]>`` over the A action tokens (``argmax="actions"``) or over the
@@ -375,7 +378,7 @@ def _check_values(weight, actions, seq_ids, action_ids, n_actions) -> None:
 def q_td_loss(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids, *,
               action_ids=None, target_weight=None, gamma: float = 0.9, reward_scale: float = 30.0,
               argmax: str = "actions", loss: str = "paper", huber_delta: float = 1.0, reduction: str = "mean",
-              norm_eps: float = 1e-6, backend: str | None = None) -> torch.Tensor:
+              norm_eps: float = 1e-6, backend: str | None = None, discounts=None) -> torch.Tensor:
     """Fused Q readout + Double-DQN TD loss (see the module docstring for the contract).
 
     Returns the loss: fp32 scalar, or fp32 ``[N]`` for ``reduction="none"`` (the reference path returns the
@@ -387,10 +390,17 @@ def q_td_loss(hidden, weight, next_hidden, next_target_hidden, actions, rewards,
            action_ids, argmax, loss, reduction)
     kw = dict(gamma=gamma, reward_scale=reward_scale, argmax=argmax, loss=loss, huber_delta=huber_delta,
               reduction=reduction, norm_eps=norm_eps)
+    if discounts is not None and (discounts.shape != rewards.shape or discounts.device != rewards.device
+                                  or not discounts.is_floating_point()):
+        raise ValueError(f"discounts must be a float tensor shaped like rewards {tuple(rewards.shape)} on "
+                         f"{rewards.device}, got {discounts.dtype} {tuple(discounts.shape)} on {discounts.device}")
     chosen = select_backend(hidden, weight, backend=backend)
     if chosen == "reference" or hidden.dtype == torch.float64:  # fp64 is the oracle's dtype: reference only
         return q_td_loss_reference(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones,
-                                   seq_ids, action_ids=action_ids, target_weight=target_weight, **kw)
+                                   seq_ids, action_ids=action_ids, target_weight=target_weight, discounts=discounts,
+                                   **kw)
+    if discounts is not None:  # y = r + gamma * (1 - done) * q_next with gamma 1 and done 1 - discount
+        gamma, dones = 1.0, 1.0 - discounts.to(torch.float32)
     ids = (torch.arange(weight.shape[0], device=weight.device) if action_ids is None else action_ids).to(torch.int64)
     return QTDLossFunction.apply(hidden, weight, next_hidden.detach(), next_target_hidden.detach(),
                                  target_weight.detach(), actions.to(torch.int64).contiguous(),

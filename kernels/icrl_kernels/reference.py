@@ -74,8 +74,10 @@ def reduce_loss(per_row: torch.Tensor, seq_ids: torch.Tensor, loss: str, reducti
 def q_td_loss_reference(hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids, *,
                         action_ids=None, target_weight=None, gamma: float = 0.9, reward_scale: float = 30.0,
                         argmax: str = "actions", loss: str = "paper", huber_delta: float = 1.0,
-                        reduction: str = "mean", norm_eps: float = 1e-6, return_parts: bool = False):
-    """Double-DQN TD loss from hidden states (see ``icrl_kernels.q_td_loss`` for the contract).
+                        reduction: str = "mean", norm_eps: float = 1e-6, return_parts: bool = False,
+                        discounts=None):
+    """Double-DQN TD loss from hidden states (see ``icrl_kernels.q_td_loss`` for the contract). ``discounts``
+    (float ``[N]``): each transition's discount of the next Q, in place of ``gamma * (1 - done)``.
 
     With ``return_parts=True`` also returns ``{"q", "y", "next_action"}`` (next_action: vocabulary index in
     ``vocab`` mode, action index in ``actions`` mode).
@@ -91,7 +93,8 @@ def q_td_loss_reference(hidden, weight, next_hidden, next_target_hidden, actions
             next_action = (next_hidden @ rows.T).argmax(-1)
             tgt_rows = (target_weight if action_ids is None else target_weight[action_ids])[next_action]
         q_next = (next_target_hidden * tgt_rows).sum(-1)
-        y = rewards * reward_scale + gamma * (1.0 - dones.to(q_next.dtype)) * q_next
+        discount = gamma * (1.0 - dones.to(q_next.dtype)) if discounts is None else discounts.to(q_next.dtype)
+        y = rewards * reward_scale + discount * q_next
         denom = safe_denominator(sequence_mean(y, seq_ids)[0], norm_eps) if loss == "paper" else None
     out = reduce_loss(elementwise_loss(q - y, denom, loss, huber_delta), seq_ids, loss, reduction)
     if return_parts:

@@ -118,6 +118,25 @@ def test_no_bootstrap_across_episode_ends():
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("argmax", ["actions", "vocab"])
+def test_per_transition_discounts_replace_gamma_times_not_done(argmax):
+    """``discounts``: y = r * scale + discount * Q_target(next), the fused path (gamma 1, done 1 - discount) against
+    the float64 reference, and the reference against gamma * (1 - done) where the discounts say exactly that."""
+    inputs, _ = make(1023, 96, seed=11, argmax=argmax)
+    g = torch.Generator().manual_seed(3)
+    discounts = torch.where(inputs["dones"].cpu(), 0.5, 0.9) * torch.rand(1023, generator=g, dtype=torch.float64)
+    want, want_grad, _ = run(q_td_loss_reference, inputs, argmax=argmax, discounts=discounts.to(DEV))
+    f32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+    got, got_grad, _ = run(q_td_loss, f32, argmax=argmax, backend="triton", discounts=discounts.float().to(DEV))
+    assert rel_err(got, want) <= 1e-5 and rel_err(got_grad, want_grad) <= 1e-5
+    same = torch.where(inputs["dones"], 0.0, 0.9).double()
+    a = run(q_td_loss_reference, inputs, argmax=argmax, discounts=same)[0]
+    b = run(q_td_loss_reference, inputs, argmax=argmax, gamma=0.9)[0]
+    assert rel_err(a, b) <= 1e-12
+    with pytest.raises(ValueError, match="discounts"):
+        q_td_loss(**inputs, discounts=discounts[:5].to(DEV))
+
+
 def test_module_matches_functional():
     inputs, _ = make(50, 33, seed=9)
     mod = QTDLoss(argmax="vocab", loss="paper", backend="triton")

@@ -1,5 +1,6 @@
 """The offline Double-DQN learner: transitions across episode and slice boundaries, and the loss it feeds."""
 
+import pytest
 import torch
 
 from icrl_fast.model.qnet import ModelConfig, QNetwork
@@ -149,3 +150,28 @@ def test_the_success_only_conservative_term_covers_only_decisions_of_successful_
         assert "cql_on" in str(e)
     else:
         raise AssertionError("an unknown cql_on must be refused")
+
+
+def test_gamma_episode_bootstraps_across_episode_ends_with_its_own_discount():
+    """--dqn.gamma_episode g: at an episode end the target is R * scale + g * Q_target(next episode's first
+    decision); inside an episode gamma as before; 0 leaves the paper's loss unchanged (no bootstrap at an end)."""
+    from icrl_kernels import q_td_loss_reference
+
+    q, batch = model_and_batch(1, 2, 30, 7)
+    tr = transitions(batch["decision_mask"], batch["action"], batch["episode_id"], batch["episode_return"])
+    assert tr["done"].any() and (~tr["done"]).any()
+    base = DQNConfig(loss="mse", tau=0.5)
+    with torch.no_grad():
+        paper, _ = dqn_loss(q, batch, base, backend="reference")
+        same, _ = dqn_loss(q, batch, DQNConfig(loss="mse", tau=0.5, gamma_episode=0.0), backend="reference")
+        crossed, stats = dqn_loss(q, batch, DQNConfig(loss="mse", tau=0.5, gamma_episode=0.7), backend="reference")
+        assert torch.equal(paper, same) and not torch.allclose(paper, crossed)
+        h, ht = q.hidden(batch["input_ids"]), q.hidden(batch["input_ids"], target=True)
+        r, p, pn = tr["row"], tr["pos"], tr["next_pos"]
+        want = q_td_loss_reference(h[r, p], q.head_weight(), h[r, pn], ht[r, pn], tr["action"], tr["reward"],
+                                   torch.zeros_like(tr["done"]), tr["seq_id"], action_ids=q.action_ids,
+                                   target_weight=q.head_weight(target=True), loss="mse", gamma=1.0,
+                                   discounts=torch.where(tr["done"], 0.7, 0.9))
+    assert torch.allclose(crossed, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="gamma_episode"):
+        DQNConfig(gamma_episode=1.5).validate()
