@@ -24,6 +24,17 @@ def add_note(suite: str, text: str) -> None:
     _NOTES.setdefault(suite, []).append(text)
 
 
+def add_row(suite: str, name: str, group: str, role: str, unit: str, rates: list[float]) -> dict:
+    """A row measured outside ``benchmark`` (e.g. throughputs that other processes report): ``rates`` are the
+    measured throughputs in ``unit`` (one per sample); median and p20/p80 are of the time per unit of work."""
+    per = 1.0 / np.asarray(rates, dtype=np.float64)
+    row = {"name": name, "group": group, "role": role, "unit": unit, "rounds": int(per.size),
+           "median_s": float(np.median(per)), "p20_s": float(np.percentile(per, 20)),
+           "p80_s": float(np.percentile(per, 80)), "throughput": float(np.median(rates))}
+    _ROWS.setdefault(suite, []).append(row)
+    return row
+
+
 def rows_of(suite: str) -> list[dict]:
     return _ROWS.get(suite, [])
 

@@ -125,6 +125,10 @@ class TrainConfig:
                                                               "CPU, where runs are then bit-identical for a seed and "
                                                               "no slower; off on CUDA, where they warn and fill empty "
                                                               "tensors with NaN), true or false"})
+    threads: int = field(default=0, metadata={"help": "CPU threads: 0 = the cores other processes leave free, "
+                                                      "re-read every second (two runs side by side settle at one "
+                                                      "each; icrl_fast.threads), N = exactly N (bit-identical runs "
+                                                      "whatever else the machine does)"})
 
 
 def deterministic_on(setting, device: str) -> bool:

@@ -10,9 +10,9 @@ ends: two runs side by side settle at one thread each, a run alone keeps every c
 per ``interval_s`` it reads ``/proc/stat`` (the whole machine's busy time) and this process's own CPU time
 (``os.times``): the difference is the other processes' load, in cores. The budget drops to ``cores - others``
 (rounded, at least 1) at once and rises again only after two readings in a row agree, so a short burst elsewhere does
-not make it oscillate. It sets ``torch.set_num_threads``. (The Numba simulator chooses its own threads: one below
-``PARALLEL_MIN_ENVS`` envs, as in training and evaluation, and from measured step times above; see
-``icrl_fast.envs.frozen_lake``.)
+not make it oscillate. It sets torch's and Numba's thread counts (see ``apply``: they share one OpenMP runtime). The
+simulator's own kernels choose their threads per step (one below ``PARALLEL_MIN_ENVS`` envs, as in training and
+evaluation; see ``icrl_fast.envs.frozen_lake``) and restore this count afterwards.
 
 A fixed count (``--threads N``, or ``configure(N)``) turns the adaptation off: results are then bit-identical run to
 run, as torch's reductions may split work differently at another thread count. Where ``/proc/stat`` does not exist
@@ -125,10 +125,14 @@ class ThreadBudget:
         self.apply()
 
     def apply(self) -> None:
+        """Set the count in torch and in Numba. Both must hear it: Numba's ``omp`` threading layer shares torch's
+        libgomp, and every parallel Numba kernel restores the caller's Numba thread count on return, which sets
+        OpenMP's count for torch too (measured: ``torch.set_num_threads(1)`` was back at 2 after one simulator step)."""
+        import numba
         import torch
 
-        if torch.get_num_threads() != self.current:
-            torch.set_num_threads(self.current)
+        numba.set_num_threads(max(1, min(self.current, numba.config.NUMBA_NUM_THREADS)))
+        torch.set_num_threads(self.current)
 
 
 #: The process's budget: ``configure`` replaces it; the trainer and the rollout engine poll it.

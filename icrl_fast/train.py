@@ -67,7 +67,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     if deterministic_on(cfg.deterministic, device) and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic_on(cfg.deterministic, device), warn_only=device != "cpu")
-    threads.configure(getattr(cfg, "threads", 0))  # 0: the cores the other processes leave free, re-read each step
+    threads.configure(cfg.threads)  # 0: the cores the other processes leave free, re-read each step
     progress = progress and world.main
     ds = prepare_data(cfg, run_dir, world, progress)
     fmt = run_format(cfg, ds)
