@@ -190,7 +190,7 @@ def preset(name: str) -> TrainConfig:
                                                learner=QLearningConfig(episodes=200)),
             model=ModelConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_positions=4096),
             optim=OptimConfig(steps=12, batch_slices=4, warmup_steps=2), eval=EvalConfig(maps=6, episodes=4),
-            log_every=2, ckpt_every=5)
+            log_every=2, ckpt_every=5, threads=1)  # one thread: bit-identical whatever else the machine runs
     if name == "paper":
         return TrainConfig(
             preset="paper", data=DatasetConfig(format="paper", slice_len=4096, learner=QLearningConfig(episodes=2600)),
