@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from icrl_fast.envs.frozen_lake import landing, slip_branch, start_slot, transition, validate_dynamics
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
+from icrl_fast.envs.outcomes import ENDED_REWARDED, ENDED_UNREWARDED, MOVED, STAYED, outcome_class, surprised
 from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
 
 
@@ -427,19 +428,9 @@ def greedy_solves(maps: MapBatch, q: np.ndarray, max_episode_steps: int = 100) -
 # into it. With ``forget`` a *surprise* -- an action whose outcome from a state differs from the last time it was
 # seen, which on the deterministic (non-slippery) maps happens only when the map changed -- wipes that knowledge,
 # so after a switch the teacher starts over as on a fresh map.
-OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL = range(4)  # an outcome's class (also the same-state memory's)
-
-
-@njit(inline="always", cache=True)
-def surprised(known, s, a, c):
-    """Record outcome class ``c`` of action ``a`` from ``s`` in ``known`` (``[cells, 4]``, -1: not seen) and say
-    whether it is a surprise: it differs from the last one recorded there. A surprise also empties ``known``
-    before recording; the caller wipes the rest of what it knew. The one rule of the teacher and the memory."""
-    surprise = known[s, a] >= 0 and known[s, a] != c
-    if surprise:
-        known[:] = -1
-    known[s, a] = c
-    return surprise
+# The outcome classes and the surprise rule are shared with the same-state memory (icrl_fast.envs.outcomes): on these
+# maps a rewarded end is the goal and an unrewarded one a hole.
+OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL = MOVED, STAYED, ENDED_UNREWARDED, ENDED_REWARDED
 
 
 @njit(cache=True)
@@ -495,10 +486,7 @@ def teacher_observe(winner, current, tried, avoid, known, s, a, s2, reward, done
     # A wall bump shows as the same observation next; after a cut episode's last step the context shows no next
     # observation, so the teacher (a function of the context) cannot know its outcome there.
     if done or not ended:
-        if done:
-            c = OUT_GOAL if reward > 0.0 else OUT_HOLE
-        else:
-            c = OUT_STAYED if s2 == s else OUT_MOVED
+        c = outcome_class(not done and s2 == s, done, reward > 0.0)
         if forget and surprised(known, s, a, c):
             winner[:] = -1
             current[:] = -1

@@ -3,8 +3,9 @@
 Issue 17's model option "a hard-wired same-state (n-gram induction) attention head" (arXiv 2411.01958). At a
 decision position ``p`` (a ``START(o)`` or ``LAND(a, move, o)`` token: the agent stands on ``o``) the head looks at
 every earlier decision on the same ``o`` and at the token that followed it (the action taken there and where it
-landed), and returns, per action ``a`` and outcome class (``MOVED`` elsewhere, ``STAYED`` on ``o``: a wall or a
-slip back, ``HOLE``, ``GOAL``):
+landed), and returns, per action ``a`` and outcome class (``icrl_fast.envs.outcomes``, what any environment with
+discrete observations returns: ``MOVED`` elsewhere, ``STAYED`` on ``o`` (a wall or a slip back), the episode
+ended without a reward (``HOLE`` on Frozen Lake) or with one (``GOAL``)):
 
 * ``log1p(count)``: how often ``a`` from ``o`` had that outcome so far (16 values): a fixed attention head with
   equal weight on every same-state position and one-hot values, summed instead of averaged;
@@ -34,9 +35,9 @@ import numpy as np
 from numba import njit
 
 from icrl_fast.data.step_format import KINDS, TYPE_LAND0, TYPE_START
-from icrl_fast.envs.learners import OUT_GOAL, OUT_HOLE, OUT_MOVED, OUT_STAYED, surprised
+from icrl_fast.envs.outcomes import ENDED_REWARDED, ENDED_UNREWARDED, MOVED, STAYED, outcome_class, surprised  # noqa: F401 (re-exported)
 
-MOVED, STAYED, HOLE, GOAL = OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL  # the teacher's outcome classes
+HOLE, GOAL = ENDED_UNREWARDED, ENDED_REWARDED  # on Frozen Lake (icrl_fast.envs.outcomes: any discrete env's classes)
 MEMORY_DIM = 32
 _KIND_MOVE, _KIND_GOAL, _KIND_HOLE, _KIND_CUT = (KINDS.index(k) for k in ("move", "goal", "hole", "cut"))
 
@@ -57,14 +58,8 @@ def _scan(types, acts, obs, ids, begin, first, forget, out, count, latest, known
                 s = obs[ids[p - 1]] - 1
                 a = acts[ids[p]] - 1
                 kind = t - land0
-                if kind == _KIND_GOAL:
-                    c = GOAL
-                elif kind == _KIND_HOLE:
-                    c = HOLE
-                elif obs[ids[p]] - 1 == s:
-                    c = STAYED
-                else:
-                    c = MOVED
+                ended = kind == _KIND_GOAL or kind == _KIND_HOLE  # the step format's goal: ended with a reward
+                c = outcome_class(not ended and obs[ids[p]] - 1 == s, ended, kind == _KIND_GOAL)
                 if forget and kind != _KIND_CUT and surprised(known, s, a, c):
                     count[:] = 0
                     latest[:] = -1
@@ -119,7 +114,7 @@ class SameStateMemory:
                 np.full((contexts, self.cells, 4), -1, dtype=np.int8),
                 np.full((contexts, self.cells, 4), -1, dtype=np.int8))
 
-    def stream(self, contexts: int) -> "MemoryStream":
+    def stream(self, contexts: int) -> MemoryStream:
         """Incremental features of ``contexts`` growing contexts (the rollout engine's)."""
         return MemoryStream(self, contexts)
 
