@@ -32,14 +32,17 @@ def line(run: Path) -> str:
     st = run / "eval-stitching" / "eval.json"
     if st.is_file():
         ev = json.loads(st.read_text())
-        parts.append(f"stitching {ev.get('stitching', {}).get('successes', ev.get('successes'))}")
+        st = ev.get("stitching", {})
+        parts.append(f"stitching {st.get('successes')}/{st.get('trials')} ({sum(st.get('stitched', []))} stitched)")
     m = run / "metrics.jsonl"
     if m.is_file():
         recs = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
-        tps = [r["perf/tokens_per_s"] for r in recs if "perf/tokens_per_s" in r]
-        tok = max((r.get("perf/tokens", 0) for r in recs), default=0)
-        if tps:
-            parts.append(f"{tok / 1e6:.1f} M tok, {np.median(tps):,.0f} tok/s")
+        recs = [r for r in recs if "perf/tokens_per_s" in r]
+        if recs:
+            tok = [0] + [r["perf/tokens"] for r in recs]
+            seconds = sum((b - a) / r["perf/tokens_per_s"] for a, b, r in zip(tok, tok[1:], recs))
+            parts.append(f"{tok[-1] / 1e6:.1f} M tok, {seconds / 60:.1f} train min, "
+                         f"{np.median([r['perf/tokens_per_s'] for r in recs]):,.0f} tok/s")
     return " | ".join(parts)
 
 
