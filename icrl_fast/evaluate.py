@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from icrl_fast.checkpoint import load_run_for_eval
+from icrl_fast.config import COUNT, NON_NEGATIVE, ArgumentParser, check_args
 from icrl_fast.data.formats import ContextFormat
 from icrl_fast.envs.maps import MAPS, MapBatch
 from icrl_fast.experiments import imitation, non_stationary, stitching
@@ -132,11 +133,15 @@ def parse_size(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
     return (r0, r1), (c0, c1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m icrl_fast.evaluate", description=__doc__.split("\n\n")[0])
+#: The allowed values of the numeric options (tests/test_config_validation.py requires one for each).
+ARG_RANGES = {"maps": COUNT, "episodes": COUNT, "window": COUNT, "seed": NON_NEGATIVE}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m icrl_fast.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run directory written by python -m icrl_fast.train")
-    p.add_argument("--maps", type=int, default=50)
-    p.add_argument("--episodes", type=int, default=None, help="episodes per context (default 30; stitching: 5)")
+    p.add_argument("--maps", type=int, default=50, help="maps to evaluate on (>= 1; default 50)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per context (>= 1; default 30; stitching: 5)")
     p.add_argument("--experiment", choices=EXPERIMENTS, default="in-distribution",
                    help="in-distribution (unseen 3-5 maps), ood (6-7 maps), non-stationary (a new map after "
                         "EPISODES episodes, EPISODES more), stitching (the 4x6 map after two hand-written episodes; "
@@ -147,27 +152,45 @@ def main(argv: list[str] | None = None) -> int:
                         "3-5x6-7 (training heights, wider maps); default 6-7x6-7")
     p.add_argument("--ramp", choices=("paper", "greedy"), default="paper",
                    help="paper: P(model) 0.0 -> 1.0 over episodes 0-19; greedy: the model acts from episode 0")
-    p.add_argument("--window", type=int, default=None, help="attend to the last WINDOW tokens (ring-buffer KV cache)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--window", type=int, default=None, help="attend to the last WINDOW (>= 1) tokens (ring-buffer KV "
+                                                                    "cache)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the exploration draws and env streams (>= 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--out", default=None, help="output folder (default: the run directory for the paper protocol, "
                                                "else RUN/eval-EXPERIMENT[-greedy])")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, each checked (``ARG_RANGES``, ``--ood-size``): a bad one exits with status 2 and one line on
+    stderr (``error: --maps must be >= 1 (got 0)``)."""
+    p = build_parser()
     args = p.parse_args(argv)
+    try:
+        check_args(args, ARG_RANGES)
+        args.ood_range = parse_size(args.ood_size)
+        if args.experiment != "ood" and args.ood_size != OOD_SIZE:
+            raise ValueError("--ood-size applies to --experiment ood only")
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help (0), or a refused option (2; its one-line error is already on stderr)
+        return e.code if isinstance(e.code, int) else 0
     episodes = args.episodes if args.episodes is not None else (5 if args.experiment == "stitching" else 30)
     ecfg = EvalConfig(maps=args.maps, episodes=episodes, experiment=args.experiment, seed=args.seed,
                       ramp=args.ramp, window=args.window)
     try:
         ecfg.validate()
-        if args.maps < 1:
-            raise ValueError(f"--maps must be >= 1, got {args.maps}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-        ood_size = parse_size(args.ood_size)
-        if args.experiment != "ood" and args.ood_size != OOD_SIZE:
-            raise ValueError("--ood-size applies to --experiment ood only")
         qnet, fmt, maps, cfg = load_run_for_eval(Path(args.run), args.experiment, args.maps, device=device,
-                                                 ood_size=ood_size)
+                                                 ood_size=args.ood_range)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

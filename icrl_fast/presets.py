@@ -7,13 +7,16 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from icrl_fast.data.dataset import DatasetConfig
+from icrl_fast.config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, Range, check_fields
+from icrl_fast.data.dataset import QUALITY_WEIGHT, SOURCES, DatasetConfig
+from icrl_fast.data.formats import FORMATS
 from icrl_fast.envs.learners import QLearningConfig
+from icrl_fast.model.attention import CHOICES as ATTENTION
 from icrl_fast.model.qnet import ModelConfig
-from icrl_fast.protocol import EvalConfig
+from icrl_fast.protocol import EXPERIMENTS, EvalConfig
 from icrl_fast.rl.dqn import DQNConfig
 from icrl_fast.rl.objectives import ObjectiveConfig
-from icrl_fast.rl.sources import ProtocolConfig
+from icrl_fast.rl.sources import BEHAVIOURS, TEACHER_RULES, ProtocolConfig
 
 PRESETS = ("default", "protocol", "dqn", "gpu", "smoke", "paper")
 #: Optimizer steps of the default: 2,400 x ~3.5k tokens (the step format: one token per env step; 30 % of the
@@ -39,16 +42,19 @@ DEFAULT_FORGET = True
 class OptimConfig:
     """Optimisation."""
 
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_slices: int = field(default=16, metadata={"help": "slices per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps (then constant)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0: off)"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps", "range": COUNT})
+    batch_slices: int = field(default=16, metadata={"help": "slices per micro-batch", "range": COUNT})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "range": COUNT})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate after warm-up", "range": POSITIVE})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps (then constant)",
+                                                    "range": NON_NEGATIVE})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "range": NON_NEGATIVE})
+    clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0: off)", "range": NON_NEGATIVE})
     schedule: str = field(default="constant", metadata={"help": "after warm-up: constant (the paper) or cosine (to "
-                                                                "min_lr_frac x lr at the last step)"})
-    min_lr_frac: float = field(default=0.1, metadata={"help": "cosine schedule's final lr as a fraction of lr"})
+                                                                "min_lr_frac x lr at the last step)",
+                                                        "choices": ("constant", "cosine")})
+    min_lr_frac: float = field(default=0.1, metadata={"help": "cosine schedule's final lr as a fraction of lr",
+                                                      "range": FRACTION})
 
     def validate(self) -> None:
         if self.schedule not in ("constant", "cosine") or not 0.0 <= self.min_lr_frac <= 1.0:
@@ -68,15 +74,19 @@ class OptimConfig:
 class OnlineConfig:
     """Online DQN (``--mode online``): rollouts of the current network feed a replay of whole contexts."""
 
-    maps: int = field(default=50, metadata={"help": "training maps per rollout (one context each)"})
-    episodes: int = field(default=30, metadata={"help": "episodes per rollout context"})
-    rollout_every: int = field(default=10, metadata={"help": "optimizer steps between rollouts"})
-    epsilon_start: float = field(default=1.0, metadata={"help": "P(random action) at step 0"})
-    epsilon_end: float = field(default=0.1, metadata={"help": "P(random action) after the decay"})
-    epsilon_steps: int = field(default=200, metadata={"help": "optimizer steps of the linear epsilon decay"})
-    capacity: int = field(default=1000, metadata={"help": "contexts kept in the replay (oldest leave first)"})
-    slice_len: int = field(default=1024, metadata={"help": "tokens per sampled slice (shorter contexts: whole)"})
-    window: int | None = field(default=None, metadata={"help": "rollout attention window (ring-buffer KV cache)"})
+    maps: int = field(default=50, metadata={"help": "training maps per rollout (one context each)", "range": COUNT})
+    episodes: int = field(default=30, metadata={"help": "episodes per rollout context", "range": COUNT})
+    rollout_every: int = field(default=10, metadata={"help": "optimizer steps between rollouts", "range": COUNT})
+    epsilon_start: float = field(default=1.0, metadata={"help": "P(random action) at step 0", "range": FRACTION})
+    epsilon_end: float = field(default=0.1, metadata={"help": "P(random action) after the decay", "range": FRACTION})
+    epsilon_steps: int = field(default=200, metadata={"help": "optimizer steps of the linear epsilon decay (0: none)",
+                                                      "range": NON_NEGATIVE})
+    capacity: int = field(default=1000, metadata={"help": "contexts kept in the replay (oldest leave first)",
+                                                  "range": COUNT})
+    slice_len: int = field(default=1024, metadata={"help": "tokens per sampled slice (shorter contexts: whole)",
+                                                   "range": Range(2)})  # a TD target needs a next decision
+    window: int | None = field(default=None, metadata={"help": "rollout attention window (ring-buffer KV cache)",
+                                                       "range": COUNT})
     init: str | None = field(default=None, metadata={"help": "a run directory whose latest networks start this "
                                                              "run (offline pre-training, then online)"})
 
@@ -101,14 +111,15 @@ class TrainConfig:
     """Everything a run depends on; saved as config.json in the run directory and in every checkpoint."""
 
     preset: str = field(default="default", metadata={"help": "the preset this config started from"})
-    seed: int = field(default=0, metadata={"help": "seed of every random stream"})
+    seed: int = field(default=0, metadata={"help": "seed of every random stream", "range": NON_NEGATIVE})
     data: DatasetConfig = field(default_factory=DatasetConfig)
     data_path: str | None = field(default=None, metadata={"help": "an existing dataset folder (default: build one "
                                                                   "into the run directory)"})
     mode: str = field(default="offline", metadata={"help": "offline (the paper: the dataset's slices), protocol "
                                                            "(the simulator plays the evaluation protocol with the "
                                                            "context teacher, per map, on the fly) or online "
-                                                           "(rollouts with the KV-cache engine into a replay)"})
+                                                           "(rollouts with the KV-cache engine into a replay)",
+                                                   "choices": ("offline", "protocol", "online")})
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
@@ -116,11 +127,12 @@ class TrainConfig:
     dqn: DQNConfig = field(default_factory=DQNConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    log_every: int = field(default=10, metadata={"help": "steps between metric records"})
-    ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    log_every: int = field(default=10, metadata={"help": "steps between metric records", "range": COUNT})
+    ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints", "range": COUNT})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (every process holds the model) or "
-                                                         "fsdp (FSDP2 shards a pretrained model over the processes)"})
+                                                         "fsdp (FSDP2 shards a pretrained model over the processes)",
+                                                 "choices": ("ddp", "fsdp")})
     deterministic: str = field(default="auto", metadata={"help": "torch deterministic algorithms: auto (on for the "
                                                               "CPU, where runs are then bit-identical for a seed and "
                                                               "no slower; off on CUDA, where they warn and fill empty "
@@ -128,7 +140,47 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads: 0 = the cores other processes leave free, "
                                                       "re-read every second (two runs side by side settle at one "
                                                       "each; icrl_fast.threads), N = exactly N (bit-identical runs "
-                                                      "whatever else the machine does)"})
+                                                      "whatever else the machine does)", "range": NON_NEGATIVE})
+
+
+#: The allowed values of the fields of the configs that live beside their code (``check_fields``' table; the
+#: classes above declare theirs in their fields' metadata). Counts are >= 1 unless 0 has a documented meaning,
+#: weights >= 0 (0 turns an objective off), fractions and probabilities in [0, 1].
+FIELD_RANGES = {
+    DatasetConfig: {
+        "train_maps": COUNT, "test_maps": NON_NEGATIVE, "height": COUNT, "width": COUNT, "min_hops": COUNT,
+        "source": SOURCES, "quality": tuple(QUALITY_WEIGHT), "set_size": COUNT, "sets_per_map": COUNT,
+        "format": FORMATS, "max_obs": COUNT, "slice_len": COUNT, "seed": NON_NEGATIVE},
+    QLearningConfig: {
+        "episodes": COUNT, "alpha": FRACTION, "gamma": FRACTION, "epsilon_start": FRACTION, "epsilon_end": FRACTION,
+        "epsilon_decay_episodes": NON_NEGATIVE, "max_episode_steps": COUNT},
+    ProtocolConfig: {
+        "pool_maps": COUNT, "episodes": COUNT, "contexts": COUNT, "bucket": COUNT, "ramp": ("paper", "teacher"),
+        "max_len": Range(8), "noise": Range(0, 1, open_hi=True),  # noise 1 would leave the teacher no episode
+        "dagger": FRACTION, "switch": FRACTION, "widen": FRACTION, "widen_to": Range(2), "shift": FRACTION,
+        "teacher": TEACHER_RULES, "behaviour": BEHAVIOURS, "relabel": FRACTION},
+    ObjectiveConfig: {
+        "td": NON_NEGATIVE, "imitation": NON_NEGATIVE, "observation": NON_NEGATIVE,
+        "label_smoothing": Range(0, 1, open_hi=True)},  # 1 would leave no target to imitate
+    ModelConfig: {
+        "hidden_size": COUNT, "layers": COUNT, "heads": COUNT, "kv_heads": COUNT, "intermediate_size": COUNT,
+        "max_positions": COUNT, "dtype": ("float32", "bfloat16"), "attention": ATTENTION},
+    DQNConfig: {
+        "gamma": FRACTION, "gamma_episode": FRACTION, "reward_scale": POSITIVE,
+        "tau": Range(0, 1, open_lo=True),  # 0 would freeze the target network
+        "argmax": ("actions", "vocab"), "loss": ("paper", "mse", "huber"), "huber_delta": POSITIVE,
+        "cql": NON_NEGATIVE, "cql_on": ("all", "success")},
+    EvalConfig: {
+        "maps": NON_NEGATIVE,  # 0: the trainer skips its evaluation
+        "episodes": COUNT, "experiment": EXPERIMENTS, "seed": NON_NEGATIVE, "batch_maps": COUNT,
+        "ramp": ("paper", "greedy"), "window": COUNT},
+}
+
+
+def validate_fields(cfg: TrainConfig) -> None:
+    """``ValueError`` naming the flag and the value at the first field of ``cfg`` outside its declared range or
+    choices (every section, whatever the mode; ``icrl_fast.train.check_config`` then checks across fields)."""
+    check_fields(cfg, FIELD_RANGES)
 
 
 def deterministic_on(setting, device: str) -> bool:

@@ -20,6 +20,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,21 @@ from icrl_fast.checkpoint import (  # noqa: F401
     run_format,
     save_checkpoint,
 )
-from icrl_fast.config import add_dataclass_args, apply_overrides, from_dict
+from icrl_fast.config import ArgumentParser, add_dataclass_args, apply_overrides, from_dict
 from icrl_fast.data.dataset import OfflineDataset, build_dataset
 from icrl_fast.data.formats import FORMATS, GRID_FORMATS
 from icrl_fast.evaluate import evaluate, summary_rows, write_outputs
 from icrl_fast.model.qnet import SHARD_NEEDS_PRETRAINED, ModelConfig, QNetwork  # noqa: F401  (ModelConfig: tests)
-from icrl_fast.presets import PRESETS, OnlineConfig, OptimConfig, TrainConfig, deterministic_on, preset  # noqa: F401
+from icrl_fast.presets import (  # noqa: F401
+    FIELD_RANGES,
+    PRESETS,
+    OnlineConfig,
+    OptimConfig,
+    TrainConfig,
+    deterministic_on,
+    preset,
+    validate_fields,
+)
 from icrl_fast.rl.dqn import dqn_loss
 from icrl_fast.rl.objectives import Objectives
 from icrl_fast.rl.replay import ContextReplay
@@ -196,7 +206,9 @@ def resolve_device(device: str) -> str:
 
 def check_config(cfg: TrainConfig) -> None:
     """Every configuration error, as a ``ValueError`` naming the flag, before any work (and, under torchrun, before
-    joining the process group, so every rank fails fast)."""
+    joining the process group, so every rank fails fast): first each field against its declared range or choices,
+    then across fields."""
+    validate_fields(cfg)
     for part in (cfg.dqn, cfg.optim, cfg.objective, cfg.eval):
         part.validate()
     deterministic_on(cfg.deterministic, "cpu")  # a bad value fails here, before any work
@@ -230,6 +242,17 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.data.format.startswith("step") and cfg.model.path:
         raise ValueError("--data.format step embeds its own tokens (factored): it trains a from-scratch model, not a "
                          "pretrained one (--model PATH: use --data.format paper)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: this machine has no CUDA device; use --device cpu or auto")
+    if cfg.model.path is None:  # a from-scratch model's shape (a pretrained one brings its own)
+        kv = cfg.model.kv_heads or cfg.model.heads
+        if cfg.model.hidden_size % cfg.model.heads or (cfg.model.hidden_size // cfg.model.heads) % 2:
+            raise ValueError(f"--model.hidden_size ({cfg.model.hidden_size}) must be --model.heads "
+                             f"({cfg.model.heads}) x an even head size (RoPE rotates pairs of dimensions)")
+        if cfg.model.heads % kv:
+            raise ValueError(f"--model.kv_heads ({kv}) must divide --model.heads ({cfg.model.heads})")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.parallel == "fsdp" and cfg.model.path is None:
@@ -358,15 +381,20 @@ def memory_fits(cfg: TrainConfig) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
-    p = argparse.ArgumentParser(prog="python -m icrl_fast.train", description=__doc__.split("\n\n")[0],
-                                usage="%(prog)s [--preset NAME] [--out DIR] [--resume] [--SECTION.FIELD VALUE ...]",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
+    """The config, run directory and resume flag of a command line. A bad flag or value exits with status 2 and one
+    line on stderr (``error: --optim.steps must be >= 1 (got -1)``): every field is checked against its declared
+    range or choices here; the checks across fields (``check_config``) run first thing in ``run``, before any work,
+    and reach the user through ``main`` the same way."""
+    p = ArgumentParser(prog="python -m icrl_fast.train", description=__doc__.split("\n\n")[0],
+                       usage="%(prog)s [--preset NAME] [--out DIR] [--resume] [--SECTION.FIELD VALUE ...]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2])
     p.add_argument("--preset", choices=PRESETS, default="default", help="starting config")
     p.add_argument("--out", default=None, help="run directory (default: a fresh folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--model", dest="model.path", metavar="PATH", default=argparse.SUPPRESS,
                    help="local pretrained Llama directory (same as --model.path; nothing is downloaded)")
-    add_dataclass_args(p, TrainConfig, exclude=("preset", "data.seed"))  # --preset: the start; --seed: every stream
+    add_dataclass_args(p, TrainConfig, exclude=("preset", "data.seed"),  # --preset: the start; --seed: every stream
+                       table=FIELD_RANGES)
     args = vars(p.parse_args(argv))
     name, out, resume = args.pop("preset"), args.pop("out"), args.pop("resume")
     if resume:
@@ -377,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
         return from_dict(TrainConfig, json.loads((Path(out) / "config.json").read_text())), Path(out), True
     try:
         cfg = apply_overrides(preset(name), args)
+        validate_fields(cfg)
     except (TypeError, ValueError) as e:
         p.error(str(e))
     if cfg.model.path and cfg.data.format == "paper" and cfg.data.tokenizer is None:
@@ -419,7 +448,10 @@ def _interrupt_on_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, run_dir, resume = parse_args(argv)
+    try:
+        cfg, run_dir, resume = parse_args(argv)
+    except SystemExit as e:  # --help (0), or a refused flag (2; its one-line error is already on stderr)
+        return e.code if isinstance(e.code, int) else 0
     from icrl_fast.envs.ext import describe
 
     main_rank = distributed.rank() == 0  # under torchrun only rank 0 speaks

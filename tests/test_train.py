@@ -109,16 +109,16 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--mode", "online", "--online.maps", "0"], "online needs maps"),
-    (["--mode", "online", "--online.epsilon_end", "1.5"], "epsilons must be probabilities"),
-    (["--eval.window", "0"], "eval window must be >= 1"),
-    (["--eval.ramp", "sometimes"], "ramp paper or greedy"),
+    (["--mode", "online", "--online.maps", "0"], "--online.maps must be >= 1 (got 0)"),
+    (["--mode", "online", "--online.epsilon_end", "1.5"], "--online.epsilon_end must be in [0, 1] (got 1.5)"),
+    (["--eval.window", "0"], "--eval.window must be >= 1 (got 0)"),
+    (["--eval.ramp", "sometimes"], "--eval.ramp must be one of paper, greedy"),
     (["--data.format", "tiny"], "--data.format must be one of"),
     (["--data.format", "step", "--model.path", "/models/llama"], "trains a from-scratch model"),
     (["--mode", "protocol", "--data.format", "compact", "--protocol.shift", "0.5"], "has none (pass --protocol.shift 0)"),
     (["--data.format", "compact", "--model.memory", "true"], "--model.memory reads a step format's factored tokens"),
     (["--mode", "offline", "--data.format", "step", "--model.memory", "true"], "it needs --mode protocol"),
-    (["--mode", "protocol", "--protocol.teacher", "best"], "protocol teacher must be one of"),
+    (["--mode", "protocol", "--protocol.teacher", "best"], "--protocol.teacher must be one of"),
     (["--data.format", "step", "--model.memory_forget", "true"], "it needs --model.memory true"),
 ])
 def test_bad_online_and_eval_settings_stop_before_any_work(tmp_path, capsys, flags, message):
@@ -281,7 +281,7 @@ def test_teacher_objectives_need_the_protocol_source(tmp_path, capsys):
     assert T.main(["--preset", "smoke", "--objective.imitation", "1", "--out", str(tmp_path / "r")]) == 2
     assert "need the teacher's labels of --mode protocol" in capsys.readouterr().err
     assert T.main(["--preset", "protocol", "--optim.schedule", "linear", "--out", str(tmp_path / "s")]) == 2
-    assert "schedule must be constant or cosine" in capsys.readouterr().err
+    assert "--optim.schedule must be one of constant, cosine" in capsys.readouterr().err
 
 
 def test_the_cosine_schedule_warms_up_then_falls_to_its_floor():
