@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from icrl_fast import threads
 from icrl_fast.checkpoint import load_run_for_eval
 from icrl_fast.config import COUNT, NON_NEGATIVE, ArgumentParser, check_args
 from icrl_fast.data.formats import ContextFormat
@@ -134,7 +135,7 @@ def parse_size(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 #: The allowed values of the numeric options (tests/test_config_validation.py requires one for each).
-ARG_RANGES = {"maps": COUNT, "episodes": COUNT, "window": COUNT, "seed": NON_NEGATIVE}
+ARG_RANGES = {"maps": COUNT, "episodes": COUNT, "window": COUNT, "seed": NON_NEGATIVE, "threads": NON_NEGATIVE}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "cache)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the exploration draws and env streams (>= 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads: 0 (default) = the cores other processes "
+                                                          "leave free, re-read as it runs (icrl_fast.threads); N = N")
     p.add_argument("--out", default=None, help="output folder (default: the run directory for the paper protocol, "
                                                "else RUN/eval-EXPERIMENT[-greedy])")
     return p
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     episodes = args.episodes if args.episodes is not None else (5 if args.experiment == "stitching" else 30)
     ecfg = EvalConfig(maps=args.maps, episodes=episodes, experiment=args.experiment, seed=args.seed,
                       ramp=args.ramp, window=args.window)
+    threads.configure(args.threads)  # beside a training run: a core each instead of both spinning on two
     try:
         ecfg.validate()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
