@@ -36,6 +36,13 @@ DEFAULT_MEMORY, DEFAULT_TEACHER = True, "least-tried"
 #: map switch, acting by itself, back to 90 % of the pre-switch level in 7 / 7 / 8 episodes on seeds 0 / 1 / 2 (e44-e46)
 #: where without it never; on maps that do not change nothing differs.
 DEFAULT_FORGET = True
+#: The default's objective (issue 32): RL only -- the paper's TD loss alone, no imitation of the teacher and no
+#: observation loss -- with a target that bootstraps across episode ends of a context at 0.9 (``--dqn.gamma_episode``).
+#: TD alone (e47-e49): 1.00 / 1.00 / 1.00 in episodes 20-29 but 0.57 acting from episode 0 on seed 0; the
+#: cross-episode target lifts that to 0.93 (e56). The teacher still plays the training contexts
+#: (``--protocol.behaviour teacher``); nothing of it is imitated.
+DEFAULT_OBJECTIVE = {"td": 1.0, "imitation": 0.0, "observation": 0.0}
+DEFAULT_GAMMA_EPISODE = 0.9
 
 
 @dataclass
@@ -209,11 +216,14 @@ def protocol_recipe(preset_name: str = "protocol", td: float = 0.0, data_format:
 def preset(name: str) -> TrainConfig:
     """Where a run starts from (every field can then be changed by a flag):
 
-    * ``default`` -- the best recipe measured on this 2-core CPU: ``protocol`` plus the paper's TD loss (weight 1;
-      docs/results/icrl-runs.md, e02) in the step format (one token per env step, e19) with cells named on one 8 x 8
-      grid (``step-grid``, e35; 20 % of the training maps at a random offset on it, e37), 30 % of its contexts
-      switching to a fresh map halfway (e27), with the same-state memory and the least-tried teacher (e41), both
-      forgetting at a surprise (e44), for 2,400 steps: what fits 20 minutes here;
+    * ``default`` -- RL only (issue 32): the paper's TD loss alone with a target that bootstraps across episode
+      ends (``--dqn.gamma_episode 0.9``; docs/results/icrl-runs.md e47-e49, e56, e59, e60) on protocol contexts that
+      the least-tried context teacher plays beside the ramp's random actions (e41), forgetting at a surprise (e44), 30 %
+      of them switching to a fresh map halfway (e27), in the step format (one token per env step, e19) with cells named
+      on one 8 x 8 grid (``step-grid``, e35; 20 % of the training maps at a random offset on it, e37), with the
+      same-state memory head (e41), for 2,400 steps: what fits 20 minutes here. The default before it (td +
+      imitation + observation, e44-e46): ``--objective.imitation 1 --objective.observation 0.5
+      --dqn.gamma_episode 0``;
     * ``protocol`` -- the protocol recipe without noise (e01), kept so every logged run can be rerun;
     * ``dqn`` -- the default before protocol contexts: offline Double DQN + CQL on success-weighted slices (0.21);
     * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps, the
@@ -225,7 +235,9 @@ def preset(name: str) -> TrainConfig:
         cfg = protocol_recipe("default", td=1.0, data_format=DEFAULT_FORMAT, switch=DEFAULT_SWITCH, shift=DEFAULT_SHIFT,
                               memory=DEFAULT_MEMORY, teacher=DEFAULT_TEACHER, memory_forget=DEFAULT_FORGET,
                               forget=DEFAULT_FORGET)
-        return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=DEFAULT_STEPS))
+        return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=DEFAULT_STEPS),
+                                   objective=dataclasses.replace(cfg.objective, **DEFAULT_OBJECTIVE),
+                                   dqn=dataclasses.replace(cfg.dqn, gamma_episode=DEFAULT_GAMMA_EPISODE))
     if name == "protocol":
         return protocol_recipe("protocol")
     if name == "gpu":

@@ -298,3 +298,12 @@ def test_deterministic_algorithms_are_on_for_the_cpu_and_opt_in_on_cuda(tmp_path
     assert T.deterministic_on(True, "cuda")  # a bool from an older config.json
     assert T.main(["--preset", "smoke", "--deterministic", "maybe", "--out", str(tmp_path / "r")]) == 2
     assert "--deterministic must be auto, true or false" in capsys.readouterr().err
+
+
+def test_the_default_objective_is_rl_only():
+    """Issue 32: the default learns from reward alone -- the paper's TD loss with the cross-episode target, no
+    imitation of the context teacher (which still plays its contexts) and no observation loss."""
+    cfg = T.preset("default")
+    assert cfg.objective.imitation == 0.0 and cfg.objective.observation == 0.0 and cfg.objective.td == 1.0
+    assert cfg.dqn.gamma_episode == 0.9 and cfg.dqn.gamma == 0.9 and cfg.dqn.cql == 0.0
+    T.check_config(cfg)
