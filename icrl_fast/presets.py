@@ -141,7 +141,8 @@ class TrainConfig:
                                                          "fsdp (FSDP2 shards a pretrained model over the processes)",
                                                  "choices": ("ddp", "fsdp")})
     deterministic: str = field(default="auto", metadata={"help": "torch deterministic algorithms: auto (on for the "
-                                                              "CPU, where runs are then bit-identical for a seed and "
+                                                              "CPU, where runs are then bit-identical for a seed at "
+                                                              "a fixed --threads and "
                                                               "no slower; off on CUDA, where they warn and fill empty "
                                                               "tensors with NaN), true or false"})
     threads: int = field(default=0, metadata={"help": "CPU threads: 0 = the cores other processes leave free, "
