@@ -4,10 +4,11 @@ and the failure analysis of the paper's §4.6 (how failed episodes failed).
 Reads each run's ``eval.json`` and ``eval-*/eval.json`` (written by ``python -m icrl_fast.train`` and
 ``python -m icrl_fast.evaluate``), and writes ``report.md`` and ``report.png`` into ``--out`` (default: the first
 run directory). Runs that also hold ``config.json`` and ``metrics.jsonl`` get a training table (recipe, steps,
-tokens, training minutes, the curve) and ``compute.png`` (success in episodes 20-29 against training tokens): the
-ablation table and compute curve. ``--readme README.md`` also replaces the blocks between ``<!-- report:start -->``
-and ``<!-- report:end -->`` (evaluations) and ``<!-- training:start -->`` / ``<!-- training:end -->`` (training
-runs) in that file, which is how the README's results are generated.
+tokens, training minutes, the curve) and ``compute.png``: success in episodes 20-29 against training minutes, one
+line per recipe (a recipe: the runs whose configs differ only in steps and seed; at most six, ``--compute-recipes``
+or the newest ones with several runs), each run a point. ``--readme FILE`` also replaces the blocks between
+``<!-- report:start -->`` and ``<!-- report:end -->`` (evaluations) and ``<!-- training:start -->`` /
+``<!-- training:end -->`` (training runs) in that file, which is how docs/results.md is generated.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def row(label: str, ev: dict) -> str:
 
 
 def table(evals: list[tuple[str, dict]]) -> list[str]:
-    return ["| run | experiment (exploration) | maps | ours | paper reports | failed episodes: hole / loop / never "
-            "saw the goal | device, date |", "| --- | --- | --- | --- | --- | --- | --- |",
+    return [("| run | experiment (exploration) | maps | ours | paper reports | failed episodes: hole / loop / never "
+             "saw the goal | device, date |"), "| --- | --- | --- | --- | --- | --- | --- |",
             *(row(label, ev) for label, ev in evals)]
 
 
@@ -145,6 +146,8 @@ def training(run: Path) -> dict | None:
     tau = cfg.get("dqn", {}).get("tau", 0.1)
     if obj.get("td") and tau != 0.1:  # the paper's Polyak factor is the default; say when a run changed it
         parts[0] += f" (tau {tau:g})"
+    if obj.get("td") and cfg.get("dqn", {}).get("gamma_episode"):  # the target bootstraps across episode ends
+        parts[0] += f" (across episodes {cfg['dqn']['gamma_episode']:g})"
     if cfg.get("dqn", {}).get("cql"):
         parts.append(f"cql {cfg['dqn']['cql']:g}")
     s, base = ev["success_rate"], ev["baselines"]
@@ -168,14 +171,39 @@ def training(run: Path) -> dict | None:
             "tok_s": last_tokens / seconds if seconds else float("nan"), "early": _mean(s, 0, 2),
             "mid": _mean(s, 10, 20), "late": _mean(s, 20, 30), "tabular_q": _mean(base["tabular_q"], 20, 30),
             "random": _mean(base["random"], 20, 30), "ramp": ev["config"].get("eval", {}).get("ramp", "paper"),
-            "device": device}
+            "device": device, "recipe": recipe_key(cfg), "seed": cfg.get("seed", 0),
+            "date": ev.get("meta", {}).get("date", "")}
+
+
+#: Config fields that do not make a recipe: bookkeeping, the evaluation, and the two a compute curve varies.
+NOT_RECIPE = ("seed", "optim.steps", "preset", "data_path", "log_every", "ckpt_every", "deterministic", "threads",
+              "device", "parallel", "eval.")
+
+
+def recipe_key(cfg: dict) -> str:
+    """What a run trained with, apart from its steps, seed and bookkeeping: runs with equal keys are one recipe."""
+    flat, todo = {}, [("", cfg)]
+    while todo:
+        prefix, d = todo.pop()
+        for k, v in d.items():
+            if isinstance(v, dict):
+                todo.append((f"{prefix}{k}.", v))
+            elif not f"{prefix}{k}".startswith(NOT_RECIPE):
+                flat[f"{prefix}{k}"] = v
+    return json.dumps(flat, sort_keys=True)
 
 
 def _teacher_note(protocol: dict) -> str:
     """What the training table says of a protocol run's teacher (the default rule, "any", says nothing)."""
     words = [w for w, on in (("least-tried", protocol.get("teacher", "any") == "least-tried"),
                              ("forgetting", protocol.get("forget", False))) if on]
-    return f", {' '.join(words)} teacher" if words else ""
+    note = f", {' '.join(words)} teacher" if words else ""
+    behaviour = protocol.get("behaviour", "teacher")
+    return note + ("" if behaviour == "teacher" else f", played by {BEHAVIOUR_NOTE.get(behaviour, behaviour)}")
+
+
+#: who played a protocol run's contexts beside the ramp's random actions, when not the teacher
+BEHAVIOUR_NOTE = {"q-learning": "a tabular Q-learner", "self": "the model"}
 
 
 #: what the training table says of a run's context format (the compact format, the default of the logged runs
@@ -197,8 +225,8 @@ def run_format_name(run: Path, cfg: dict) -> str | None:
 
 
 def training_table(rows: list[dict]) -> list[str]:
-    out = ["| run | source | objectives | model | lr | steps | tokens | train min | tok/s | episodes 0-1 | 10-19 | "
-           "**20-29** | tabular Q 20-29 | device |", "|" + " --- |" * 14]
+    out = [("| run | source | objectives | model | lr | steps | tokens | train min | tok/s | episodes 0-1 | 10-19 | "
+            "**20-29** | tabular Q 20-29 | device |"), "|" + " --- |" * 14]
     for r in rows:
         out.append(f"| {r['run']} | {r['mode']} | {r['objectives']} | {r['model']} | {r['lr']} | {r['steps']:,} | "
                    f"{r['tokens'] / 1e6:.1f} M | {r['minutes']:.1f} | {r['tok_s']:,.0f} | {r['early']:.2f} | "
@@ -206,28 +234,96 @@ def training_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def compute_figure(rows: list[dict], path: Path) -> Path:
-    """Success in episodes 20-29 against training tokens, with tabular Q-learning and the 0.8 bar."""
+#: The most recipes one compute figure shows (more make it unreadable at README width).
+MAX_RECIPES = 6
+
+
+def default_recipe() -> str | None:
+    """The recipe of today's ``--preset default`` (``None`` where the training code cannot be imported)."""
+    try:
+        import dataclasses
+
+        from icrl_fast.presets import preset
+    except ImportError:
+        return None
+    return recipe_key(json.loads(json.dumps(dataclasses.asdict(preset("default")))))
+
+
+def choose_recipes(rows: list[dict], picks: list[str] | None = None) -> list[tuple[str, list[dict]]]:
+    """``(label, rows)`` per recipe to draw, oldest recipe first.
+
+    ``picks``: ``RUN`` or ``RUN=LABEL`` entries, each naming one run of a recipe (the label defaults to the recipe's
+    oldest run's name; the default's recipe says so); ``ValueError`` for an unknown run, two picks of one recipe or
+    more than ``MAX_RECIPES``. Without picks: the default's recipe, then the recipes evaluated last among those with
+    two runs or more (seeds, lengths), then single runs, newest first, ``MAX_RECIPES`` in all."""
+    groups: dict[str, list[dict]] = {}
+    default = default_recipe() if rows else None
+    for r in rows:
+        groups.setdefault(r["recipe"], []).append(r)
+    for g in groups.values():
+        g.sort(key=lambda r: (r["date"], r["run"]))
+    if picks:
+        if len(picks) > MAX_RECIPES:
+            raise ValueError(f"--compute-recipes takes at most {MAX_RECIPES} recipes (a figure with more is "
+                             f"unreadable), got {len(picks)}: {', '.join(picks)}")
+        by_run, chosen = {r["run"]: r for r in rows}, []
+        for pick in picks:
+            name, _, label = pick.partition("=")
+            if name not in by_run:
+                raise ValueError(f"--compute-recipes names run {name!r}, which is not among the runs with a training "
+                                 f"record ({', '.join(sorted(by_run))})")
+            key = by_run[name]["recipe"]
+            if any(key == k for _, k in chosen):
+                raise ValueError(f"--compute-recipes names the recipe of {name!r} twice (one run of a recipe is "
+                                 f"enough: its other steps and seeds come with it)")
+            chosen.append((label, key))
+    else:
+        newest = sorted(groups, key=lambda k: (k == default, len(groups[k]) > 1, groups[k][-1]["date"]), reverse=True)
+        chosen = [("", k) for k in newest[:MAX_RECIPES]]
+        chosen.sort(key=lambda c: groups[c[1]][0]["date"])
+    out = []
+    for label, key in chosen:
+        g = groups[key]
+        where = {r["device"] for r in g} - {"CPU"}
+        out.append((label or g[0]["run"] + (f" ({len(g)} runs)" if len(g) > 1 else "")
+                    + (f", {', '.join(sorted(where))}" if where else "") + (", the default" if key == default else ""),
+                    g))
+    return out
+
+
+def compute_figure(rows: list[dict], path: Path, picks: list[str] | None = None) -> Path:
+    """Success in episodes 20-29 against training minutes: per recipe (``choose_recipes``) every run a small point and
+    a line through the mean of each step count, with tabular Q-learning and the 0.8 bar; ~800 px wide."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9.5, 4.5))
-    for i, r in enumerate(rows):
-        where = "" if r["device"] == "CPU" else f", {r['device']}"
-        ax.plot(r["tokens"] / 1e6, r["late"], "s" if "step format" in r["model"] else "o", color=f"C{i % 10}",
-                markersize=7, alpha=0.85, label=f"{r['run']} ({r['minutes']:.1f} min{where})")
-    if rows:
-        ax.axhline(rows[0]["tabular_q"], color="k", ls="-.", lw=1, label="tabular Q from scratch")
-        ax.axhline(0.8, color="C3", ls=":", lw=1, label="the bar (0.8)")
-    ax.set(xlabel="training tokens (millions; squares: step format, ~half the tokens per env step)",
-           ylabel="success, episodes 20-29", ylim=(0, 1),
-           title="in-context RL vs training compute (50 unseen maps)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: points stay visible
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    recipes = choose_recipes(rows, picks)
+    with plt.rc_context({"font.size": 12}):
+        fig, ax = plt.subplots(figsize=(8, 5.6))
+        for i, (label, runs) in enumerate(recipes):
+            color = f"C{i}"
+            ax.plot([r["minutes"] for r in runs], [r["late"] for r in runs], "o", ms=5, color=color, alpha=0.45,
+                    mec="none")
+            steps = sorted({r["steps"] for r in runs})
+            at = [[r for r in runs if r["steps"] == s] for s in steps]
+            ax.plot([np.mean([r["minutes"] for r in g]) for g in at], [np.mean([r["late"] for r in g]) for g in at],
+                    "D-", ms=8, lw=2, color=color, label=label)
+        if rows:
+            ax.axhline(rows[0]["tabular_q"], color="k", ls="-.", lw=1,
+                       label=f"tabular Q from scratch ({rows[0]['tabular_q']:.2f})")
+            ax.axhline(0.8, color="0.4", ls=":", lw=1.5, label="the bar (0.8)")
+        low = min([0.8] + [r["late"] for _, runs in recipes for r in runs] + [r["tabular_q"] for r in rows[:1]])
+        ax.set_xlim(left=0)  # the y axis starts a little below the lowest point or reference line, in tenths
+        ax.set(xlabel="training minutes (from the logged tokens/s)", ylabel="success, episodes 20-29",
+               ylim=(max(0.0, np.floor(low * 10 - 0.5) / 10), 1.02), title="in-context RL vs training time (unseen maps)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False,
+                  title="diamonds: a recipe's mean per step count; dots: its runs (seeds)", title_fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
     return path
 
 
@@ -245,20 +341,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default=None, help="where report.md and report.png go (default: the first run)")
     p.add_argument("--readme", default=None, help="a Markdown file whose report block is replaced")
+    p.add_argument("--compute-recipes", default=None, metavar="RUN[=LABEL],...",
+                   help=f"the recipes compute.png draws (at most {MAX_RECIPES}), each named by one of its runs, "
+                        f"optionally with a legend label (no commas); default: the newest recipes with several runs")
     args = p.parse_args(argv)
+    picks = [x.strip() for x in args.compute_recipes.split(",") if x.strip()] if args.compute_recipes else None
     evals = [e for run in args.runs for e in find_evals(Path(run))]
     if not evals:
         print(f"error: no eval.json in {', '.join(args.runs)} (run python -m icrl_fast.train / evaluate first)",
               file=sys.stderr)
         return 2
+    trained = [r for r in (training(Path(run)) for run in args.runs) if r is not None]
+    try:
+        choose_recipes(trained, picks)  # a bad --compute-recipes stops the report before it writes anything
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out or args.runs[0])
     out.mkdir(parents=True, exist_ok=True)
     lines = table(evals)
     png = figure(evals, out / "report.png")
-    trained = [r for r in (training(Path(run)) for run in args.runs) if r is not None]
     train_lines, extra = training_table(trained), []
     if trained:
-        curve = compute_figure(trained, out / "compute.png")
+        curve = compute_figure(trained, out / "compute.png", picks)
         extra = ["", "## Training runs", "", *train_lines, "", f"![compute]({curve.name})"]
         print("\n".join(train_lines))
     (out / "report.md").write_text("\n".join(["# icrl_fast report", "", *lines, "", f"![success]({png.name})",

@@ -199,7 +199,7 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     row = training(run)
     assert row["steps"] == 100 and row["tokens"] == 500_000 and row["minutes"] == pytest.approx(70 / 60)
     assert (row["early"], row["mid"], row["late"]) == pytest.approx((0.1, 0.2, 0.5))
-    assert row["objectives"] == "td 1 + imitation 1 + observation 0.5"
+    assert row["objectives"] == "td 1 (across episodes 0.9)"  # the default: TD alone, bootstrapping across episodes
     assert row["model"] == "2x128, step format, cells numbered on one 8-column grid, same-state memory (forgetting)"
     assert row["mode"] == ("protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried "
                            "forgetting teacher")
@@ -210,7 +210,7 @@ def test_the_report_tabulates_training_runs_and_draws_the_compute_curve(tmp_path
     text = readme.read_text()
     assert "old" not in text
     assert ("| e9-noise | protocol, 30% of contexts switch maps, 20% of maps shifted on the grid, least-tried "
-            "forgetting teacher | td 1 + imitation 1 + observation 0.5 | 2x128, step format, cells numbered on one "
+            "forgetting teacher | td 1 (across episodes 0.9) | 2x128, step format, cells numbered on one "
             "8-column grid, same-state memory (forgetting) |") in text  # switches, shift, teacher, grid, memory
     assert "**0.50**" in text and text.endswith("c\n") and (run / "compute.png").stat().st_size > 1000
     assert row["device"] == "CPU" and "| 0.45 | CPU |" in text
