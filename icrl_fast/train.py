@@ -1,9 +1,16 @@
-"""``python -m icrl_fast.train``: train a transformer to learn in context with offline Double DQN, then evaluate it.
+"""``python -m icrl_fast.train``: train a transformer to learn Frozen Lake in context by RL, then evaluate it.
 
-``run`` reads top to bottom: check the config, join the processes, the data, the learner, the context source
-(``icrl_fast.rl.sources``: offline slices, protocol contexts or the online replay), the loop over the weighted
-objectives (``icrl_fast.rl.objectives``), then save and evaluate. Configuration and presets live in
-``icrl_fast.presets``, run directories and checkpoints in ``icrl_fast.checkpoint``.
+The default (``--preset default``, ``--mode protocol``): the simulator plays the evaluation protocol on fresh maps,
+the context teacher (least-tried, forgetting at a surprise) beside the paper's ramp of random actions, 30 % of the
+contexts going on on a second map, in the ``step-grid`` format (one token per env step, cells named on one 8 x 8
+grid) into a 2 x 128 Llama with the same-state memory head; the loss is the paper's Double-DQN TD loss alone on the
+Q head (the action tokens' LM-head logits), its target bootstrapping across episode ends (``--dqn.gamma_episode``).
+``--objective.imitation`` / ``--objective.observation`` add the teacher's choices and the environment's answers on the
+same head; ``--mode offline`` is the paper's offline Double DQN on dataset slices, ``--mode online`` rollouts into a
+replay. ``run`` reads top to bottom: check the config, join the processes, the data (its test maps), the learner,
+the context source (``icrl_fast.rl.sources``), the loop over the weighted objectives (``icrl_fast.rl.objectives``),
+then save and evaluate. Configuration and presets live in ``icrl_fast.presets``, run directories and checkpoints in
+``icrl_fast.checkpoint``.
 
     python -m icrl_fast.train                         # default preset: a small model on this CPU
     python -m icrl_fast.train --preset smoke          # < 1 minute, for tests

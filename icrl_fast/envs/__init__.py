@@ -1,4 +1,5 @@
-"""Frozen Lake simulators: maps, the Numba-batched core, and their gymnasium surfaces.
+"""Frozen Lake simulators: maps, the Numba-batched core, their gymnasium surfaces, the optional C++/CUDA extension
+(``ext``), and the batched players that run on the core (``learners``: tabular learners and the context teacher).
 
 Importing :mod:`icrl_fast` registers ``icrl_fast/FrozenLake-v1`` and ``icrl_fast/FrozenLake8x8-v1`` with
 gymnasium (string entry points: nothing heavy is imported until an env is made).

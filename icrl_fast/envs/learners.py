@@ -1,5 +1,16 @@
-"""Batched tabular learners that produce the offline data: epsilon-greedy Q-learning, a random policy, and the
-``copier``: a hand-written in-context learner (see :func:`copier`).
+"""Batched players of Frozen Lake contexts: the tabular learners that produce the offline data (epsilon-greedy
+Q-learning, a random policy, the ``copier``: a hand-written in-context learner), the **context teacher** that plays and
+labels the protocol contexts the default trains on, and the evaluation's yardsticks.
+
+* the context teacher, a pure function of the context so far (:func:`teacher_choices`, :func:`teacher_observe`):
+  copy the last successful episode's action at a state; else try the actions untried there that are not known to end
+  in a hole or bump a wall; else (``least_tried``) those tried least often; with ``forget`` a surprise (an action's
+  outcome from a state differs from its latest, the rule ``icrl_fast.envs.outcomes`` shares with the same-state
+  memory) wipes what it knew. :func:`play_protocol` plays the evaluation protocol with it beside the ramp's random
+  actions (and a map switch), :func:`teacher_labels` reads its choices off any played context (DAgger);
+* :func:`q_learning_protocol`: the same protocol played by a tabular Q-learner from scratch in each context
+  (``--protocol.behaviour q-learning``); :func:`ramp_ceiling` and :func:`greedy_solves`: what a player that knows
+  the map reaches under a ramp, and whether a greedy policy solves a map.
 
 One Numba ``prange`` kernel runs *every* episode of one map per iteration, all maps in parallel, on the same
 dynamics core as the simulator (:func:`~icrl_fast.envs.frozen_lake.transition`, ``slip_branch``); map ``b``

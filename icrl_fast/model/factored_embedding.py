@@ -1,4 +1,5 @@
-"""A token embedding that is the sum of its factors' embeddings (the step format's type, action and observation)."""
+"""A token embedding that is the sum of its factors' embeddings (the step format's type, action and observation),
+plus a learned projection of the same-state memory's features when the model has that head."""
 
 from __future__ import annotations
 

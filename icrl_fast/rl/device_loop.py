@@ -1,8 +1,9 @@
 """The rollout loop that stays on the model's device: the C++/CUDA env steps there and writes the next tokens of
 every context straight into the model's input buffer (``torch.ops.icrl.emit``), so a step never copies to the host.
 
-``RolloutEngine`` uses it whenever its env backend is the extension (``ext``: automatically on CUDA when the
-extension is loaded). It plays exactly what the host loop (``RolloutEngine._run`` with the Numba env) plays for
+``RolloutEngine.run`` uses it when its env backend is the extension (``ext``: automatically on CUDA when the
+extension is loaded), the format is a ``ContextFormat`` (compact or paper: ``emit`` writes their token runs) and no
+context switches maps; a step format (the default's) or a switch plays the host loop on the same env. It plays exactly what the host loop (``RolloutEngine._run`` with the Numba env) plays for
 the same seed -- the same env streams, the same exploration draws, the same contexts and outcomes (tested on the
 CPU build of the extension) -- but every per-step quantity stays a device tensor:
 

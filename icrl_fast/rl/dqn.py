@@ -1,4 +1,5 @@
-"""Offline Double DQN over multi-episode contexts (arXiv 2501.14176, DESIGN.md §1), through ``icrl_kernels``.
+"""The ``td`` objective: Double DQN over multi-episode contexts (arXiv 2501.14176, DESIGN.md §1), through
+``icrl_kernels``, on a batch from any context source (offline slices, protocol contexts, the online replay).
 
 Transitions pair consecutive decision points of one slice: ``done`` when the two belong to different episodes
 (no bootstrap across an episode end; with ``gamma_episode`` > 0 the target bootstraps there too, from the next

@@ -1,18 +1,21 @@
 """Batched lockstep acting with KV-cache reuse: every model call costs only the tokens that call added.
 
 ``RolloutEngine.run`` plays ``episodes`` episodes on each of B maps, one growing context per map, in the
-training format (``ContextFormat``: compact or paper). Each step:
+training format (``ContextFormat``: compact or paper, through ``ContextStreams``; a step format, through
+``StepStreams``, its observations named as the format shows them). Each step:
 
 1. every context gets the tokens it gained since its last decision (the action just taken, a reward block, an
-   episode end and the next episode's header when an episode ended, the next observation and the action header);
-   the counts differ per context (ragged);
+   episode end and the next episode's header when an episode ended, the next observation and the action header;
+   in a step format the one ``LAND`` token, plus the next ``START`` after an episode end); the counts differ per
+   context (ragged); a model with the same-state memory gets those tokens' features from a ``MemoryStream``;
 2. one model call over the left-padded block ``[B, width]`` through a ``RolloutCache`` (per-context lengths,
    absolute positions, optional sliding-window ring), reading Q of the 4 action tokens at each context's new
    decision point (the last column);
 3. the batched env steps with the chosen actions (the C++/CUDA extension's env on a CUDA device when it is
-   loaded, the Numba ``FrozenLakeBatch`` otherwise; both draw the same random streams): greedy over Q with
-   probability ``p_model[k]``
-   in episode ``k``, a uniform random action otherwise (the paper's evaluation ramp, or online exploration).
+   loaded, the Numba ``FrozenLakeBatch`` otherwise; both draw the same random streams; with the extension and a
+   ``ContextFormat`` without a map switch the whole loop stays on the device, ``icrl_fast.rl.device_loop``):
+   greedy over Q with probability ``p_model[k]`` in episode ``k``, a uniform random action otherwise (the paper's
+   evaluation ramp, or online exploration).
 
 The result (``Rollout``) holds the outcomes per episode and every context with its per-token episode index and
 per-episode return/termination: what the online learner's replay stores.
