@@ -1,3 +1,4 @@
-"""Reinforcement learning over multi-episode contexts: where a batch's contexts come from (``sources``: offline
-slices, protocol contexts, the online replay), the objectives on the one Q head (``objectives``: the Double-DQN TD loss
-of ``dqn``, imitation, observation) and the batched rollout engine with its KV cache (``rollout``, ``device_loop``)."""
+"""Reinforcement learning over multi-episode contexts: the Double-DQN TD loss (``dqn``, also the default's only
+objective, with its cross-episode target), the weighted objectives on one Q head (``objectives``), where training
+contexts come from (``sources``: protocol contexts played by the teacher, a tabular Q-learner or the model; offline
+slices; the online replay), and the batched KV-cache rollout engine (``rollout``, ``device_loop``)."""
