@@ -154,7 +154,7 @@ def test_experiments_from_the_command_line(tmp_path, capsys):
     im = json.loads((run / "eval-imitation" / "eval.json").read_text())
     assert im["imitation"]["shown"] == 5 and len(im["imitation"]["control"]) == 2
     for bad, message in ((["--window", "0"], "window must be >= 1"), (["--maps", "0"], "--maps must be >= 1"),
-                         (["--episodes", "0"], "episodes >= 1")):
+                         (["--episodes", "0"], "--episodes must be >= 1")):
         assert evaluate_main([str(run), *bad]) == 2
         assert message in capsys.readouterr().err
     st = json.loads((run / "eval-stitching" / "eval.json").read_text())
