@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sets-per-map", type=int, default=None,
                    help="sets per map (default: episodes-per-map / mean set size)")
     b.add_argument("--format", choices=FORMATS, default=d.format, help="context format")
-    b.add_argument("--tokenizer", default=None, help="local tokenizer folder for the paper format "
+    b.add_argument("--tokenizer", default=None, help="local tokenizer folder or .gguf file for the paper format "
                                                      "(default: the built-in offline vocabulary)")
     b.add_argument("--max-obs", type=int, default=d.max_obs, help="observation tokens in the format")
     b.add_argument("--slice-len", type=int, default=d.slice_len, help="tokens per slice")

@@ -79,7 +79,8 @@ class DatasetConfig:
     """Context format: ``paper``, ``compact`` or ``step`` (one token per step). In protocol mode the contexts are
     played in the run's own ``--data.format``; a dataset built in another format serves for its test maps."""
     tokenizer: str | None = None
-    """Local tokenizer directory for the ``paper`` format (default: the built-in offline vocabulary)."""
+    """Local tokenizer directory or ``.gguf`` file for the ``paper`` format (default: the built-in offline
+    vocabulary)."""
     max_obs: int = 64
     """Observation tokens in the format (64 covers maps up to 8x8)."""
     slice_len: int = 4096

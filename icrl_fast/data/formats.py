@@ -20,6 +20,10 @@ The **decision position** of a step (where Q is read) is the token right before 
       <|start_header_id|>truncated<|end_header_id|><|eot_id|>
     <|end_of_text|>
 
+A tokenizer without Llama-3's chat tokens but with ChatML's (SmolLM2, Qwen) gets the same layout in its own
+markers (``CHAT_LAYOUTS``): ``<|endoftext|><|im_start|>observation\n5<|im_end|><|im_start|>action\nright<|im_end|>
+... <|endoftext|>``.
+
 ``compact`` (from-scratch models, ~2 tokens per step): ``EPISODE (OBS_o ACT_a [REWARD])* [TRUNCATED]``.
 
 Rewards: the formats encode the paper's rewards, 0 and 1.0 (reaching a goal); anything else is an error.
@@ -75,34 +79,52 @@ class OfflineVocab:
         return "".join(self.tokens[int(i)] for i in ids)
 
 
+#: The tokens that play the paper format's five markers (keyed by Llama-3's names) in each chat layout a tokenizer
+#: may have, tried in this order: Llama-3's own header tokens (the paper's), then ChatML's (SmolLM2, Qwen:
+#: ``<|im_start|>role\ncontent<|im_end|>``, the newline closing the header; a document starts and ends with
+#: ``<|endoftext|>``, which then opens and closes every episode).
+CHAT_LAYOUTS = {
+    "llama3": {tok: tok for tok in SPECIAL_TOKENS},
+    "chatml": {BOT: "<|endoftext|>", EOT_TEXT: "<|endoftext|>", START_HEADER: "<|im_start|>", END_HEADER: "\n",
+               EOT: "<|im_end|>"},
+}
+
+
 class HFVocab:
-    """Adapter for a Hugging Face tokenizer (e.g. Llama-3's, loaded from a local path): pieces are encoded with
-    ``add_special_tokens=False``; the special tokens' ids are read from the tokenizer, never hard-coded."""
+    """Adapter for a Hugging Face tokenizer (e.g. Llama-3's, loaded from a local directory or ``.gguf`` file): pieces
+    are encoded with ``add_special_tokens=False``; the markers' ids are read from the tokenizer, never hard-coded,
+    in the first of ``CHAT_LAYOUTS`` whose tokens the tokenizer keeps whole (``layout``)."""
 
     name = "hf"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
-        unk = getattr(tokenizer, "unk_token_id", None)
-        self._special = {}
-        for tok in SPECIAL_TOKENS:
-            tid = tokenizer.convert_tokens_to_ids(tok)
-            if tid is None or (unk is not None and tid == unk) or tokenizer.encode(tok, add_special_tokens=False) != [tid]:
-                raise ValueError(f"tokenizer has no special token {tok!r}: the paper format needs Llama-3's "
-                                 f"special tokens {list(SPECIAL_TOKENS)}")
-            self._special[tok] = int(tid)
+        missing = {}
+        for layout, tokens in CHAT_LAYOUTS.items():
+            ids = {role: self._single_id(tok) for role, tok in tokens.items()}
+            if all(i is not None for i in ids.values()):
+                self.layout, self._special = layout, ids
+                break
+            missing[layout] = [tokens[role] for role, i in ids.items() if i is None]
+        else:
+            raise ValueError("the paper format needs a tokenizer with Llama-3's special tokens or ChatML's; this one lacks "
+                             + "; ".join(f"{layout}'s {toks}" for layout, toks in missing.items())
+                             + ": use the model's own tokenizer (--data.tokenizer), or a from-scratch model with "
+                               "--data.format compact or step")
+
+    def _single_id(self, token: str) -> int | None:
+        """The one id ``token`` encodes to and decodes from, or None when the tokenizer splits it or maps it to an
+        unknown token."""
+        ids = self.tokenizer.encode(token, add_special_tokens=False)
+        return int(ids[0]) if len(ids) == 1 and self.tokenizer.decode(ids) == token else None
 
     @classmethod
     def from_pretrained(cls, path: str) -> HFVocab:
-        """Load a tokenizer from a local directory (nothing is downloaded)."""
-        from transformers import AutoTokenizer
+        """Load a tokenizer from a local directory or ``.gguf`` file (nothing is downloaded)."""
+        from icrl_fast.model.pretrained import load_tokenizer
 
-        try:
-            return cls(AutoTokenizer.from_pretrained(path, local_files_only=True))
-        except OSError as e:
-            raise ValueError(f"cannot load a tokenizer from {path!r} (a local directory with tokenizer files): {e}") \
-                from None
+        return cls(load_tokenizer(path))
 
     def special_id(self, token: str) -> int:
         return self._special[token]
@@ -112,6 +134,10 @@ class HFVocab:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
+
+    def pieces(self, ids) -> list[str]:
+        """The tokenizer's own strings of ``ids`` (for error messages)."""
+        return list(self.tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
 
 
 def _arr(ids) -> np.ndarray:
@@ -154,7 +180,8 @@ class ContextFormat:
 
 
 def paper_format(vocab=None, max_obs: int = 64) -> ContextFormat:
-    """The paper's Llama-3 layout over ``vocab`` (an :class:`HFVocab` or, by default, an :class:`OfflineVocab`)."""
+    """The paper's layout over ``vocab`` (an :class:`HFVocab`, in its chat layout, or by default an
+    :class:`OfflineVocab`)."""
     vocab = OfflineVocab(max_obs) if vocab is None else vocab
     sid = vocab.special_id
 
@@ -162,11 +189,18 @@ def paper_format(vocab=None, max_obs: int = 64) -> ContextFormat:
         return [sid(START_HEADER), *vocab.encode(word), sid(END_HEADER)]
 
     actions = []
-    for word in ACTION_WORDS:
+    for word in ACTION_WORDS:  # written right after the action header's last token, with no space before it
         ids = vocab.encode(word)
         if len(ids) != 1:
-            raise ValueError(f"action word {word!r} must be one token for the Q readout, tokenizer gives {ids}")
+            pieces = vocab.pieces(ids) if hasattr(vocab, "pieces") else ids
+            raise ValueError(f"action word {word!r} becomes {len(ids)} tokens {pieces} (ids {list(ids)}) in this "
+                             f"tokenizer; the Q-values are read from the LM head at one token per action, so each of "
+                             f"{list(ACTION_WORDS)} must be one token: use a tokenizer that keeps them whole (Llama-3's "
+                             f"and SmolLM2's do), or a from-scratch model with --data.format compact or step")
         actions.append(ids[0])
+    if len(set(actions)) != len(actions):
+        raise ValueError(f"the action words {list(ACTION_WORDS)} must be distinct tokens, this tokenizer gives "
+                         f"{actions}")
     obs = [vocab.encode(str(i)) for i in range(max_obs)]
     width = max(len(o) for o in obs)
     table = np.full((max_obs, width), -1, dtype=np.int32)

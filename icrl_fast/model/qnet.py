@@ -4,9 +4,9 @@ Two ways to get one (DESIGN.md §1):
 
 * from a config (the default, small enough for a CPU): the online network is trained in full and the target
   network is a full-parameter copy;
-* from a local pretrained directory (``path``; nothing is downloaded): the base weights are frozen and two PEFT
-  IA3 adapters on ``k_proj``, ``v_proj`` and ``down_proj`` are added, ``default`` (online, trained) and
-  ``delayed`` (target, kept in fp32).
+* from a local pretrained directory or ``.gguf`` file (``path``, read by ``icrl_fast.model.pretrained``; nothing is
+  downloaded): the base weights are frozen and two PEFT IA3 adapters on ``k_proj``, ``v_proj`` and ``down_proj``
+  are added, ``default`` (online, trained) and ``delayed`` (target, kept in fp32).
 
 ``hidden(input_ids)`` returns final hidden states (after the last norm); the Q-values at a position are
 ``hidden @ head_weight[action_ids].T``. No new head is added.
@@ -23,6 +23,7 @@ from torch import nn
 from icrl_fast.model.attention import apply_liger, attn_implementation
 from icrl_fast.model.factored_embedding import FactoredEmbedding
 from icrl_fast.model.kv_cache import CACHE_ARG
+from icrl_fast.model.pretrained import load_model
 from icrl_fast.model.same_state_memory import MEMORY_DIM, SameStateMemory
 
 IA3_MODULES = ["k_proj", "v_proj", "down_proj"]
@@ -32,8 +33,9 @@ IA3_MODULES = ["k_proj", "v_proj", "down_proj"]
 class ModelConfig:
     """The Q-network."""
 
-    path: str | None = field(default=None, metadata={"help": "local pretrained Llama directory (IA3 adapters); "
-                                                             "default: a small model built from this config"})
+    path: str | None = field(default=None, metadata={"help": "local pretrained Llama directory or .gguf file (IA3 "
+                                                             "adapters; a .gguf needs the gguf package); default: a "
+                                                             "small model built from this config"})
     hidden_size: int = field(default=128, metadata={"help": "width of the from-scratch model"})
     layers: int = field(default=4, metadata={"help": "transformer blocks of the from-scratch model"})
     heads: int = field(default=4, metadata={"help": "attention heads of the from-scratch model"})
@@ -73,7 +75,7 @@ class QNetwork(nn.Module):
         """``token_factors``: int ``[vocab_size, F]`` (a format's, e.g. the step format's): a from-scratch model then
         embeds a token as the sum of its factors' embeddings (``FactoredEmbedding``)."""
         super().__init__()
-        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
         if dtype is None:
@@ -90,11 +92,7 @@ class QNetwork(nn.Module):
             if cfg.kv_heads is not None:
                 raise ValueError("kv_heads shapes a from-scratch model; a pretrained one (--model PATH) brings its own "
                                  "num_key_value_heads: leave kv_heads unset")
-            try:
-                base = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=dtype,
-                                                            attn_implementation=attn)
-            except OSError as e:
-                raise ValueError(f"cannot load a model from {cfg.path!r} (a local directory): {e}") from None
+            base = load_model(cfg.path, dtype=dtype, attn_implementation=attn)  # a directory or a .gguf file
             if base.config.vocab_size < vocab_size:
                 raise ValueError(f"the model's vocabulary ({base.config.vocab_size}) is smaller than the format's "
                                  f"({vocab_size}): use the model's own tokenizer (--data.tokenizer)")
