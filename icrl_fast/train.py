@@ -399,7 +399,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p.add_argument("--out", default=None, help="run directory (default: a fresh folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--model", dest="model.path", metavar="PATH", default=argparse.SUPPRESS,
-                   help="local pretrained Llama directory (same as --model.path; nothing is downloaded)")
+                   help="local pretrained Llama directory or .gguf file (same as --model.path; nothing is "
+                        "downloaded)")
     add_dataclass_args(p, TrainConfig, exclude=("preset", "data.seed"),  # --preset: the start; --seed: every stream
                        table=FIELD_RANGES)
     args = vars(p.parse_args(argv))
