@@ -135,7 +135,9 @@ def test_explicit_refusals(tmp_path, capsys, argv, message):
 
 
 def test_fields_with_a_meaningful_zero_or_none_keep_it(tmp_path):
-    cfg, _, _ = T.parse_args(["--protocol.switch", "0", "--objective.td", "0", "--optim.clip", "0", "--threads", "0",
+    # td 0 needs another objective: the default is TD alone, so imitation comes on here
+    cfg, _, _ = T.parse_args(["--protocol.switch", "0", "--objective.td", "0", "--objective.imitation", "1",
+                              "--optim.clip", "0", "--threads", "0",
                               "--optim.warmup_steps", "0", "--eval.maps", "0", "--dqn.gamma", "0",
                               "--data.test_maps", "0", "--eval.window", "none", "--seed", "0",
                               "--out", str(tmp_path / "run")])
