@@ -204,7 +204,7 @@ def protocol_recipe(preset_name: str = "protocol", td: float = 0.0, data_format:
                     memory: bool = False, memory_forget: bool = False, **protocol) -> TrainConfig:
     """In-context RL taught on protocol contexts: the context teacher's choices (imitation) and the environment's
     answers (observation) on the one Q head of a 2 x 128 Llama, AdamW 2e-3 with a cosine schedule, plus the paper's
-    TD loss at weight ``td``, in context format ``data_format`` (README, Teaching the model; the measured runs are
+    TD loss at weight ``td``, in context format ``data_format`` (docs/training.md; the measured runs are
     in docs/results/icrl-runs.md)."""
     return TrainConfig(
         preset=preset_name, mode="protocol", data=DatasetConfig(format=data_format, slice_len=1024),
@@ -227,8 +227,9 @@ def preset(name: str) -> TrainConfig:
       --dqn.gamma_episode 0``;
     * ``protocol`` -- the protocol recipe without noise (e01), kept so every logged run can be rerun;
     * ``dqn`` -- the default before protocol contexts: offline Double DQN + CQL on success-weighted slices (0.21);
-    * ``gpu`` -- the default recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps, the
-      default's format); measured once, in the compact format and cut to 750 steps (``--data.format compact``, ~95 s
+    * ``gpu`` -- the protocol recipe scaled up for one GPU (a 6 x 256 model, 4x the contexts, 20,000 steps, the
+      default's format; td + imitation + observation, without the default's memory, switches or cross-episode
+      target: not yet brought in line with the RL-only default); measured once, in the compact format and cut to 750 steps (``--data.format compact``, ~95 s
       on an H200: 0.66, docs/results/icrl-runs.md g01); in the step formats not yet;
     * ``smoke`` -- seconds, what the tests run; ``paper`` -- the paper's recipe (8B + IA3, pure DQN, on a GPU).
     """
