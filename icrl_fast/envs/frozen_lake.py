@@ -25,7 +25,6 @@ bit-identical for any thread count.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -37,6 +36,7 @@ from numba import njit, prange, types
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
 from icrl_fast.envs.rng import as_seed, choose_seed, next_uniform, stream_state
 from icrl_fast.envs.thread_choice import ThreadChooser
+from icrl_fast.threads import affinity_cores
 
 NEXT_STEP, SAME_STEP, DISABLED = 0, 1, 2
 _DR = np.array([0, 1, 0, -1], dtype=np.int32)  # row change of left, down, right, up (gymnasium's order)
@@ -284,12 +284,8 @@ def step_threads(num_envs: int, num_threads: int | None = None) -> int:
 
 
 def usable_threads() -> int:
-    """The cores this process may run on (``os.sched_getaffinity``), at most ``numba.config.NUMBA_NUM_THREADS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity API (macOS, Windows)
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, numba.config.NUMBA_NUM_THREADS))
+    """The cores this process may run on (``threads.affinity_cores``), at most ``numba.config.NUMBA_NUM_THREADS``."""
+    return max(1, min(affinity_cores(), numba.config.NUMBA_NUM_THREADS))
 
 
 @njit(cache=True)

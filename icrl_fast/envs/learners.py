@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from icrl_fast.envs.frozen_lake import landing, slip_branch, start_slot, transition, validate_dynamics
 from icrl_fast.envs.maps import GOAL, HOLE, MapBatch
-from icrl_fast.envs.outcomes import ENDED_REWARDED, ENDED_UNREWARDED, MOVED, STAYED, outcome_class, surprised
+from icrl_fast.envs.outcomes import outcome_class, surprised
 from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
 
 
@@ -273,8 +273,8 @@ def epsilon_schedule(cfg: QLearningConfig) -> np.ndarray:
     return np.where(e < decay, start + (end - start) * e / max(decay, 1), end)
 
 
-def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slippery: bool,
-         success_rate: float, reward_schedule, eps_by_episode: np.ndarray | None = None) -> tuple[EpisodeLog, np.ndarray]:
+def _run(maps: MapBatch, cfg: QLearningConfig, seed: int, learn: int, is_slippery: bool, success_rate: float,
+         reward_schedule, eps_by_episode: np.ndarray | None = None) -> tuple[EpisodeLog, np.ndarray]:
     """``eps_by_episode``: P(uniform random action) per episode, ``cfg.episodes`` of them (default: the config's
     linear ``epsilon_schedule``)."""
     if not isinstance(maps, MapBatch):
@@ -305,6 +305,14 @@ def q_learning(maps: MapBatch, config: QLearningConfig = QLearningConfig(), *, s
     return _run(maps, config, seed, Q_LEARNING, is_slippery, success_rate, reward_schedule)
 
 
+def _ramp(p, name: str) -> np.ndarray:
+    """``p`` (a protocol's P(the player acts) per episode) as float64, or a ``ValueError`` naming ``name``."""
+    p = np.ascontiguousarray(p, dtype=np.float64)
+    if p.ndim != 1 or p.size < 1 or ((p < 0) | (p > 1)).any():
+        raise ValueError(f"{name} must be a non-empty 1-D array of probabilities, got {p!r}")
+    return p
+
+
 def q_learning_protocol(maps: MapBatch, p_learner, *, seed: int, alpha: float = 0.5, gamma: float = 0.95,
                         max_episode_steps: int = 100, is_slippery: bool = False, success_rate: float = 1.0 / 3.0,
                         reward_schedule=(1, 0, 0)) -> EpisodeLog:
@@ -313,9 +321,7 @@ def q_learning_protocol(maps: MapBatch, p_learner, *, seed: int, alpha: float = 
     ``len(p_learner)`` episodes per map; in episode ``k`` each action is the learner's greedy one (ties broken
     uniformly) with probability ``p_learner[k]``, else uniform random (the ramp's random actions are its
     exploration). Nothing of the context teacher is used. Map ``b`` draws from stream ``(seed, b)``."""
-    p_learner = np.ascontiguousarray(p_learner, dtype=np.float64)
-    if p_learner.ndim != 1 or p_learner.size < 1 or ((p_learner < 0) | (p_learner > 1)).any():
-        raise ValueError(f"p_learner must be a non-empty 1-D array of probabilities, got {p_learner!r}")
+    p_learner = _ramp(p_learner, "p_learner")
     cfg = QLearningConfig(episodes=p_learner.size, alpha=alpha, gamma=gamma, max_episode_steps=max_episode_steps)
     return _run(maps, cfg, seed, Q_LEARNING, is_slippery, success_rate, reward_schedule,
                 eps_by_episode=1.0 - p_learner)[0]
@@ -441,7 +447,6 @@ def greedy_solves(maps: MapBatch, q: np.ndarray, max_episode_steps: int = 100) -
 # so after a switch the teacher starts over as on a fresh map.
 # The outcome classes and the surprise rule are shared with the same-state memory (icrl_fast.envs.outcomes): on these
 # maps a rewarded end is the goal and an unrewarded one a hole.
-OUT_MOVED, OUT_STAYED, OUT_HOLE, OUT_GOAL = MOVED, STAYED, ENDED_UNREWARDED, ENDED_REWARDED
 
 
 @njit(cache=True)
@@ -574,9 +579,7 @@ def play_protocol(maps: MapBatch, p_teacher, *, seed: int, max_episode_steps: in
     """
     if not isinstance(maps, MapBatch):
         raise TypeError(f"maps must be a MapBatch, got {type(maps).__name__}")
-    p_teacher = np.ascontiguousarray(p_teacher, dtype=np.float64)
-    if p_teacher.ndim != 1 or p_teacher.size < 1 or ((p_teacher < 0) | (p_teacher > 1)).any():
-        raise ValueError(f"p_teacher must be a non-empty 1-D array of probabilities, got {p_teacher!r}")
+    p_teacher = _ramp(p_teacher, "p_teacher")
     if max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
     if forget and is_slippery:
