@@ -24,14 +24,21 @@ def add_note(suite: str, text: str) -> None:
     _NOTES.setdefault(suite, []).append(text)
 
 
+def _add(suite: str, name: str, group: str, role: str, unit: str, seconds) -> dict:
+    """Store a row of ``seconds`` samples: median and p20/p80 (``throughput`` is the caller's to set)."""
+    data = np.asarray(seconds, dtype=np.float64)
+    row = {"name": name, "group": group, "role": role, "unit": unit, "rounds": int(data.size),
+           "median_s": float(np.median(data)), "p20_s": float(np.percentile(data, 20)),
+           "p80_s": float(np.percentile(data, 80))}
+    _ROWS.setdefault(suite, []).append(row)
+    return row
+
+
 def add_row(suite: str, name: str, group: str, role: str, unit: str, rates: list[float]) -> dict:
     """A row measured outside ``benchmark`` (e.g. throughputs that other processes report): ``rates`` are the
     measured throughputs in ``unit`` (one per sample); median and p20/p80 are of the time per unit of work."""
-    per = 1.0 / np.asarray(rates, dtype=np.float64)
-    row = {"name": name, "group": group, "role": role, "unit": unit, "rounds": int(per.size),
-           "median_s": float(np.median(per)), "p20_s": float(np.percentile(per, 20)),
-           "p80_s": float(np.percentile(per, 80)), "throughput": float(np.median(rates))}
-    _ROWS.setdefault(suite, []).append(row)
+    row = _add(suite, name, group, role, unit, 1.0 / np.asarray(rates, dtype=np.float64))
+    row["throughput"] = float(np.median(rates))
     return row
 
 
@@ -91,15 +98,11 @@ def record(benchmark, request):
 
     def _record(suite: str, name: str, work: float, unit: str, group: str, role: str,
                 peak_bytes: int | None = None) -> dict:
-        data = np.asarray(benchmark.stats.stats.data, dtype=np.float64)
-        row = {"name": name, "group": group, "role": role, "unit": unit, "rounds": int(data.size),
-               "median_s": float(np.median(data)), "p20_s": float(np.percentile(data, 20)),
-               "p80_s": float(np.percentile(data, 80))}
+        row = _add(suite, name, group, role, unit, benchmark.stats.stats.data)
         row["throughput"] = work / row["median_s"]
         if peak_bytes is not None:
             row["peak_mib"] = peak_bytes / 2 ** 20
         benchmark.extra_info.update(row)
-        _ROWS.setdefault(suite, []).append(row)
         return row
 
     return _record
