@@ -43,6 +43,7 @@ from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
 from icrl_fast.model.attention import KVCACHE, rollout_attention
 from icrl_fast.model.kv_cache import CACHE_ARG, RolloutCache
 from icrl_fast.rl.device_loop import run_on_device
+from icrl_fast.rl.player import ContextPlayer
 from icrl_fast.rl.rollout_result import Rollout
 
 
@@ -252,7 +253,7 @@ class RolloutEngine:
 
     def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
                  max_positions: int | None = None, env_backend: str = "auto", sync_every: int = 16,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, player: bool = True):
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
@@ -269,6 +270,16 @@ class RolloutEngine:
                              f"(it has {ext.kernel_keys()}; {ext.EXT_REASON}); rebuild it with CUDA (see "
                              f"icrl_fast/envs/ext.py) or use env_backend='auto'")
         self.env_backend = env_backend
+        self.use_player = player
+
+    def player(self, prefix=None) -> ContextPlayer | None:
+        """The device-resident player (``icrl_fast.rl.player``) when it can play this engine's rollouts: a step
+        format, no window, no prefix, the model's own cache dtype and ``player=True``; else ``None`` (the host
+        loops below)."""
+        if not (self.use_player and isinstance(self.fmt, StepFormat) and self.window is None and prefix is None
+                and self.cache_dtype is None and not getattr(self.qnet, "pretrained", False)):
+            return None
+        return ContextPlayer(self.qnet, self.fmt, device=self.device, max_positions=self.max_positions)
 
     def first_blocks(self, obs, prefix: list[list[int]] | None) -> tuple[list[list[int]], list[list[int]]]:
         """Each context's first block (its ``prefix``, then the first episode's opening at observation ``obs[b]``)
@@ -356,6 +367,10 @@ class RolloutEngine:
         """
         m = len(maps)
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
+        player = self.player(None if prefix is None or all(len(x) == 0 for x in prefix) else prefix)
+        if player is not None:  # a step format: the device-resident player, with run's lockstep draws
+            return player.play(maps, episodes, p_model, seed, draws="lockstep", is_slippery=is_slippery,
+                               switch_to=switch_to, switch_after=switch_after, progress=progress)
         if self.env_backend == "ext" and switch_to is None and not isinstance(self.fmt, StepFormat):
             # the extension's env: the loop stays on the device (it writes ContextFormat's token runs; the step
             # format plays the host loop on the same env)
@@ -442,6 +457,9 @@ class RolloutEngine:
             raise ValueError(f"prefix needs one token list per map ({m}), got {len(prefix)}")
         prefix = prefix if prefix is not None else [[] for _ in range(m)]
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
+        player = self.player(None if all(len(x) == 0 for x in prefix) else prefix)
+        if player is not None:  # a step format: the device-resident player, with collect's per-map draws
+            return player.play(maps, episodes, p_model, seed, width=width, is_slippery=is_slippery, progress=progress)
         env = HostView(maps, self.env_backend, self.device, is_slippery=is_slippery, seed=seed)
         obs = env.reset()  # seeds every map's stream (seed, b); later starts reseed theirs
         explore_state = _explore_streams(as_seed(seed) ^ _EXPLORE_SALT, m)

@@ -195,15 +195,16 @@ def test_a_flash_attention_model_rolls_out_on_the_kvcache_path_and_is_restored(m
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 def test_the_kvcache_attention_reads_q_equal_to_the_masked_cache_and_a_full_forward(fmt, monkeypatch):
     """The seqlens path (no mask; flash_attn_with_kvcache's contract, served by its reference on the CPU) reads the
-    same Q as the masked SDPA path and as one full forward: ragged blocks, early finishers, mixed map sizes."""
+    same Q as the masked SDPA path and as one full forward: ragged blocks, early finishers, mixed map sizes. (The host
+    loop's cache paths: the step formats' own player, which needs neither, is switched off.)"""
     q = tiny(fmt)
     maps = generate_maps(7, seed=0, height=(2, 7), width=(2, 7), min_hops=1)
-    masked = RolloutEngine(q, fmt).run(maps, 6, paper_ramp(6), seed=0)
+    masked = RolloutEngine(q, fmt, player=False).run(maps, 6, paper_ramp(6), seed=0)
     masks = []
     plan = RolloutCache.plan
     monkeypatch.setattr(RolloutCache, "plan", lambda self, *a, **k: masks.append(plan(self, *a, **k)) or masks[-1])
     q.model.set_attn_implementation(register_kvcache_attention())
-    flash = RolloutEngine(q, fmt).run(maps, 6, paper_ramp(6), seed=0)
+    flash = RolloutEngine(q, fmt, player=False).run(maps, 6, paper_ramp(6), seed=0)
     assert masks and all(mask is None for _, mask in masks)  # no [B, S, C] mask was built
     assert masked.length.sum(1).min() < masked.length.sum(1).max()
     for b in range(len(maps)):
