@@ -73,6 +73,19 @@ def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
     return out.reshape(b, kvh, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d).to(q.dtype)
 
 
+def sdpa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                          qpos: torch.Tensor, scale: float) -> torch.Tensor:
+    """``dense_decode_attention`` through torch's fused ``scaled_dot_product_attention`` (a boolean mask, grouped
+    heads): the CPU's attention. Every query must see at least one slot (``lengths >= 1``: the player's rows always
+    do), else its output is NaN."""
+    j = torch.arange(k.shape[2], device=q.device)
+    ok = (j[None, None, :] <= qpos[:, :, None]) & (j[None, None, :] < lengths[:, None, None])  # [B, T, S]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=ok[:, None], scale=scale,
+        enable_gqa=k.shape[1] != q.shape[2])
+    return out.transpose(1, 2)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -36,7 +36,7 @@ from icrl_fast.envs.maps import MapBatch
 from icrl_fast.envs.outcomes import ENDED_REWARDED, ENDED_UNREWARDED, MOVED, STAYED
 from icrl_fast.envs.rng import as_seed
 from icrl_fast.envs.torch_frozen_lake import MapTables, TorchFrozenLake, _shr, next_u64, next_uniform, stream_state
-from icrl_fast.model.decode_step import StaticKVCache, decode_step, dense_decode_attention
+from icrl_fast.model.decode_step import StaticKVCache, decode_step, sdpa_decode_attention
 from icrl_fast.model.same_state_memory import MEMORY_DIM
 from icrl_fast.rl.rollout_result import Rollout
 
@@ -47,14 +47,15 @@ VIEW_BUCKET = 128  # attention reads a multiple of this many cache slots (few di
 
 
 def default_attention(device) -> callable:
-    """The Triton ragged kernel on CUDA (it reads each row's slots up to its own length), else the dense one."""
+    """The Triton ragged kernel on CUDA (it reads each row's slots up to its own length), else torch's fused SDPA
+    over the masked slots (``sdpa_decode_attention``)."""
     if torch.device(device).type == "cuda":
         try:
             from icrl_kernels import ragged_decode_attention
         except ImportError:
-            return dense_decode_attention
+            return sdpa_decode_attention
         return ragged_decode_attention
-    return dense_decode_attention
+    return sdpa_decode_attention
 
 
 class _State:
