@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["ext", "kernels", "e2e-tests", "smoke", "bench_q_td_loss", "bench_train", "bench_rollout"]
+STEPS = ["throughput", "ext", "kernels", "e2e-tests", "smoke", "bench_q_td_loss", "bench_train", "bench_rollout"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

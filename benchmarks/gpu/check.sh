@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu/check.sh --dry-run  # anywhere: GPU steps print a one-line skip reason, the rest runs
 #
 # Steps (each with its own `timeout`, all inside one time budget, CHECK_BUDGET_S, default 480 s):
+#   0 throughput  issue 31's check first (benchmarks/gpu/throughput.py: floor, correctness, rollout grid, training,
+#               profile; its JSON files land in $OUT/throughput)
 #   1 ext       build csrc/ just in time with its CUDA kernels; print the dispatch keys its ops registered
 #   2 kernels   tests/kernels compiled on CUDA: fp32 exact vs float64 at every test shape, bf16 at the paper shape
 #               (N 4096, d 4096, V 128256) within 2x eager bf16's error, and the sm_90 compile/spill check
@@ -135,6 +137,7 @@ step() {  # step ID NAME TIMEOUT_S CMD...   (every step needs the GPU)
 }
 
 PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rfEs)
+step 0 throughput 300 "$PY" benchmarks/gpu/throughput.py --budget 280 --out "$OUT/throughput"
 step 1 ext 150 "$PY" - <<'EOF'
 import torch
 from icrl_fast.envs import ext

@@ -67,11 +67,12 @@ class ContextPlayer:
 
     ``qnet``: a from-scratch ``QNetwork`` built for ``fmt`` (a pretrained model plays the text formats, on the host
     loop). ``max_positions``: a context longer than this is a ``ValueError`` (checked every ``sync_every`` steps).
-    ``compile``: run the step through ``torch.compile(fullgraph=True, dynamic=False)``. ``attention``: the decode
-    attention (default: ``default_attention(device)``)."""
+    ``compile``: run the step through ``torch.compile(fullgraph=True, dynamic=False)`` (``True``: inductor, or a
+    backend's name); the rows still playing are then kept in power-of-two widths (few shapes to compile).
+    ``attention``: the decode attention (default: ``default_attention(device)``)."""
 
     def __init__(self, qnet, fmt: StepFormat, *, device="cpu", max_positions: int | None = None,
-                 sync_every: int = 32, compile: bool = False, attention=None, initial_capacity: int = 256):
+                 sync_every: int = 32, compile: bool | str = False, attention=None, initial_capacity: int = 256):
         if not isinstance(fmt, StepFormat):
             raise ValueError(f"the context player plays the step formats (step, step-grid, step-noend); format "  # noqa: TRY004
                              f"{getattr(fmt, 'name', fmt)!r} plays on RolloutEngine's host loop")
@@ -85,7 +86,13 @@ class ContextPlayer:
         self.initial_capacity = initial_capacity
         memory = getattr(qnet, "memory", None)
         self.memory, self.forget = memory is not None, bool(memory is not None and memory.forget)
-        self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self.compiled = bool(compile)
+        if compile:  # a backend name (e.g. "aot_eager") or True: inductor
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, backend=backend)
+        else:
+            self.step_fn = self._step
         self.steps = 0  # steps of the last play
 
     # -- the step -------------------------------------------------------------------------------------------------
@@ -237,7 +244,13 @@ class ContextPlayer:
                 busy = any(rows_busy)
                 bound = longest
                 if busy and not all(rows_busy):  # drop the rows that have nothing left to play
-                    self._keep(s, torch.tensor(np.flatnonzero(rows_busy), device=dev))
+                    keep = np.flatnonzero(rows_busy)
+                    if self.compiled:  # a power-of-two width (idle rows fill it): few shapes to compile
+                        width = 1 << int(np.ceil(np.log2(len(keep))))
+                        keep = np.sort(np.concatenate((keep, np.flatnonzero(~np.asarray(rows_busy, bool))[
+                            : width - len(keep)])))
+                    if len(keep) < len(rows_busy):
+                        self._keep(s, torch.tensor(keep, device=dev))
                 bar.update(finished - done)
                 done = finished
                 if self.max_positions is not None and longest > self.max_positions:
