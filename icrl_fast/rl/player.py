@@ -58,6 +58,17 @@ def default_attention(device) -> callable:
     return sdpa_decode_attention
 
 
+def switch_env_maps(maps: MapBatch, episodes: int, switch_to: MapBatch | None, switch_after: int | None) -> MapBatch:
+    """The envs a lockstep rollout steps: ``maps``, then (a switch of map after episode ``switch_after``) context
+    ``b``'s second map ``switch_to[b]`` as env ``b + len(maps)``. ``ValueError`` on a switch that does not fit."""
+    if switch_to is None:
+        return maps
+    m = len(maps)
+    if len(switch_to) != m or switch_after is None or not 0 < switch_after < episodes:
+        raise ValueError("switch_to needs one map per context and 0 < switch_after < episodes")
+    return MapBatch.from_descs([maps.to_desc(b) for b in range(m)] + [switch_to.to_desc(b) for b in range(m)])
+
+
 class _State:
     """The player's device tensors (every one ``[W, ...]`` per row unless noted)."""
 
@@ -287,15 +298,9 @@ class ContextPlayer:
         if lockstep and width < m:
             raise ValueError("lockstep draws (RolloutEngine.run's) play every map at once: width must be >= maps")
         width = min(width, m)
-        if switch_to is not None:
-            if not lockstep:
-                raise ValueError("a switch of map plays in lockstep (draws='lockstep')")
-            if len(switch_to) != m or switch_after is None or not 0 < switch_after < episodes:
-                raise ValueError("switch_to needs one map per context and 0 < switch_after < episodes")
-            env_maps = MapBatch.from_descs([maps.to_desc(b) for b in range(m)] +
-                                           [switch_to.to_desc(b) for b in range(m)])
-        else:
-            env_maps = maps
+        if switch_to is not None and not lockstep:
+            raise ValueError("a switch of map plays in lockstep (draws='lockstep')")
+        env_maps = switch_env_maps(maps, episodes, switch_to, switch_after)
         dev, fmt = self.device, self.fmt
         seed_u = int(as_seed(seed))
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))

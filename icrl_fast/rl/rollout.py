@@ -43,7 +43,7 @@ from icrl_fast.envs.rng import as_seed, next_u64, next_uniform, stream_state
 from icrl_fast.model.attention import KVCACHE, rollout_attention
 from icrl_fast.model.kv_cache import CACHE_ARG, RolloutCache
 from icrl_fast.rl.device_loop import run_on_device
-from icrl_fast.rl.player import ContextPlayer
+from icrl_fast.rl.player import ContextPlayer, switch_env_maps
 from icrl_fast.rl.rollout_result import Rollout
 
 
@@ -376,13 +376,7 @@ class RolloutEngine:
             # format plays the host loop on the same env)
             return run_on_device(self, maps, episodes, p_model, seed, is_slippery=is_slippery, progress=progress,
                                  prefix=prefix, sync_every=self.sync_every)
-        if switch_to is not None:
-            if len(switch_to) != m or switch_after is None or not 0 < switch_after < episodes:
-                raise ValueError("switch_to needs one map per context and 0 < switch_after < episodes")
-            env_maps = MapBatch.from_descs([maps.to_desc(b) for b in range(m)] +
-                                           [switch_to.to_desc(b) for b in range(m)])
-        else:
-            env_maps = maps
+        env_maps = switch_env_maps(maps, episodes, switch_to, switch_after)
         env = HostView(env_maps, self.env_backend, self.device, is_slippery=is_slippery, seed=seed)
         which = np.arange(m)  # the env each context plays on (b, or b + m after a switch)
         obs = env.reset()[:m]
