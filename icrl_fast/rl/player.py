@@ -227,16 +227,19 @@ class ContextPlayer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def play(self, maps: MapBatch, episodes: int, p_model, seed: int, *, width: int | None = None,
              draws: str = "per-map", is_slippery: bool = False, switch_to: MapBatch | None = None,
-             switch_after: int | None = None, progress: bool = False, record: bool = True) -> Rollout:
+             switch_after: int | None = None, progress: bool = False, record: bool = True,
+             prefix: list[list[int]] | None = None) -> Rollout:
         """Play (see the module docstring). ``width``: cache rows (default and with ``draws="lockstep"``: one per map).
         ``p_model``: greedy probability per episode (a scalar: every episode). ``switch_to``/``switch_after``
         (lockstep only): after episode ``switch_after`` context ``b`` goes on on map ``switch_to[b]``.
-        ``record=False``: keep only the outcomes (``tokens``, ``q``, ... empty; a benchmark's mode)."""
+        ``record=False``: keep only the outcomes (``tokens``, ``q``, ... empty; a benchmark's mode). ``prefix``
+        (lockstep only): tokens put before each context's first episode (their ``token_episode`` is -1), read in
+        one prefill call before the first step."""
         s = self.start(maps, episodes, p_model, seed, width=width, draws=draws, is_slippery=is_slippery,
-                       switch_to=switch_to, switch_after=switch_after, record=record)
+                       switch_to=switch_to, switch_after=switch_after, record=record, prefix=prefix)
         m, dev = s.maps, self.device
         rng = np.random.default_rng(seed) if s.lockstep else None
-        bound, steps, done = 1, 0, 0
+        bound, steps, done = int(s.prefix_lens.max()) + 1, 0, 0
         bar = tqdm(total=m * episodes, desc="play", unit="episode", leave=False, disable=not progress)
         with torch.no_grad():
             while True:
@@ -286,9 +289,12 @@ class ContextPlayer:
 
     def start(self, maps: MapBatch, episodes: int, p_model, seed: int, *, width: int | None = None,
               draws: str = "per-map", is_slippery: bool = False, switch_to: MapBatch | None = None,
-              switch_after: int | None = None, record: bool = True) -> _State:
-        """The state of a play before its first step (``play``'s arguments): every row's first block is ready."""
+              switch_after: int | None = None, record: bool = True, prefix: list[list[int]] | None = None) -> _State:
+        """The state of a play before its first step (``play``'s arguments): every row's first block is ready
+        (after the prefix's prefill, when there is one)."""
         m = len(maps)
+        if prefix is not None and (draws != "lockstep" or len(prefix) != m):
+            raise ValueError(f"a prefix plays in lockstep (draws='lockstep') with one token list per map ({m})")
         width = m if width is None else int(width)
         if draws not in DRAWS:
             raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
@@ -345,7 +351,9 @@ class ContextPlayer:
             s.known = torch.full((width, fmt.max_obs, 4), -1, dtype=torch.int8, device=dev)
         model_cfg = self.qnet.model.config
         head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
-        cap = self.initial_capacity
+        s.prefix_lens = np.array([len(x) for x in prefix] if prefix is not None else [0] * m, dtype=np.int64)
+        longest = int(s.prefix_lens.max())
+        cap = max(self.initial_capacity, 1 << int(np.ceil(np.log2(longest + 4))))
         s.cache = StaticKVCache(model_cfg.num_hidden_layers, width, model_cfg.num_key_value_heads, head_dim, cap,
                                 device=dev, dtype=self.qnet.head_weight().dtype)
         s.out_tape = torch.full((m + 1, episodes), -1, dtype=torch.int8, device=dev)
@@ -355,12 +363,43 @@ class ContextPlayer:
             s.tok_tape = torch.full((m + 1, tape_cap), -1, dtype=torch.int32, device=dev)
             s.obs_tape = torch.full((m + 1, tape_cap), -1, dtype=torch.int32, device=dev)
             s.q_tape = torch.zeros((m + 1, tape_cap, 4), dtype=torch.float32, device=dev)
-            s.tok_tape[s.map_id, 0] = s.ids[:, 1].int()
-            s.obs_tape[s.map_id, 0] = o.int()
-        s.n_tok.fill_(1)
         s.env_maps = env_maps
+        if longest:
+            self._prefill(s, prefix, start_name)
+        first = torch.as_tensor(s.prefix_lens, device=dev)[s.map_id]
+        if record:
+            s.tok_tape[s.map_id, first] = s.ids[:, 1].int()
+            s.obs_tape[s.map_id, first] = o.int()
+        s.n_tok.copy_(first + 1)
         s.view = s.cache.capacity
         return s
+
+    def _prefill(self, s: _State, prefix: list[list[int]], start_name: torch.Tensor) -> None:
+        """Read every context's prefix into the cache (one call, left-padded) and into the memory's counts; write it to
+        the tapes; the first block's START then gets the features the counts give."""
+        dev, width = self.device, len(prefix)
+        longest = int(s.prefix_lens.max())
+        ids = np.full((width, longest), self.fmt.pad_id, dtype=np.int64)
+        for b, toks in enumerate(prefix):
+            ids[b, longest - len(toks):] = toks
+        valid = np.arange(longest)[None, :] >= (longest - s.prefix_lens)[:, None]
+        mem = None
+        if self.memory:
+            stream = self.qnet.memory.stream(width)
+            rows = np.flatnonzero(s.prefix_lens)
+            feats = np.zeros((width, longest, MEMORY_DIM), dtype=np.float32)
+            feats[rows] = stream.tails(rows, [(list(prefix[b]), len(prefix[b])) for b in rows], longest)
+            mem = torch.as_tensor(feats, device=dev)
+            s.count.copy_(torch.as_tensor(stream.count[:, : self.fmt.max_obs], device=dev))
+            s.latest.copy_(torch.as_tensor(stream.latest[:, : self.fmt.max_obs], device=dev))
+            s.known.copy_(torch.as_tensor(stream.known[:, : self.fmt.max_obs], device=dev))
+            s.mem[:, 1] = self._features(s, start_name)
+        with torch.no_grad():
+            decode_step(self.qnet, s.cache, torch.as_tensor(ids, device=dev), torch.as_tensor(valid, device=dev),
+                        mem, self.attention)
+        if s.record:
+            for b, toks in enumerate(prefix):
+                s.tok_tape[b, : len(toks)] = torch.as_tensor(toks, dtype=torch.int32, device=dev)
 
     def _keep(self, s: _State, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` (between steps: the rows still playing, so later steps are narrower)."""
@@ -399,16 +438,17 @@ class ContextPlayer:
             for b in range(m):
                 n = int(np.argmax(toks[b] < 0)) if (toks[b] < 0).any() else toks.shape[1]
                 t = toks[b, :n].astype(np.int64)
-                is_start = typ[t] == 2  # TYPE_START
+                own = np.arange(n) >= s.prefix_lens[b]  # the context's own tokens (after its prefix)
+                is_start = (typ[t] == 2) & own  # TYPE_START
                 kind = np.where(t >= fmt.land0, (t - fmt.land0) // fmt.max_obs % len(KINDS), -1)
-                decision = is_start | (kind == _KIND_MOVE)
-                ep = np.cumsum(is_start) - 1
+                decision = is_start | ((kind == _KIND_MOVE) & own)
+                ep = np.where(own, np.cumsum(is_start) - 1, -1)
                 tokens.append(t)
                 tok_ep.append(ep)
                 dpos.append(np.flatnonzero(decision))
                 q_read.append(qs[b, : len(dpos[-1])].copy())
                 path = []
-                for p in range(n):
+                for p in range(int(s.prefix_lens[b]), n):
                     if is_start[p]:
                         path.append([int(obs[b, p])])
                     else:

@@ -274,8 +274,8 @@ class RolloutEngine:
 
     def player(self, prefix=None) -> ContextPlayer | None:
         """The device-resident player (``icrl_fast.rl.player``) when it can play this engine's rollouts: a step
-        format, no window, no prefix, the model's own cache dtype and ``player=True``; else ``None`` (the host
-        loops below)."""
+        format, no window, no prefix (``collect``; ``run`` passes none: the player reads one in lockstep), the model's
+        own cache dtype and ``player=True``; else ``None`` (the host loops below)."""
         if not (self.use_player and isinstance(self.fmt, StepFormat) and self.window is None and prefix is None
                 and self.cache_dtype is None and not getattr(self.qnet, "pretrained", False)):
             return None
@@ -367,10 +367,10 @@ class RolloutEngine:
         """
         m = len(maps)
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
-        player = self.player(None if prefix is None or all(len(x) == 0 for x in prefix) else prefix)
+        player = self.player()
         if player is not None:  # a step format: the device-resident player, with run's lockstep draws
             return player.play(maps, episodes, p_model, seed, draws="lockstep", is_slippery=is_slippery,
-                               switch_to=switch_to, switch_after=switch_after, progress=progress)
+                               switch_to=switch_to, switch_after=switch_after, progress=progress, prefix=prefix)
         if self.env_backend == "ext" and switch_to is None and not isinstance(self.fmt, StepFormat):
             # the extension's env: the loop stays on the device (it writes ContextFormat's token runs; the step
             # format plays the host loop on the same env)

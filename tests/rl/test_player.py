@@ -142,3 +142,17 @@ def test_player_sdpa_attention_equals_the_dense_reference(kv_heads):
     want = dense_decode_attention(q.double(), k.double(), v.double(), lengths, qpos, 0.25).float()
     torch.testing.assert_close(sdpa_decode_attention(q, k, v, lengths, qpos, 0.25), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dense_decode_attention(q, k, v, lengths, qpos, 0.25), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["plain", "memory+forget"])
+def test_player_with_a_prefix_equals_run(memory):
+    """Hand-written episodes before each context (the stitching and imitation probes' prefix; ragged, one empty):
+    read in one prefill call, then played as ``run`` plays them."""
+    q = model(memory=memory)
+    host = RolloutEngine(q, GRID, player=False)
+    episodes = [host.streams.episode([0, 1, 9], [2, 1], [0.0, 0.0]), host.streams.episode([0, 8], [1], [0.0])]
+    prefix = [episodes[b % 2] * (b % 3) for b in range(len(MAPS))]  # 0, 1 or 2 copies: ragged, some empty
+    ref = host.run(MAPS, 5, paper_ramp(5), seed=4, prefix=prefix)
+    out = RolloutEngine(q, GRID).run(MAPS, 5, paper_ramp(5), seed=4, prefix=prefix)
+    assert_same_episodes(ref, out)
+    assert (out.token_episode[2][: len(prefix[2])] == -1).all() and len(prefix[2]) > 0
