@@ -9,10 +9,12 @@ Phases, in order of value, each under its own time limit (``--budget`` seconds i
 1. ``floor``: copy bandwidth (GB/s), bf16 GEMM rate (TFLOP/s) and the cost of one tiny kernel replayed from a
    CUDA graph: the inputs of every floor below;
 2. ``correctness``: the player's step under the host-sync guard (and CUDA's sync debug mode "error"), the compiled
-   step equal to the eager one, and the player's rollout equal to the CPU reference committed in
+   step and (CUDA) the CUDA-graph-replayed step equal to the eager one, and the player's rollout equal to the CPU
+   reference committed in
    ``benchmarks/gpu/player-reference.npz`` (outcomes exactly, Q within 1e-4);
 3. ``rollout``: env-steps/s of the player, 2 x 128 and 6 x 256 step-grid + memory models, at 1,024 / 4,096 /
-   16,384 maps (30 episodes, random actions: every map plays its 30 episodes), eager and compiled; today's host
+   16,384 maps (30 episodes, random actions: every map plays its 30 episodes), eager, compiled and CUDA-graph
+   replayed; today's host
    loop (``RolloutEngine(player=False)``) on the same card at 1,024 maps;
 4. ``train``: training tokens/s and MFU of the default recipe's step (2 x 128) and the gpu preset (6 x 256);
 5. ``profile``: the top ops of 20 player steps (``torch.profiler``).
@@ -42,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 REFERENCE = Path(__file__).with_name("player-reference.npz")
 PHASES = ("floor", "correctness", "rollout", "train", "profile")
 LIMITS = {"floor": 40, "correctness": 90, "rollout": 240, "train": 120, "profile": 40}
-MODELS = {"2x128": dict(layers=2, hidden_size=128, heads=4, intermediate_size=384),
-          "6x256": dict(layers=6, hidden_size=256, heads=8, intermediate_size=768)}
+MODELS = {"2x128": {"layers": 2, "hidden_size": 128, "heads": 4, "intermediate_size": 384},
+          "6x256": {"layers": 6, "hidden_size": 256, "heads": 8, "intermediate_size": 768}}
 
 
 class PhaseTimeout(Exception):
@@ -118,13 +120,13 @@ def phase_floor(device, dry: bool) -> dict:
     return out
 
 
-def _player_rollout(device, compile: bool = False, maps: int = 12, episodes: int = 6):
+def _player_rollout(device, compile: bool = False, maps: int = 12, episodes: int = 6, graph: bool = False):
     from icrl_fast.evaluate import paper_ramp
     from icrl_fast.rl.player import ContextPlayer
 
     fmt = grid_format()
     q = model("2x128", fmt, device)
-    player = ContextPlayer(q, fmt, device=device, compile=compile)
+    player = ContextPlayer(q, fmt, device=device, compile=compile, graph=graph)
     return player.play(test_maps(maps), episodes, paper_ramp(episodes), seed=0, width=5)
 
 
@@ -164,8 +166,14 @@ def phase_correctness(device, dry: bool) -> dict:
     graph_same = all(np.array_equal(a, b) for a, b in zip(eager.tokens, compiled.tokens))
     q_graph = max(float(np.abs(a - b).max()) for a, b in zip(eager.q, compiled.q))
     ok = all(same.values()) and q_err <= 1e-4 and graph_same and q_graph <= 1e-4
-    return {"ok": ok, "syncs_in_40_steps": 0, "equal_to_cpu_reference": same, "q_max_err_vs_cpu": q_err,
-            "compiled_equals_eager": graph_same, "q_max_err_compiled": q_graph}
+    out = {"ok": ok, "syncs_in_40_steps": 0, "equal_to_cpu_reference": same, "q_max_err_vs_cpu": q_err,
+           "compiled_equals_eager": graph_same, "q_max_err_compiled": q_graph}
+    if device.type == "cuda":  # the CUDA graph of the eager step, replayed
+        captured = _player_rollout(device, graph=True)
+        out["cuda_graph_equals_eager"] = all(np.array_equal(a, b) for a, b in zip(eager.tokens, captured.tokens))
+        out["q_max_err_cuda_graph"] = max(float(np.abs(a - b).max()) for a, b in zip(eager.q, captured.q))
+        out["ok"] = ok and out["cuda_graph_equals_eager"] and out["q_max_err_cuda_graph"] <= 1e-4
+    return out
 
 
 def _time_rollout(player, maps, episodes: int, width: int) -> dict:
@@ -189,12 +197,13 @@ def phase_rollout(device, dry: bool) -> dict:
     rows = []
     for name in MODELS:
         q = model(name, fmt, device)
-        for compile in (False, compile_mode(device)):
-            player = ContextPlayer(q, fmt, device=device, compile=compile)
+        variants = [(False, False), (compile_mode(device), False)] + ([(False, True)] if device.type == "cuda" else [])
+        for compile, graph in variants:
+            player = ContextPlayer(q, fmt, device=device, compile=compile, graph=graph)
             for n in sizes:
                 maps = test_maps(n)
                 _time_rollout(player, maps[: min(n, 64)], 2, min(n, 64))  # warm-up (and compile)
-                rows.append({"model": name, "compile": str(compile), "maps": n,
+                rows.append({"model": name, "compile": str(compile), "cuda_graph": graph, "maps": n,
                              **_time_rollout(player, maps, episodes, n)})
                 print(json.dumps(rows[-1]), flush=True)
     q = model("2x128", fmt, device)
@@ -271,7 +280,8 @@ def environment(device) -> dict:
 
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
         except OSError:
             return None
 
@@ -279,7 +289,7 @@ def environment(device) -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "versions": {p: version(p) for p in ("triton", "transformers", "numba", "numpy")},
             "commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain")),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)}
 
 
@@ -323,7 +333,7 @@ def main(argv=None) -> int:
                     result["status"] = "fail"
             except PhaseTimeout:
                 result = {"status": "timeout", "limit_s": limit}
-            except Exception as e:  # a phase's failure is recorded; the next phases still run
+            except Exception as e:  # noqa: BLE001 (a phase's failure is recorded; the next phases still run)
                 result = {"status": "error", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
             finally:
                 signal.alarm(0)

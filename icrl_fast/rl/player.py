@@ -27,6 +27,8 @@ with lockstep draws ``RolloutEngine.run`` (switches included): contexts, decisio
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -80,10 +82,14 @@ class ContextPlayer:
     loop). ``max_positions``: a context longer than this is a ``ValueError`` (checked every ``sync_every`` steps).
     ``compile``: run the step through ``torch.compile(fullgraph=True, dynamic=False)`` (``True``: inductor, or a
     backend's name); the rows still playing are then kept in power-of-two widths (few shapes to compile).
-    ``attention``: the decode attention (default: ``default_attention(device)``)."""
+    ``attention``: the decode attention (default: ``default_attention(device)``). ``graph``: on CUDA, capture the
+    step in a CUDA graph and replay it (re-captured when the rows are narrowed or the cache grows; attention then
+    reads the whole cache, which the ragged kernel does in O(length) anyway); elsewhere, or if a capture fails,
+    the step runs eagerly (a warning says so)."""
 
     def __init__(self, qnet, fmt: StepFormat, *, device="cpu", max_positions: int | None = None,
-                 sync_every: int = 32, compile: bool | str = False, attention=None, initial_capacity: int = 256):
+                 sync_every: int = 32, compile: bool | str = False, attention=None, initial_capacity: int = 256,
+                 graph: bool = False):
         if not isinstance(fmt, StepFormat):
             raise ValueError(f"the context player plays the step formats (step, step-grid, step-noend); format "  # noqa: TRY004
                              f"{getattr(fmt, 'name', fmt)!r} plays on RolloutEngine's host loop")
@@ -104,6 +110,11 @@ class ContextPlayer:
             self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, backend=backend)
         else:
             self.step_fn = self._step
+        self.graph = bool(graph)
+        if self.graph and self.device.type != "cuda":
+            warnings.warn(f"CUDA graphs need a CUDA device: the player's step runs eagerly on {self.device}",
+                          stacklevel=2)
+            self.graph = False
         self.steps = 0  # steps of the last play
 
     # -- the step -------------------------------------------------------------------------------------------------
@@ -250,7 +261,10 @@ class ContextPlayer:
                         self._grow(s, 2 * s.cache.capacity)
                     # attention reads the slots up to a bucket above the longest context's bound (static shapes)
                     s.view = min(s.cache.capacity, -(-(bound + 2) // VIEW_BUCKET) * VIEW_BUCKET)
-                    self.step_fn(s)
+                    if self.graph:
+                        self._graph_step(s)
+                    else:
+                        self.step_fn(s)
                     bound += 2
                     steps += 1
                 read = torch.cat((s.cache.lengths.max()[None], (s.out_tape[:m] >= 0).sum()[None], s.busy.long()))
@@ -284,8 +298,37 @@ class ContextPlayer:
         a = np.empty((self.sync_every, m), dtype=np.int64)
         for k in range(self.sync_every):
             u[k], a[k] = rng.random(m), rng.integers(0, 4, m)
-        s.draw_u, s.draw_a = torch.as_tensor(u, device=self.device), torch.as_tensor(a, device=self.device)
+        u, a = torch.as_tensor(u, device=self.device), torch.as_tensor(a, device=self.device)
+        if getattr(s, "draw_u", None) is not None and s.draw_u.shape == u.shape:  # in place: a captured step reads them
+            s.draw_u.copy_(u)
+            s.draw_a.copy_(a)
+        else:
+            s.draw_u, s.draw_a = u, a
         s.k.zero_()
+
+    def _graph_step(self, s: _State) -> None:
+        """One step through a CUDA graph of ``step_fn``, captured (after one eager warm-up step on a side stream,
+        which is this call's step) whenever the rows or the cache changed shape; the eager step if a capture fails."""
+        s.view = s.cache.capacity
+        key = (len(s.busy), s.cache.capacity)
+        if getattr(s, "graph_key", None) == key:
+            s.cuda_graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step_fn(s)  # the warm-up is a real step
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step_fn(s)  # recorded, not run
+        except RuntimeError as e:
+            warnings.warn(f"the player's step could not be captured in a CUDA graph ({e}); it runs eagerly",
+                          stacklevel=2)
+            self.graph = False
+            return
+        s.cuda_graph, s.graph_key = graph, key
 
     def start(self, maps: MapBatch, episodes: int, p_model, seed: int, *, width: int | None = None,
               draws: str = "per-map", is_slippery: bool = False, switch_to: MapBatch | None = None,

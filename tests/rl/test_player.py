@@ -156,3 +156,13 @@ def test_player_with_a_prefix_equals_run(memory):
     out = RolloutEngine(q, GRID).run(MAPS, 5, paper_ramp(5), seed=4, prefix=prefix)
     assert_same_episodes(ref, out)
     assert (out.token_episode[2][: len(prefix[2])] == -1).all() and len(prefix[2]) > 0
+
+
+def test_player_graph_falls_back_to_eager_off_cuda():
+    """``graph=True`` needs a CUDA device; elsewhere the step runs eagerly, with a warning, and plays the same."""
+    q = model()
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        player = ContextPlayer(q, GRID, graph=True)
+    assert not player.graph
+    assert_same_episodes(ContextPlayer(q, GRID).play(MAPS, 3, 0.5, seed=0, width=4),
+                         player.play(MAPS, 3, 0.5, seed=0, width=4), q_exact=True)
