@@ -52,12 +52,15 @@ def default_attention(device) -> callable:
     """The Triton ragged kernel on CUDA (it reads each row's slots up to its own length), else torch's fused SDPA
     over the masked slots (``sdpa_decode_attention``)."""
     if torch.device(device).type == "cuda":
-        try:
-            from icrl_kernels import ragged_decode_attention
-        except ImportError:
-            return sdpa_decode_attention
-        return ragged_decode_attention
+        return triton_decode_attention
     return sdpa_decode_attention
+
+
+def triton_decode_attention(q, k, v, lengths, qpos, scale: float, backend: str | None = None) -> torch.Tensor:
+    """``icrl_kernels.ragged_decode_attention`` on the player's cache layout (``[B, KVH, S, D]``: ``bhsd``)."""
+    from icrl_kernels import ragged_decode_attention
+
+    return ragged_decode_attention(q, k, v, lengths, qpos, scale, backend=backend, kv_layout="bhsd")
 
 
 def switch_env_maps(maps: MapBatch, episodes: int, switch_to: MapBatch | None, switch_after: int | None) -> MapBatch:

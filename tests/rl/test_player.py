@@ -166,3 +166,18 @@ def test_player_graph_falls_back_to_eager_off_cuda():
     assert not player.graph
     assert_same_episodes(ContextPlayer(q, GRID).play(MAPS, 3, 0.5, seed=0, width=4),
                          player.play(MAPS, 3, 0.5, seed=0, width=4), q_exact=True)
+
+
+def test_player_on_the_triton_ragged_kernel_equals_the_cpu_attention():
+    """The GPU's attention (``icrl_kernels.ragged_decode_attention`` on the player's ``[B, KVH, S, D]`` cache, run by
+    Triton's interpreter here) plays what SDPA plays: a whole rollout, refills included."""
+    from functools import partial
+
+    from icrl_fast.rl.player import triton_decode_attention
+
+    q = model(kv_heads=2)
+    maps = MAPS[np.arange(4)]
+    ref = ContextPlayer(q, GRID, initial_capacity=16).play(maps, 2, paper_ramp(2), seed=1, width=3)
+    out = ContextPlayer(q, GRID, initial_capacity=16, attention=partial(triton_decode_attention, backend="triton")
+                        ).play(maps, 2, paper_ramp(2), seed=1, width=3)
+    assert_same_episodes(ref, out)
