@@ -16,7 +16,8 @@ Phases, in order of value, each under its own time limit (``--budget`` seconds i
    16,384 maps (30 episodes, random actions: every map plays its 30 episodes), eager, compiled and CUDA-graph
    replayed; today's host
    loop (``RolloutEngine(player=False)``) on the same card at 1,024 maps;
-4. ``train``: training tokens/s and MFU of the default recipe's step (2 x 128) and the gpu preset (6 x 256);
+4. ``train``: training tokens/s and MFU (6 x parameters x tokens/s over the GEMM rate the floor phase measured)
+   of the default recipe's step (2 x 128) and the gpu preset (6 x 256);
 5. ``profile``: the top ops of 20 player steps (``torch.profiler``).
 
 ``DIR/summary.json`` gathers them with the device, versions, commit, date and command. ``--regen-reference``
@@ -223,6 +224,8 @@ def phase_train(device, dry: bool) -> dict:
     from icrl_fast import train
     from icrl_fast.presets import preset
 
+    floor = Path(ARGS.out) / "floor.json"
+    peak = json.loads(floor.read_text()).get("gemm_TFLOPs") if floor.is_file() else None  # this run's GEMM rate
     rows = []
     for name, steps in (("default", 3 if dry else 40), ("gpu", 3 if dry else 40)):
         cfg = preset(name)
@@ -242,9 +245,23 @@ def phase_train(device, dry: bool) -> dict:
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rates = [m["perf/tokens_per_s"] for m in metrics[1:] if "perf/tokens_per_s" in m] or \
                 [m["perf/tokens_per_s"] for m in metrics if "perf/tokens_per_s" in m]
-        rows.append({"preset": name, "steps": steps, "seconds": round(secs, 1),
-                     "tokens_per_s": round(float(np.median(rates))) if rates else None})
-    return {"rows": rows, "bars": {"2x128 tokens/s": 4e6, "6x256 tokens/s": 1.5e6}}
+        tps = float(np.median(rates)) if rates else None
+        params = _parameters(cfg)
+        rows.append({"preset": name, "steps": steps, "seconds": round(secs, 1), "parameters": params,
+                     "tokens_per_s": round(tps) if tps else None,
+                     "mfu": round(6 * params * tps / (peak * 1e12), 5) if tps and peak else None})
+    return {"rows": rows, "mfu_peak_TFLOPs": peak, "bars": {"2x128 tokens/s": 4e6, "6x256 tokens/s": 1.5e6}}
+
+
+def _parameters(cfg) -> int:
+    """Trainable parameters of ``cfg``'s online network (MFU counts 6 per parameter per token: attention's own
+    FLOPs, small at these lengths and widths, are left out)."""
+    from icrl_fast.data.formats import make_format
+    from icrl_fast.model.qnet import QNetwork
+
+    fmt = make_format(cfg.data.format, max_obs=cfg.data.max_obs)
+    q = QNetwork(cfg.model, fmt.vocab_size, fmt.action_ids, token_factors=getattr(fmt, "token_factors", None))
+    return sum(p.numel() for p in q.trainable_parameters())
 
 
 def phase_profile(device, dry: bool) -> dict:
