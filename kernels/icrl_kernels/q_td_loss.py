@@ -22,10 +22,12 @@ whole vocabulary (``"vocab"``, the paper's code: the head is streamed in vocabul
 then the loss ``paper`` (``((q - y) / mean_seq(y))^2``, ``mean_seq(y)`` detached and kept >= ``norm_eps`` in
 magnitude), ``mse`` or ``huber``, reduced by ``mean`` / ``sum`` / ``none`` (see ``reference.reduce_loss``).
 
-Fused: in ``vocab`` mode one kernel does the ``[N, V]`` GEMM tile by tile with a running max/argmax (split over
-V for parallelism, then a tiny reduction); one forward kernel makes a single pass over ``d`` for q, the online
-next-action logits, the target logits and the target; ``dL/dhidden`` is written in the forward pass (Liger's
-trick: ``q`` is linear in ``hidden``), so backward only scales it. Accumulation is fp32 whatever the input dtype.
+Fused: in ``vocab`` mode the next action is :func:`vocab_argmax`'s: a Triton GEMM over ``[N, V]`` tiles whose
+epilogue merges each tile's per-row max/argmax into a packed int64 key by one atomic max, or ``torch.mm`` over V
+chunks with a running argmax, whichever a one-time timing per shape found faster (CUDA; see :func:`argmax_path`).
+One forward kernel makes a single pass over ``d`` for q, the online next-action logits, the target logits and the
+target; ``dL/dhidden`` is written in the forward pass (Liger's trick: ``q`` is linear in ``hidden``), so backward
+only scales it. Accumulation is fp32 whatever the input dtype.
 Tolerances: fp32 within 1e-5 (relative, max-norm) of a float64 reference; bf16 within 2x the error eager bf16
 makes against float64 (GPU only: the Triton interpreter computes bf16 ``tl.dot`` wrongly).
 """
@@ -43,44 +45,62 @@ from .reference import (ARGMAX, LOSSES, REDUCTIONS, elementwise_loss, q_td_loss_
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
     @triton.jit
+    def _argmax_key(value, index):
+        """The packed int64 key of ``(value fp32, index int32)`` that :func:`argmax_key` computes in torch: a signed
+        max over keys is a max over values whose ties keep the lowest index."""
+        value = tl.where(value == 0.0, 0.0, value)  # -0.0 == +0.0: one key, so the lower index wins that tie too
+        bits = value.to(tl.int32, bitcast=True)
+        high = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order-preserving: negatives reversed below zero
+        low = (~index.to(tl.int32)).to(tl.uint32, bitcast=True).to(tl.int64)  # 2**32 - 1 - index, zero-extended
+        return (high.to(tl.int64) << 32) | low
+
+    @triton.jit(do_not_specialize=["N_BUCKET"])
     def _q_td_vocab_argmax_kernel(
-        h_ptr, w_ptr, part_max_ptr, part_idx_ptr,
-        stride_h, stride_w, n_splits,
-        N, V, D, V_PER_SPLIT,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+        h_ptr, w_ptr, key_ptr,
+        stride_h, stride_w,
+        N, V, D, N_BUCKET,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+        EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """Running max/argmax of ``h @ w.T`` over one V split, tile by tile; ties keep the lowest index."""
-        pid_n = tl.program_id(0)
-        split = tl.program_id(1)
+        """One ``[BLOCK_N, BLOCK_V]`` tile of ``h @ w.T`` (a GEMM over d), then per row the tile's max/argmax merged
+        into ``key[row]`` with one packed 64-bit atomic max (ties: lowest index). ``N_BUCKET`` is only the
+        autotuner's key (N's power-of-two bucket)."""
+        # grouped program order (the Triton matmul tutorial's): GROUP_N row blocks walk the V tiles together, so a
+        # W tile is read from HBM once per group and from L2 by the group's other row blocks
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        v_blocks = tl.cdiv(V, BLOCK_V)
+        per_group = GROUP_N * v_blocks
+        first_n = (pid // per_group) * GROUP_N
+        group_rows = tl.minimum(n_blocks - first_n, GROUP_N)
+        pid_n = first_n + (pid % per_group) % group_rows
+        pid_v = (pid % per_group) // group_rows
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        rows64 = rows.to(tl.int64)  # N * d can pass 2**31 at the paper's shape
-        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        best_idx = tl.zeros((BLOCK_N,), tl.int32)
-        v_start = split * V_PER_SPLIT
-        v_end = tl.minimum(v_start + V_PER_SPLIT, V)
-        for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < v_end
-            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < D
-                h = tl.load(h_ptr + rows64[:, None] * stride_h + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                            other=0.0)
-                w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dd[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                acc += tl.dot(h, tl.trans(w), input_precision="ieee" if IEEE else "tf32")
-            acc = tl.where(col_ok[None, :], acc, float("-inf"))
-            tile_max, tile_idx = tl.max(acc, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            better = tile_max > best  # strict: an earlier tile wins a tie
-            best_idx = tl.where(better, v0 + tile_idx, best_idx)
-            best = tl.where(better, tile_max, best)
-        out = rows64 * n_splits + split
-        tl.store(part_max_ptr + out, best, mask=row_ok)
-        tl.store(part_idx_ptr + out, best_idx, mask=row_ok)
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        dd = tl.arange(0, BLOCK_D)
+        # out-of-range rows/columns wrap (no load masks): their results are dropped by the epilogue's masks
+        h_ptrs = h_ptr + (rows % N).to(tl.int64)[:, None] * stride_h + dd[None, :]  # int64: N * d can pass 2**31
+        w_ptrs = w_ptr + (cols % V).to(tl.int64)[None, :] * stride_w + dd[:, None]  # [BLOCK_D, BLOCK_V]: w.T
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            if EVEN_D:
+                h = tl.load(h_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                h = tl.load(h_ptrs, mask=dd[None, :] < D - d0, other=0.0)
+                w = tl.load(w_ptrs, mask=dd[:, None] < D - d0, other=0.0)
+            acc = tl.dot(h, w, acc, input_precision="ieee" if IEEE else "tf32")  # bf16/fp16: wgmma on sm_90a
+            h_ptrs += BLOCK_D
+            w_ptrs += BLOCK_D
+        acc = tl.where((cols < V)[None, :], acc, float("-inf"))
+        tile_max, tile_idx = tl.max(acc, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        key = _argmax_key(tile_max, pid_v * BLOCK_V + tile_idx)
+        # a max commutes and is idempotent: any program order gives the same keys, and the autotuner's repeated
+        # benchmark launches into one buffer leave it as one launch would
+        tl.atomic_max(key_ptr + rows, key, mask=rows < N, sem="relaxed")
 
     @triton.jit
     def _q_td_fwd_kernel(
@@ -155,25 +175,35 @@ if HAS_TRITON:
                  (g[:, None] * w).to(dh_ptr.dtype.element_ty), mask=m2)
 
 
-# Tile configurations (BLOCK_N, BLOCK_V or BLOCK_A, BLOCK_D, num_warps). On a GPU each kernel is autotuned over its
-# list, keyed on (D, V) (and the dtypes: Triton's autotuner adds them to the key), so the first call at a shape
-# benchmarks the configs once. Every config listed compiles for sm_90 without register spills -- checked by
-# tests/kernels/test_sm90_compile.py with ptxas -v at the paper shape (Triton 3.9; registers per thread in the
-# comments) -- which rules out the old fixed 64/128/64 tiles at 4 warps (fp32: 255 registers, 296 bytes of spill
-# stores) and 64/128/32 at 8 warps in fp32 (16 bytes). On the lent H200 (Triton 3.6, 2026-11-30) the same test
-# found 32/128 at 8 warps spilling 24 bytes in bf16/fp16 (64 registers), so it left the forward's list;
-# benchmarks/results/q_td_loss-NVIDIA-H200.md has the paper-shape times. Under the CPU interpreter one config is used (multi-config
-# autotuning needs do_bench, which fails on the CPU), with large blocks since the interpreter pays per program.
-ARGMAX_CONFIGS = {  # by variant of the [N, V] GEMM
-    "fp32-ieee": [(64, 64, 32, 8), (32, 64, 32, 4)],  # 120, 128 registers
-    "half": [(64, 128, 32, 8), (128, 128, 32, 8), (64, 64, 32, 4)],  # bf16/fp16: 86, 144, 86 registers
+# Tile configurations. On a GPU each kernel is autotuned over its list (and the dtypes: Triton's autotuner adds them to
+# the key), so the first call at a shape benchmarks the configs once. Every config listed compiles for sm_90 without
+# register spills and within sm_90's shared memory -- checked by tests/kernels/test_sm90_compile.py with ptxas -v
+# at the paper shape (Triton 3.9; registers per thread in the comments). Under the CPU interpreter one config is
+# used (multi-config autotuning needs do_bench, which fails on the CPU), with large blocks since the interpreter
+# pays per program.
+#
+# The vocab-argmax GEMM: (BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, num_warps, num_stages), keyed on (N's power-of-two
+# bucket, V, D). "half" (bf16/fp16) are Hopper tiles: tl.dot on 16-bit operands with 4 or 8 warps lowers to wgmma
+# on sm_90a (the compile test reads wgmma.mma_async in their PTX); 128 x 256 x 64 at 8 warps and 3-4 stages is the
+# shape cuBLAS's own sm_90 bf16 GEMMs use, the 64-row tiles waste fewer rows at small N (N 204: 2 row blocks of
+# 128 or 4 of 64). fp32 runs IEEE products (no TF32), which have no tensor-core form: small FMA tiles. Not yet
+# timed on a GPU (no device in the session that wrote them): the per-shape path choice below times this kernel
+# against chunked cuBLAS at the first call, so a config list that loses costs only the choice, never the speed.
+ARGMAX_CONFIGS = {  # by variant of the [N, V] GEMM; sm_90a registers, shared memory (KiB) in the comments
+    "fp32-ieee": [(64, 64, 32, 8, 8, 2), (32, 64, 32, 8, 4, 2)],  # 80, 16; 96, 12 (128 x 128 at 4 warps spills)
+    "half": [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4),  # 182, 144; 182, 192
+             (128, 128, 64, 8, 4, 4), (64, 256, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)],  # 189, 128; 198, 160; 119, 96
 }
-# BLOCK_N, BLOCK_D, warps (the A tile is sized from A); at most 156 registers (fp32, actions mode)
+# BLOCK_N, BLOCK_D, warps (the A tile is sized from A); at most 156 registers (fp32, actions mode). On the lent H200
+# (Triton 3.6, 2026-11-30) 32/128 at 8 warps spilled 24 bytes in bf16/fp16 (64 registers), so it left the list.
 FWD_CONFIGS = [(32, 64, 4), (64, 32, 4)]
 DHIDDEN_CONFIG = (32, 128, 4)  # BLOCK_N, BLOCK_D, warps: an elementwise gather-scale, memory bound (<= 48 registers)
-INTERPRETER_META = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)
-SPLIT_ROWS, SPLIT_COLS = 64, 128  # the V split is planned in these units (every BLOCK_V divides SPLIT_COLS)
-TARGET_PROGRAMS = 1024  # argmax split over V until (row blocks x splits) reaches this many programs
+INTERPRETER_META = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 4}
+ARGMAX_PATHS = ("auto", "triton", "cublas")
+ARGMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the Triton path's; the cuBLAS path takes any float
+KEY_INIT = -(2 ** 63)  # no packed key is lower (-inf's high half is -2**31 + 2**23 - 1)
+CUBLAS_CHUNK_UNIT = 128  # chunk widths are multiples of this many vocabulary rows (whole GEMM tiles)
+TIMING_REPS = 3  # timed calls per path in the one-time per-shape choice (after one warm-up call each)
 
 
 def argmax_variant(dtype: torch.dtype) -> str:
@@ -183,43 +213,171 @@ def argmax_variant(dtype: torch.dtype) -> str:
 
 def _launcher(kernel, configs, names, key):
     """``launch(grid)(*args, **constexprs)``: ``kernel`` autotuned over ``configs`` (tuples: the values of the
-    constexpr ``names``, then num_warps) keyed on ``key`` -- or, under the interpreter, launched with the
-    ``INTERPRETER_META`` values of those names and no tuning. ``grid`` maps the chosen constexprs to the grid."""
+    constexpr ``names``, then num_warps and optionally num_stages) keyed on ``key`` -- or, under the interpreter,
+    launched with the ``INTERPRETER_META`` values of those names and no tuning. ``grid`` maps the chosen
+    constexprs to the grid."""
     if interpreting():
         meta = {name: INTERPRETER_META[name] for name in names}
         return lambda grid: (lambda *args, **kw: kernel[grid(meta)](*args, **kw, **meta))
-    tuned = triton.autotune([triton.Config(dict(zip(names, c[:-1])), num_warps=c[-1]) for c in configs],
-                            key=key)(kernel)
+    tuned = triton.autotune([triton.Config(dict(zip(names, c)), num_warps=c[len(names)],
+                                           **({"num_stages": c[len(names) + 1]} if len(c) > len(names) + 1 else {}))
+                             for c in configs], key=key)(kernel)
     return lambda grid: tuned[grid]
 
 
 if HAS_TRITON:
-    _ARGMAX = {variant: _launcher(_q_td_vocab_argmax_kernel, configs, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), ["D", "V"])
+    _ARGMAX_KERNEL = triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(_q_td_vocab_argmax_kernel)
+    _ARGMAX = {variant: _launcher(_ARGMAX_KERNEL, configs, ("BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N"),
+                                  ["N_BUCKET", "V", "D"])
                for variant, configs in ARGMAX_CONFIGS.items()}
     _FWD = _launcher(_q_td_fwd_kernel, FWD_CONFIGS, ("BLOCK_N", "BLOCK_D"), ["D"])
 
 
-def vocab_argmax(next_hidden: torch.Tensor, weight: torch.Tensor, max_programs: int = TARGET_PROGRAMS) -> torch.Tensor:
-    """``argmax_v <next_hidden[i], weight[v]>`` for every row (int64 [N]), streaming ``weight`` in V tiles.
+def argmax_key(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The packed int64 key of ``values`` (fp32) at ``index`` (ints in ``0..2**31-1``), as the Triton epilogue packs
+    it: high 32 bits the value mapped to an order-preserving int32 (-0.0 as +0.0), low 32 bits ``2**32 - 1 -
+    index``; so ``max`` over keys is the max value and, among equal values, the lowest index."""
+    values = torch.where(values == 0, torch.zeros_like(values), values.to(torch.float32))
+    bits = values.view(torch.int32)
+    high = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (high << 32) | (0xFFFFFFFF - index.to(torch.int64))
 
-    ``next_hidden [N, d]`` and ``weight [V, d]`` of one float dtype (fp32: IEEE products, no TF32). V is split into
-    as many parts (in units of ``SPLIT_COLS`` columns) as keep (row blocks of ``SPLIT_ROWS``) x splits <=
-    ``max_programs``; each program streams its part tile by tile (ties: lowest index), and the parts are reduced in
-    V order (ties: lowest index again).
-    """
+
+def argmax_from_key(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values fp32, index int64)`` of packed keys (the inverse of :func:`argmax_key`, with -0.0 read as +0.0)."""
+    high = (key >> 32).to(torch.int32)
+    bits = torch.where(high < 0, high ^ 0x7FFFFFFF, high)
+    return bits.view(torch.float32), 0xFFFFFFFF - (key & 0xFFFFFFFF)
+
+
+def n_bucket(n: int) -> int:
+    """N's power-of-two bucket: the autotuner's and the path choice's key. dqn_loss's N is the batch's transition
+    count, different at nearly every step; keyed on N itself, every step would retune."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cublas_chunk(v: int) -> int:
+    """Vocabulary rows per ``torch.mm`` of the cuBLAS path: the largest multiple of ``CUBLAS_CHUNK_UNIT`` that is at
+    most V / 10 -- so its ``[N, chunk]`` buffer is at most 10 % of eager's ``[N, V]`` logits once V >= 1,280 --
+    and at least one unit (at most V). V 128,256: 12,800 (10 chunks, the last 12,056)."""
+    return min(v, max(CUBLAS_CHUNK_UNIT, v // 10 // CUBLAS_CHUNK_UNIT * CUBLAS_CHUNK_UNIT))
+
+
+def _triton_keys(next_hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The Triton path's packed per-row keys (int64 [N]): one ``[BLOCK_N, BLOCK_V]`` GEMM tile per program, each
+    merged into its rows' keys with one atomic max per row."""
     n, d = next_hidden.shape
     v = weight.shape[0]
-    tiles = triton.cdiv(v, SPLIT_COLS)
-    n_splits = max(1, min(tiles, max_programs // triton.cdiv(n, SPLIT_ROWS)))
-    v_per_split = triton.cdiv(tiles, n_splits) * SPLIT_COLS
-    n_splits = triton.cdiv(v, v_per_split)
-    part_max = torch.empty((n, n_splits), dtype=torch.float32, device=next_hidden.device)
-    part_idx = torch.empty((n, n_splits), dtype=torch.int32, device=next_hidden.device)
-    _ARGMAX[argmax_variant(next_hidden.dtype)](lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits))(
-        next_hidden, weight, part_max, part_idx, next_hidden.stride(0), weight.stride(0), n_splits, n, v, d,
-        v_per_split, IEEE=next_hidden.dtype == torch.float32)
-    best_split = part_max.argmax(dim=1, keepdim=True)  # first max: splits are in V order, so ties keep the lowest v
-    return part_idx.gather(1, best_split).squeeze(1).to(torch.int64)
+    key = torch.full((n,), KEY_INIT, dtype=torch.int64, device=next_hidden.device)
+    _ARGMAX[argmax_variant(next_hidden.dtype)](
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),))(
+        next_hidden, weight, key, next_hidden.stride(0), weight.stride(0), n, v, d, n_bucket(n),
+        IEEE=next_hidden.dtype == torch.float32)
+    return key
+
+
+def _argmax_triton(next_hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return argmax_from_key(_triton_keys(next_hidden, weight))[1]
+
+
+def _argmax_cublas(next_hidden: torch.Tensor, weight: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``torch.mm`` of ``next_hidden`` with one V chunk of ``weight`` at a time into one reused ``[N, chunk]``
+    buffer, and a running max/argmax (the logits in the inputs' dtype, as eager's; ties: lowest index)."""
+    n, v = next_hidden.shape[0], weight.shape[0]
+    chunk = cublas_chunk(v) if chunk is None else chunk
+    dev = next_hidden.device
+    buf = torch.empty(n * chunk, dtype=next_hidden.dtype, device=dev)
+    vals = torch.empty(n, dtype=next_hidden.dtype, device=dev)
+    idx = torch.empty(n, dtype=torch.int64, device=dev)
+    best = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+    best_idx = torch.zeros(n, dtype=torch.int64, device=dev)
+    for v0 in range(0, v, chunk):
+        width = min(chunk, v - v0)
+        logits = buf[:n * width].view(n, width)  # contiguous, also for the narrower last chunk
+        torch.mm(next_hidden, weight[v0:v0 + width].T, out=logits)
+        torch.max(logits, dim=1, out=(vals, idx))  # the first maximal index of the chunk
+        m = vals.to(torch.float32)
+        better = m > best  # strict: an earlier chunk keeps a tie
+        best = torch.where(better, m, best)
+        best_idx = torch.where(better, idx + v0, best_idx)
+    return best_idx
+
+
+_PATHS = {"triton": _argmax_triton, "cublas": _argmax_cublas}
+# (N bucket, V, d, dtype, device) -> the faster path, and {path: ms per call} as timed: filled by the first CUDA call
+# of each key (benchmarks print them)
+PATH_CHOICE: dict[tuple, str] = {}
+PATH_TIMES: dict[tuple, dict[str, float]] = {}
+
+
+def _fastest_path(next_hidden: torch.Tensor, weight: torch.Tensor) -> tuple[str, dict[str, float]]:
+    """Time both paths on these inputs (one warm-up call each, which also compiles and autotunes the Triton kernel,
+    then ``TIMING_REPS`` calls between CUDA events); the faster one, and the times (ms per call)."""
+    times = {}
+    for path in ("triton", "cublas"):
+        try:
+            _PATHS[path](next_hidden, weight)
+        except OutOfResources:  # no config fits this GPU's shared memory (pre-Hopper)
+            times[path] = float("inf")
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(TIMING_REPS):
+            _PATHS[path](next_hidden, weight)
+        end.record()
+        end.synchronize()  # host-device sync: once per shape key, never per step
+        times[path] = start.elapsed_time(end) / TIMING_REPS
+    return min(times, key=times.get), times  # a tie keeps "triton" (the first)
+
+
+def argmax_path(next_hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """The path ``vocab_argmax(..., path="auto")`` takes for these inputs.
+
+    CUDA tensors (compiled Triton): the faster of the two as timed by the first call of its key (N's power-of-two
+    bucket, V, d, dtype, device), cached in ``PATH_CHOICE``; fp64 (no Triton variant): ``cublas``. Elsewhere a
+    fixed rule: under ``TRITON_INTERPRET=1`` ``triton`` (the interpreter is there to test the kernels), on plain
+    CPU tensors ``cublas`` (``torch.mm`` chunks, the only path that runs there).
+    """
+    runnable = HAS_TRITON and (next_hidden.is_cuda or interpreting())
+    if not runnable or next_hidden.dtype not in ARGMAX_DTYPES:
+        return "cublas"
+    if interpreting():
+        return "triton"
+    key = (n_bucket(next_hidden.shape[0]), weight.shape[0], weight.shape[1], next_hidden.dtype, next_hidden.device)
+    if key not in PATH_CHOICE:
+        PATH_CHOICE[key], PATH_TIMES[key] = _fastest_path(next_hidden, weight)
+    return PATH_CHOICE[key]
+
+
+def vocab_argmax(next_hidden: torch.Tensor, weight: torch.Tensor, path: str = "auto") -> torch.Tensor:
+    """``argmax_v <next_hidden[i], weight[v]>`` for every row (int64 [N]), never holding the ``[N, V]`` logits;
+    among equal maxima the lowest index.
+
+    ``next_hidden [N, d]`` and ``weight [V, d]`` of one float dtype, rows contiguous. ``path``:
+
+    * ``"triton"``: one Triton GEMM over all ``[BLOCK_N, BLOCK_V]`` tiles with an argmax epilogue (fp32: IEEE
+      products, no TF32; the max compared in fp32 accumulators); fp32/bf16/fp16 only;
+    * ``"cublas"``: ``torch.mm`` per V chunk (:func:`cublas_chunk`) into one reused buffer, with a running argmax
+      over the logits in the inputs' dtype (eager's rounding; fp32 follows torch's TF32 setting);
+    * ``"auto"``: :func:`argmax_path`'s choice (on CUDA the first call of a shape key times both, a host sync).
+    """
+    if path not in ARGMAX_PATHS:
+        raise ValueError(f"path must be one of {ARGMAX_PATHS}, got {path!r}")
+    if next_hidden.ndim != 2 or weight.ndim != 2 or next_hidden.shape[1] != weight.shape[1] or weight.shape[0] < 1:
+        raise ValueError(f"need next_hidden [N, d] and weight [V >= 1, d], got {tuple(next_hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if next_hidden.dtype != weight.dtype or not next_hidden.is_floating_point():
+        raise ValueError(f"next_hidden and weight must share one float dtype, got {next_hidden.dtype}, {weight.dtype}")
+    if next_hidden.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("next_hidden and weight need contiguous rows (call .contiguous())")
+    if next_hidden.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=next_hidden.device)
+    path = argmax_path(next_hidden, weight) if path == "auto" else path
+    if path == "triton" and not (HAS_TRITON and (next_hidden.is_cuda or interpreting())
+                                 and next_hidden.dtype in ARGMAX_DTYPES):
+        raise ValueError("path='triton' needs triton, fp32/bf16/fp16 and CUDA tensors (or TRITON_INTERPRET=1 set "
+                         "before triton is imported); use path='cublas' or 'auto'")
+    return _PATHS[path](next_hidden, weight)
 
 
 def q_td_forward(hidden, weight, next_hidden, next_target_hidden, target_weight, taken_tok, action_ids, rewards,

@@ -90,14 +90,14 @@ def test_reductions_weight_grad_and_upstream_grad(reduction, lm):
         assert (dw[others.to(DEV)] == 0).all()
 
 
-@pytest.mark.parametrize("max_programs", [1, 1024])  # one V split streamed by each program, or one tile per split
-def test_vocab_argmax_streams_tiles_and_breaks_ties_low(max_programs):
+@pytest.mark.parametrize("path", ["triton", "cublas"])  # the GEMM-tile kernel, torch.mm over V chunks (of 128 here)
+def test_vocab_argmax_streams_tiles_and_breaks_ties_low(path):
     inputs, planted = make(513, 40, argmax="vocab", seed=5)
     w = inputs["weight"].clone()
     w[298] = w[2]  # an exact tie between the first and the ragged last tile: the lower index must win
     hn = inputs["next_hidden"].clone()
     hn[0] = 50.0 * w[2]
-    got = vocab_argmax(hn, w, max_programs=max_programs)
+    got = vocab_argmax(hn, w, path=path)
     want = (hn.double() @ w.double().T).argmax(1)
     # rows planted on 2 or 298 tie there too, but only row 0 is exact in fp32 (50 * w[2]: the same products in both
     # columns); in the others BLAS blocking may round the two columns differently (seen with one BLAS thread)

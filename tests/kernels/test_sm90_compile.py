@@ -1,10 +1,13 @@
 """Every Triton kernel of icrl_kernels compiles for Hopper (sm_90) without a GPU, in every dtype/argmax variant and
-every autotuning config, with the paper shape's specialisation (N 4,096, d 4,096, V 128,256) -- and without register
+every autotuning config, with the paper shape's specialisation (N 40,960, d 4,096, V 128,256) -- and without register
 spills (ptxas -v) or more shared memory than an H100/H200 block may use.
 
 Triton compiles for a ``GPUTarget`` with no driver (``triton.compile(ASTSource(...), target=...)``) down to PTX and
 a cubin (Triton's bundled ptxas); the resource usage comes from running that ptxas with ``-v`` on the PTX, since
-``CompiledKernel.n_regs``/``n_spills`` are filled only when a driver loads the cubin. The compile runs in a
+``CompiledKernel.n_regs``/``n_spills`` are filled only when a driver loads the cubin. Capability 90 is compiled as
+``sm_90a`` (Triton's ``sm_arch_from_capability``: the ``a`` target, the only one with wgmma), so the PTX names its
+tensor-core instructions (``wgmma.mma_async``) and the cubin's SASS (Triton's bundled ``cuobjdump -sass``) its
+``HGMMA`` ones: the Hopper GEMM variant of the vocab argmax is checked to use them. The compile runs in a
 subprocess without ``TRITON_INTERPRET`` (the test session's kernels are interpreter functions, which cannot be
 compiled). Run alone: ``python tests/kernels/test_sm90_compile.py`` prints one JSON line per kernel variant.
 """
@@ -24,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)
 MAX_SHARED = 232_448  # bytes of shared memory one block may use on sm_90 (227 KiB, opt-in)
-PAPER = dict(N=4096, D=4096, V=128256, A=4)
+PAPER = dict(N=40960, D=4096, V=128256, A=4)  # the benchmark's stress shape
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
 
@@ -40,25 +43,46 @@ def _ptxas():
         return shutil.which("ptxas")
 
 
-def _resources(ptx: str) -> dict:
-    """Registers, spill bytes and stack frame of one kernel from ``ptxas -v`` (sm_90a, as Triton compiles)."""
+def _tool(name: str):
+    """A CUDA binary tool next to that ptxas (Triton bundles cuobjdump), else on PATH, else None."""
+    import shutil
+
+    ptxas = _ptxas()
+    beside = Path(ptxas).parent / name if ptxas else None
+    return str(beside) if beside is not None and beside.exists() else shutil.which(name)
+
+
+def _resources(ptx: str, sass: bool = False) -> dict:
+    """Registers, spill bytes and stack frame of one kernel from ``ptxas -v`` (sm_90a, as Triton compiles), whether
+    ptxas had to serialise its wgmma, and instruction counts read from the PTX and (with ``sass``, where cuobjdump is
+    at hand: 0.5 s a kernel) the cubin's SASS: wgmma / HGMMA (Hopper tensor cores) and the 64-bit atomic max (PTX
+    red/atom, SASS REDG/ATOMG)."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
         arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
-        done = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+        done = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", str(src), "-o", str(cubin)],
                               capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"ptxas failed: {done.stderr[-500:]}")
+        if done.returncode:
+            raise RuntimeError(f"ptxas failed: {done.stderr[-500:]}")
+        cuobjdump = _tool("cuobjdump") if sass else None
+        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout \
+            if cuobjdump else ""
     log = done.stderr
     num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
     return {"regs": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
-            "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
+            "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame"),
+            "target": arch, "wgmma_serialized": "serialized" in log,
+            "ptx_wgmma": len(re.findall(r"wgmma\.mma_async\S*", ptx)),
+            "ptx_atomic_max_s64": len(re.findall(r"(?:red|atom)\.global\S*\.max\.s64", ptx)),
+            "sass": bool(sass), "sass_hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+            "sass_atomic_max_s64": len(re.findall(r"\b(?:REDG|ATOMG|RED|ATOM)\.E\.MAX\.S64", sass))}
 
 
-def _compile(fn, types: dict, constexprs: dict, values: dict, num_warps: int) -> dict:
-    """Compile ``fn`` for sm_90 with runtime-argument ``types`` and the paper shape's ``values`` (ints divisible by
-    16 and every pointer get Triton's divisibility-16 specialisation, as a real launch there would)."""
+def _compile(fn, types: dict, constexprs: dict, values: dict, options: dict, sass: bool = False) -> dict:
+    """Compile ``fn`` for sm_90 with runtime-argument ``types``, the paper shape's ``values`` (ints divisible by 16
+    and every pointer get Triton's divisibility-16 specialisation, as a real launch there would; not the arguments
+    the kernel marks ``do_not_specialize``) and ``options`` (num_warps, num_stages)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,39 +90,42 @@ def _compile(fn, types: dict, constexprs: dict, values: dict, num_warps: int) ->
     sig = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     attrs = {}
     for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        if name in constexprs or name in getattr(fn, "do_not_specialize", ()):
             continue
         if types[name].startswith("*") or (isinstance(values.get(name), int) and values[name] % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget(*TARGET), options={"num_warps": num_warps})
-    out = _resources(kernel.asm["ptx"])
+                            target=GPUTarget(*TARGET), options=options)
+    out = _resources(kernel.asm["ptx"], sass)
     out["shared"] = int(kernel.metadata.shared)
     return out
 
 
 def variants(include_control: bool = True):
-    """``(label, fn, types, constexprs, values, num_warps)`` for every kernel, variant and tuning config."""
+    """``(label, fn, types, constexprs, values, options)`` for every kernel, variant and tuning config."""
     import importlib
+
+    import torch
 
     q = importlib.import_module("icrl_kernels.q_td_loss")
     n, d, v, a = PAPER["N"], PAPER["D"], PAPER["V"], PAPER["A"]
-    tiles = -(-v // q.SPLIT_COLS)
-    n_splits = max(1, min(tiles, q.TARGET_PROGRAMS // -(-n // q.SPLIT_ROWS)))
-    v_per_split = -(-tiles // n_splits) * q.SPLIT_COLS
-    n_splits = -(-v // v_per_split)
-    ints = dict(stride_h=d, stride_w=d, stride_hn=d, stride_ht=d, stride_wt=d, stride_dh=d, n_splits=n_splits, N=n,
-                V=v, D=d, A=a, V_PER_SPLIT=v_per_split)
+    ints = dict(stride_h=d, stride_w=d, stride_hn=d, stride_ht=d, stride_wt=d, stride_dh=d, N=n, V=v, D=d, A=a,
+                N_BUCKET=q.n_bucket(n))
     for dname, ptr in DTYPES.items():
-        variant = q.argmax_variant(getattr(__import__("torch"), {"fp32": "float32", "bf16": "bfloat16",
-                                                                  "fp16": "float16"}[dname]))
-        types = {k: "i32" for k in ints} | dict(h_ptr=ptr, w_ptr=ptr, part_max_ptr="*fp32", part_idx_ptr="*i32")
-        configs = list(q.ARGMAX_CONFIGS[variant])
+        variant = q.argmax_variant(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dname]))
+        types = {k: "i32" for k in ints} | dict(h_ptr=ptr, w_ptr=ptr, key_ptr="*i64")
+        configs = [(c, True, "") for c in q.ARGMAX_CONFIGS[variant]]
+        if dname == "fp16":  # bf16's code with another element type: its first config stands for the rest (time)
+            configs = configs[:1]
+        else:
+            configs.append((q.ARGMAX_CONFIGS[variant][0], False, " masked-d"))  # the body for d % BLOCK_D != 0
         if include_control and dname == "fp32":
-            configs.append((64, 128, 64, 4))  # the old fixed tiles: the check must see these spill
-        for bn, bv, bd, w in configs:
-            yield (f"vocab_argmax {dname} {variant} N{bn} V{bv} D{bd} w{w}", q._q_td_vocab_argmax_kernel, types,
-                   dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, IEEE=dname == "fp32"), ints, w)
+            configs.append(((128, 128, 32, 8, 4, 2), True, " control"))  # FMA tiles too large: the check must see them spill
+        for (bn, bv, bd, gn, w, st), even, tag in configs:
+            yield (f"vocab_argmax {dname} {variant} N{bn} V{bv} D{bd} G{gn} w{w} s{st}{tag}",
+                   q._q_td_vocab_argmax_kernel, types,
+                   dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=gn, EVEN_D=even, IEEE=dname == "fp32"), ints,
+                   dict(num_warps=w, num_stages=st))
         types = {k: "i32" for k in ints} | dict(
             h_ptr=ptr, hn_ptr=ptr, ht_ptr=ptr, w_ptr=ptr, wt_ptr=ptr, tok_ptr="*i64", next_tok_ptr="*i64",
             action_ids_ptr="*i64", r_ptr="*fp32", done_ptr="*fp32", q_ptr="*fp32", y_ptr="*fp32", next_ptr="*i64",
@@ -106,10 +133,12 @@ def variants(include_control: bool = True):
         for argmax in ("actions", "vocab"):
             for bn, bd, w in q.FWD_CONFIGS:
                 yield (f"fwd {dname} {argmax} N{bn} D{bd} w{w}", q._q_td_fwd_kernel, types,
-                       dict(VOCAB_ARGMAX=argmax == "vocab", BLOCK_N=bn, BLOCK_D=bd, BLOCK_A=16), ints, w)
+                       dict(VOCAB_ARGMAX=argmax == "vocab", BLOCK_N=bn, BLOCK_D=bd, BLOCK_A=16), ints,
+                       dict(num_warps=w))
         types = {k: "i32" for k in ints} | dict(g_ptr="*fp32", w_ptr=ptr, tok_ptr="*i64", dh_ptr=ptr)
         bn, bd, w = q.DHIDDEN_CONFIG
-        yield f"dhidden {dname} N{bn} D{bd} w{w}", q._q_td_dhidden_kernel, types, dict(BLOCK_N=bn, BLOCK_D=bd), ints, w
+        yield (f"dhidden {dname} N{bn} D{bd} w{w}", q._q_td_dhidden_kernel, types, dict(BLOCK_N=bn, BLOCK_D=bd), ints,
+               dict(num_warps=w))
 
 
 def main() -> None:
@@ -117,9 +146,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "kernels"))  # a checkout without `pip install -e .`: kernels/icrl_kernels
     import icrl_kernels  # noqa: F401
 
-    for label, fn, types, constexprs, values, warps in variants():
+    for label, fn, types, constexprs, values, options in variants():
         try:
-            row = {"kernel": label, **_compile(fn, types, constexprs, values, warps)}
+            row = {"kernel": label, **_compile(fn, types, constexprs, values, options,
+                                               sass=label.startswith("vocab_argmax"))}
         except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a result, reported by the test
             row = {"kernel": label, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
         print(json.dumps(row), flush=True)
@@ -147,13 +177,34 @@ def test_sm90_every_kernel_variant_compiles(sm90):
 
 def test_sm90_no_register_spills_and_shared_memory_fits(sm90):
     """Spills (local-memory traffic from running out of the 255 registers) and over-large shared-memory tiles fail.
-    The old fixed 64/128/64 x 4-warp tiles in fp32 are the control: the check must see them spill."""
-    control = [r for k, r in sm90.items() if "N64 V128 D64 w4" in k and "fp32" in k]
+    The control, fp32 (FMA) vocab-argmax tiles of 128 x 128 at 4 warps, must be seen to spill."""
+    control = [r for k, r in sm90.items() if k.endswith(" control")]
     assert control and control[0]["spill_stores"] > 0, "the spill check no longer sees a known spilling config"
     bad = {k: r for k, r in sm90.items() if "error" not in r and r not in control
            and (r["spill_stores"] or r["spill_loads"] or r["shared"] > MAX_SHARED or r["regs"] > 255)}
     assert not bad, f"kernel configs that spill registers or overflow shared memory at sm_90: {bad}"
     assert all(r["regs"] > 0 for r in sm90.values() if "error" not in r)  # ptxas -v was parsed
+
+
+def test_sm90_vocab_argmax_bf16_fp16_run_on_wgmma_with_one_packed_atomic(sm90):
+    """The Hopper GEMM of the vocab argmax: every bf16/fp16 config (and its d-masked body) is compiled for sm_90a and
+    its PTX issues ``wgmma.mma_async`` that ptxas did not serialise -- and, where cuobjdump is at hand (Triton bundles
+    it), the SASS has ``HGMMA``; the epilogue is a 64-bit signed atomic max (``red``/``atom ... max.s64``). The fp32
+    (IEEE) configs are the control: no tensor-core form, no wgmma."""
+    import importlib
+
+    configs = importlib.import_module("icrl_kernels.q_td_loss").ARGMAX_CONFIGS
+    rows = {k: r for k, r in sm90.items() if k.startswith("vocab_argmax") and "error" not in r}
+    half = {k: r for k, r in rows.items() if " half " in k}
+    fp32 = {k: r for k, r in rows.items() if " fp32-ieee " in k}
+    assert sum(" bf16 " in k for k in half) == len(configs["half"]) + 1 and fp32  # every config, and masked-d
+    assert all(r["target"] == "sm_90a" for r in rows.values())
+    assert all(r["ptx_atomic_max_s64"] >= 1 for r in rows.values())
+    assert {k for k, r in half.items() if not r["ptx_wgmma"] or r["wgmma_serialized"]} == set()
+    assert all(r["ptx_wgmma"] == 0 for r in fp32.values()), "the wgmma check cannot tell fp32 FMA tiles apart"
+    if all(r["sass"] for r in rows.values()):
+        assert all(r["sass_hgmma"] > 0 and r["sass_atomic_max_s64"] >= 1 for r in half.values())
+        assert all(r["sass_hgmma"] == 0 for r in fp32.values())
 
 
 if __name__ == "__main__":
