@@ -39,8 +39,17 @@ import math
 import torch
 
 from .dispatch import HAS_TRITON, debug_checks, interpreting, select_backend
-from .reference import (ARGMAX, LOSSES, REDUCTIONS, elementwise_loss, q_td_loss_reference, reduce_loss,
-                        safe_denominator, sequence_index, sequence_mean)
+from .reference import (
+    ARGMAX,
+    LOSSES,
+    REDUCTIONS,
+    elementwise_loss,
+    q_td_loss_reference,
+    reduce_loss,
+    safe_denominator,
+    sequence_index,
+    sequence_mean,
+)
 
 if HAS_TRITON:
     import triton
@@ -546,8 +555,8 @@ def q_td_loss(hidden, weight, next_hidden, next_target_hidden, actions, rewards,
     target_weight = weight if target_weight is None else target_weight
     _check(hidden, weight, next_hidden, next_target_hidden, target_weight, actions, rewards, dones, seq_ids,
            action_ids, argmax, loss, reduction)
-    kw = dict(gamma=gamma, reward_scale=reward_scale, argmax=argmax, loss=loss, huber_delta=huber_delta,
-              reduction=reduction, norm_eps=norm_eps)
+    kw = {"gamma": gamma, "reward_scale": reward_scale, "argmax": argmax, "loss": loss, "huber_delta": huber_delta,
+          "reduction": reduction, "norm_eps": norm_eps}
     if discounts is not None and (discounts.shape != rewards.shape or discounts.device != rewards.device
                                   or not discounts.is_floating_point()):
         raise ValueError(f"discounts must be a float tensor shaped like rewards {tuple(rewards.shape)} on "
@@ -576,8 +585,8 @@ class QTDLoss(torch.nn.Module):
         super().__init__()
         if not (0.0 <= gamma <= 1.0) or not math.isfinite(reward_scale):
             raise ValueError(f"gamma must be in [0, 1] and reward_scale finite, got {gamma}, {reward_scale}")
-        self.kw = dict(gamma=gamma, reward_scale=reward_scale, argmax=argmax, loss=loss, huber_delta=huber_delta,
-                       reduction=reduction, norm_eps=norm_eps, backend=backend)
+        self.kw = {"gamma": gamma, "reward_scale": reward_scale, "argmax": argmax, "loss": loss,
+                   "huber_delta": huber_delta, "reduction": reduction, "norm_eps": norm_eps, "backend": backend}
 
     def forward(self, hidden, weight, next_hidden, next_target_hidden, actions, rewards, dones, seq_ids, *,
                 action_ids=None, target_weight=None):

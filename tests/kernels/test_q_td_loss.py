@@ -32,10 +32,11 @@ def make(n, d, *, lm=True, argmax="actions", seed=0, dtype=torch.float32):
     if n > 1:
         dones[0] = True  # ...and so does the first
         seq[-1] = seq[-2] + 1  # a sequence of one transition at the slice edge
-    inputs = dict(hidden=torch.randn(n, d, generator=g, dtype=torch.float64), weight=w, next_hidden=hn,
-                  next_target_hidden=torch.randn(n, d, generator=g, dtype=torch.float64),
-                  actions=torch.randint(0, 4, (n,), generator=g), rewards=(torch.rand(n, generator=g) < 0.3).double(),
-                  dones=dones, seq_ids=seq, target_weight=wt, action_ids=A_IDS if lm else None)
+    inputs = {"hidden": torch.randn(n, d, generator=g, dtype=torch.float64), "weight": w, "next_hidden": hn,
+              "next_target_hidden": torch.randn(n, d, generator=g, dtype=torch.float64),
+              "actions": torch.randint(0, 4, (n,), generator=g),
+              "rewards": (torch.rand(n, generator=g) < 0.3).double(), "dones": dones, "seq_ids": seq,
+              "target_weight": wt, "action_ids": A_IDS if lm else None}
     return {k: (v.to(DEV, dtype) if v.is_floating_point() else v.to(DEV)) if torch.is_tensor(v) else v
             for k, v in inputs.items()}, planted.to(DEV)
 
@@ -63,7 +64,7 @@ SHAPES = [(1, 31), (7, 64), (1023, 96), (4099, 129)]
 @pytest.mark.parametrize("loss", ["paper", "mse", "huber"])
 def test_forward_and_hidden_grad_match_float64_reference(n, d, argmax, loss):
     inputs, _ = make(n, d, argmax=argmax, seed=n + d)
-    kw = dict(argmax=argmax, loss=loss, gamma=0.9, reward_scale=30.0, huber_delta=5.0)
+    kw = {"argmax": argmax, "loss": loss, "gamma": 0.9, "reward_scale": 30.0, "huber_delta": 5.0}
     got, dh, _ = run(q_td_loss, inputs, backend="triton", **kw)
     ref, dh_ref, _ = run(q_td_loss_reference, {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
                                                for k, v in inputs.items()}, **kw)
@@ -77,7 +78,7 @@ def test_reductions_weight_grad_and_upstream_grad(reduction, lm):
     n, d = 257, 48
     inputs, _ = make(n, d, lm=lm, seed=3)
     upstream = torch.randn(n, dtype=torch.float64) if reduction == "none" else torch.tensor(-0.37)
-    kw = dict(loss="huber" if lm else "paper", reduction=reduction)
+    kw = {"loss": "huber" if lm else "paper", "reduction": reduction}
     got, dh, dw = run(q_td_loss, inputs, grad_weight=True, upstream=upstream, backend="triton", **kw)
     ref, dh_ref, dw_ref = run(q_td_loss_reference, {k: (v.double() if torch.is_tensor(v) and v.is_floating_point()
                                                        else v) for k, v in inputs.items()},
@@ -157,15 +158,15 @@ def test_dispatch_picks_the_reference_on_plain_cpu_tensors():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(hidden=torch.zeros(8, 16)), r"next_hidden \(10, 16\) must match hidden \(8, 16\)"),
-    (dict(weight=torch.zeros(300, 17)), "must be \\[V or A, d\\] with d = 16"),
-    (dict(actions=torch.full((10,), 4)), "actions must be in 0..3"),
-    (dict(actions=torch.zeros(9, dtype=torch.long)), r"actions must be a tensor of shape \[N\] = \[10\]"),
-    (dict(hidden=torch.zeros(16, 10).T), "contiguous"),
-    (dict(next_target_hidden=torch.zeros(10, 16, dtype=torch.bfloat16)), "share one dtype"),
-    (dict(hidden=torch.zeros(10)), "2-D"),
-    (dict(action_ids=torch.tensor([0, 1, 2, 300])), "action_ids must index rows"),
-    (dict(seq_ids=torch.zeros(10)), "integer"),
+    ({"hidden": torch.zeros(8, 16)}, r"next_hidden \(10, 16\) must match hidden \(8, 16\)"),
+    ({"weight": torch.zeros(300, 17)}, "must be \\[V or A, d\\] with d = 16"),
+    ({"actions": torch.full((10,), 4)}, "actions must be in 0..3"),
+    ({"actions": torch.zeros(9, dtype=torch.long)}, r"actions must be a tensor of shape \[N\] = \[10\]"),
+    ({"hidden": torch.zeros(16, 10).T}, "contiguous"),
+    ({"next_target_hidden": torch.zeros(10, 16, dtype=torch.bfloat16)}, "share one dtype"),
+    ({"hidden": torch.zeros(10)}, "2-D"),
+    ({"action_ids": torch.tensor([0, 1, 2, 300])}, "action_ids must index rows"),
+    ({"seq_ids": torch.zeros(10)}, "integer"),
 ])
 def test_bad_inputs_are_value_errors_with_shapes(change, message, monkeypatch):
     monkeypatch.setenv("ICRL_KERNELS_DEBUG", "1")  # value checks (ranges) are a sync on CUDA: on in debug mode
@@ -282,16 +283,19 @@ def test_sequence_mean_with_sparse_unsorted_ids():
 def make_paper_shape(n=4096, d=4096, v=128256, seed=0):
     """The paper's shape: hidden states and a Llama-3-sized LM head with a planted margin on the argmax."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device=DEV, dtype=torch.float32)  # noqa: E731
+
+    def r(*s):
+        return torch.randn(*s, generator=g, device=DEV, dtype=torch.float32)
+
     w = r(v, d) / d ** 0.5
     planted = torch.randint(0, v, (n,), generator=g, device=DEV)
     hn = r(n, d) + 12.0 * w[planted] / w[planted].norm(dim=1, keepdim=True) ** 2
     dones = torch.rand(n, generator=g, device=DEV) < 0.25
-    return dict(hidden=r(n, d), weight=w, next_hidden=hn, next_target_hidden=r(n, d),
-                actions=torch.randint(0, 4, (n,), generator=g, device=DEV),
-                rewards=(torch.rand(n, generator=g, device=DEV) < 0.3).float(), dones=dones,
-                seq_ids=torch.arange(n, device=DEV) // 512, target_weight=w + 0.05 * r(v, d) / d ** 0.5,
-                action_ids=torch.tensor([3, 130, 257, 299], device=DEV))
+    return {"hidden": r(n, d), "weight": w, "next_hidden": hn, "next_target_hidden": r(n, d),
+            "actions": torch.randint(0, 4, (n,), generator=g, device=DEV),
+            "rewards": (torch.rand(n, generator=g, device=DEV) < 0.3).float(), "dones": dones,
+            "seq_ids": torch.arange(n, device=DEV) // 512, "target_weight": w + 0.05 * r(v, d) / d ** 0.5,
+            "action_ids": torch.tensor([3, 130, 257, 299], device=DEV)}
 
 
 @pytest.mark.gpu
@@ -300,8 +304,10 @@ def test_bf16_paper_shape_within_twice_eager_bf16_on_gpu():
     """N 4,096, d 4,096, V 128,256 (full-vocabulary argmax, the paper's setting) in bf16: the compiled kernels'
     loss and dL/dhidden within 2x the error eager bf16 makes against float64 (STYLE.md 4)."""
     x32 = make_paper_shape()
-    to = lambda x, dt: {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v)  # noqa: E731
-                        for k, v in x.items()}
+
+    def to(x, dt):
+        return {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in x.items()}
+
     bf16, f64 = to(x32, torch.bfloat16), to(x32, torch.float64)
     del x32
     ref, dh_ref, _ = run(q_td_loss_reference, f64, argmax="vocab")
