@@ -193,9 +193,9 @@ if HAS_TRITON:
 #
 # The vocab-argmax GEMM: (BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, num_warps, num_stages), keyed on (N's power-of-two
 # bucket, V, D). "half" (bf16/fp16) are Hopper tiles: tl.dot on 16-bit operands with 4 or 8 warps lowers to wgmma
-# on sm_90a (the compile test reads wgmma.mma_async in their PTX); 128 x 256 x 64 at 8 warps and 3-4 stages is the
-# shape cuBLAS's own sm_90 bf16 GEMMs use, the 64-row tiles waste fewer rows at small N (N 204: 2 row blocks of
-# 128 or 4 of 64). fp32 runs IEEE products (no TF32), which have no tensor-core form: small FMA tiles. Not yet
+# on sm_90a (the compile test reads wgmma.mma_async in their PTX and HGMMA in their SASS); 128 x 256 x 64 at 8 warps
+# and 3-4 stages is two warpgroups of m64n256k16 wgmma, the large-GEMM Hopper tile; the 64-row tiles waste fewer
+# rows at small N (N 204: 2 row blocks of 128 or 4 of 64). fp32 runs IEEE products (no TF32), which have no tensor-core form: small FMA tiles. Not yet
 # timed on a GPU (no device in the session that wrote them): the per-shape path choice below times this kernel
 # against chunked cuBLAS at the first call, so a config list that loses costs only the choice, never the speed.
 ARGMAX_CONFIGS = {  # by variant of the [N, V] GEMM; sm_90a registers, shared memory (KiB) in the comments
