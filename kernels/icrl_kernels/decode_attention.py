@@ -19,8 +19,8 @@ Contract (B rows, Q query tokens per row, H query heads, KVH key/value heads, L 
   Lengths above ``L`` count as ``L``. Slots ``>= lengths[b]`` are never read, so they may hold anything (NaN).
 
 Fused path: one program per (row, kv head) holds the ``Q * H/KVH`` queries that share the kv head as one
-``[BLOCK_M, D]`` tile and streams ``[BLOCK_L, D]`` key/value tiles up to ``min(lengths[b], max qpos + 1)`` -- the
-cost is O(that row's length), not O(L) -- with an online softmax (exp2, scale folded into the queries) and fp32
+``[16, D]`` tile (more than 16: one program per 16 of them) and streams ``[BLOCK_L, D]`` key/value tiles up to
+``min(lengths[b], max qpos + 1)`` -- the cost is O(that row's length), not O(L) -- with an online softmax (exp2, scale folded into the queries) and fp32
 accumulation, one final cast. Cache tiles are upcast to fp32 before ``tl.dot`` (IEEE fp32 products): exact for a
 bf16 cache, the queries are not rounded, and the Triton interpreter computes bf16 ``tl.dot`` wrongly (garbage of
 order 1e10 in Triton 3.9), so the interpreter checks the very code the GPU runs. At decode the products are cheap
@@ -54,11 +54,12 @@ if HAS_TRITON:
         T: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Row ``program_id(0)``, kv head ``program_id(1)``: tile row ``r`` is query ``r // GROUP`` of head
-        ``kvh * GROUP + r % GROUP``; online softmax in base 2 (``qk_scale = scale * log2(e)``)."""
+        """Row ``program_id(0)``, kv head ``program_id(1)``, rows ``program_id(2) * BLOCK_M + 0 .. BLOCK_M - 1`` of
+        the ``T * GROUP`` queries of that kv head: row ``r`` is query ``r // GROUP`` of head ``kvh * GROUP +
+        r % GROUP``. Online softmax in base 2 (``qk_scale = scale * log2(e)``)."""
         b = tl.program_id(0).to(tl.int64)  # B * L * KVH * D can pass 2**31
         kvh = tl.program_id(1).to(tl.int64)
-        rows = tl.arange(0, BLOCK_M)
+        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T * GROUP
         t = rows // GROUP
         head = kvh * GROUP + rows % GROUP
@@ -94,23 +95,32 @@ if HAS_TRITON:
                  out.to(o_ptr.dtype.element_ty), mask=mq)
 
 
-def block_m(q_tokens: int, group: int) -> int:
-    """Query-tile height: the ``Q * H/KVH`` queries of one kv head, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, 1 << (q_tokens * group - 1).bit_length())
+BLOCK_M = 16  # query rows per program: tl.dot's minimum; Q * H/KVH is 8 at Q = 2 for most GQA models (4:1)
+# (BLOCK_L, num_warps, num_stages) by (cache element bytes, BLOCK_D), for the fp32 FMA dots (IEEE: no tensor
+# cores) of a [16, BLOCK_D] query tile. ptxas allocates registers for these dots erratically (at D 128, 32 keys
+# x 4 warps x 3 stages take 80 registers in fp32 and 1 stage 214; a bf16 cache spills at 64 keys x 4 warps x 2-3
+# stages, 6.3-7 KB), so each entry is one that compiles for sm_90 at L 4,096 without spills, with the registers per
+# thread in the comments (tests/kernels/test_sm90_decode_attention.py, ptxas -v, Triton 3.9). Preferred among
+# those: the fewest registers with 2-3 stages, else 1 stage. Not yet timed on a GPU.
+TILE_CONFIGS = {
+    (4, 16): (64, 4, 3), (4, 32): (64, 4, 3), (4, 64): (32, 4, 3),  # fp32: 80, 96, 80 registers
+    (4, 128): (32, 4, 3), (4, 256): (32, 8, 2),  # 80, 99
+    (2, 16): (32, 8, 3), (2, 32): (32, 8, 3), (2, 64): (32, 8, 1),  # bf16/fp16: 92, 124, 64
+    (2, 128): (32, 8, 1), (2, 256): (32, 8, 1),  # 74, 102
+}
+INTERPRETER_CONFIG = (64, 4, 1)  # the interpreter pays per program and per loop step, not per register
 
 
 def block_d(head_dim: int) -> int:
+    """The head tile: ``D`` rounded up to a power of two (masked beyond ``D``), at least 16 (``tl.dot``)."""
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def launch_config(bm: int, bd: int) -> tuple[int, int]:
-    """``(BLOCK_L, num_warps)`` for a ``[bm, bd]`` query tile. Chosen so every tile compiles for sm_90 without
-    spills (tests/kernels/test_sm90_decode_attention.py, ptxas -v, Triton 3.9): the fp32 ``[BLOCK_L, bd]`` key and
-    value tiles and the ``[bm, bd]`` accumulator stay under ~64 fp32 values per thread each. Not yet timed on a GPU."""
+def launch_config(cache_dtype: torch.dtype, bd: int) -> tuple[int, int, int]:
+    """``(BLOCK_L, num_warps, num_stages)`` for a cache of ``cache_dtype`` and head tile ``bd`` (``TILE_CONFIGS``)."""
     if interpreting():
-        return 64, 4  # the interpreter pays per program and per loop step, not per register
-    block_l = max(16, min(64, 8192 // bd))
-    return block_l, 8 if bm * bd >= 8192 else 4
+        return INTERPRETER_CONFIG
+    return TILE_CONFIGS[(min(cache_dtype.itemsize, 4), bd)]
 
 
 def _kv_strides(t: torch.Tensor, kv_layout: str) -> tuple[int, int, int]:
@@ -126,13 +136,13 @@ def ragged_decode_attention_forward(q, k, v, lengths, qpos, scale: float, kv_lay
     slots = k.shape[1] if kv_layout == "bshd" else k.shape[2]
     group = h // kvh
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    bm, bd = block_m(t, group), block_d(d)
-    block_l, warps = launch_config(bm, bd)
-    extra = {} if interpreting() else {"num_warps": warps}
-    _ragged_decode_attention_fwd_kernel[(b, kvh)](
+    bd = block_d(d)
+    block_l, warps, stages = launch_config(k.dtype, bd)
+    extra = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
+    _ragged_decode_attention_fwd_kernel[(b, kvh, triton.cdiv(t * group, BLOCK_M))](
         q, k, v, lengths, qpos, out, q.stride(0), q.stride(1), q.stride(2), *_kv_strides(k, kv_layout),
         *_kv_strides(v, kv_layout), out.stride(0), out.stride(1), out.stride(2), qpos.stride(0), qpos.stride(1),
-        slots, d, float(scale) * math.log2(math.e), T=t, GROUP=group, BLOCK_M=bm, BLOCK_L=block_l, BLOCK_D=bd,
+        slots, d, float(scale) * math.log2(math.e), T=t, GROUP=group, BLOCK_M=BLOCK_M, BLOCK_L=block_l, BLOCK_D=bd,
         **extra)
     return out
 

@@ -4,9 +4,10 @@ TRITON_INTERPRET only without a GPU).
 
 Shapes: odd B and L, lengths 0 (zeros), 1 and L in every case, grouped heads H/KVH = 4, 2, 1, D = 32 and 48 (a
 masked head tile) and the Llama-8B decode shape, one and two query tokens per row (column 0 left padding in some
-rows), both cache layouts. Tolerances: fp32 within 1e-5 (max-norm relative) of float64; a bf16 cache with fp32
-queries within 1e-5 of float64 over the bf16-rounded cache (the kernel upcasts tiles, adding no rounding of its own);
-bf16 queries within 2x the error of the float64 result rounded to bf16 (the output's own rounding).
+rows), both cache layouts, and more than 16 queries per kv head (split over programs). Tolerances: fp32 within 1e-5
+(max-norm relative) of float64; a bf16 cache with fp32 queries within 1e-5 of float64 over the bf16-rounded cache
+(the kernel upcasts tiles, adding no rounding of its own); bf16 queries within 2x the error of the float64 result
+rounded to bf16 (the output's own rounding).
 """
 
 import pytest
@@ -55,6 +56,7 @@ CASES = [  # B, Q, H, KVH, D, L, kv layout, index dtype
     (3, 1, 4, 2, 48, 37, "bhsd", torch.int32),
     (4, 2, 4, 4, 32, 64, "bhsd", torch.int64),  # powers of two: the default model's heads, one block per row
     (3, 2, 32, 8, 128, 150, "bshd", torch.int64),  # Llama-8B's decode shape (grouped 4:1, D 128)
+    (3, 2, 12, 1, 32, 37, "bshd", torch.int64),  # 24 queries per kv head: two programs, the second half full
 ]
 
 
