@@ -14,7 +14,6 @@ variant.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -75,12 +74,10 @@ def variants(every_config: bool = False):
 def main(every_config: bool) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT / "kernels"))  # a checkout without `pip install -e .`: kernels/icrl_kernels
-    # the helper takes the launch options as a dict (num_warps, num_stages); at commit 90a8c7c, num_warps alone
-    takes_options = "options" in inspect.signature(_compile).parameters
     for label, fn, types, constexprs, values, warps, stages in variants(every_config):
-        options = {"num_warps": warps, "num_stages": stages} if takes_options else warps
         try:
-            row = {"kernel": label, **_compile(fn, types, constexprs, values, options)}
+            row = {"kernel": label, **_compile(fn, types, constexprs, values,
+                                               {"num_warps": warps, "num_stages": stages})}
         except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a result, reported by the test
             row = {"kernel": label, "error": f"{type(e).__name__}: {str(e)[-800:]}"}
         print(json.dumps(row), flush=True)
