@@ -20,8 +20,8 @@ Contract (B rows, Q query tokens per row, H query heads, KVH key/value heads, L 
 
 Fused path: one program per (row, kv head) holds the ``Q * H/KVH`` queries that share the kv head as one
 ``[16, D]`` tile (more than 16: one program per 16 of them) and streams ``[BLOCK_L, D]`` key/value tiles up to
-``min(lengths[b], max qpos + 1)`` -- the cost is O(that row's length), not O(L) -- with an online softmax (exp2, scale folded into the queries) and fp32
-accumulation, one final cast. Cache tiles are upcast to fp32 before ``tl.dot`` (IEEE fp32 products): exact for a
+``min(lengths[b], max qpos + 1)`` -- the cost is O(that row's length), not O(L) -- with an online softmax (exp2,
+scale folded into the queries) and fp32 accumulation, one final cast. Cache tiles are upcast to fp32 before ``tl.dot`` (IEEE fp32 products): exact for a
 bf16 cache, the queries are not rounded, and the Triton interpreter computes bf16 ``tl.dot`` wrongly (garbage of
 order 1e10 in Triton 3.9), so the interpreter checks the very code the GPU runs. At decode the products are cheap
 beside the cache reads. Tolerances: fp32 within 1e-5 (relative, max-norm) of float64; a bf16 cache with fp32
@@ -140,7 +140,7 @@ def ragged_decode_attention_forward(q, k, v, lengths, qpos, scale: float, kv_lay
     block_l, warps, stages = launch_config(k.dtype, bd)
     extra = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
     _ragged_decode_attention_fwd_kernel[(b, kvh, triton.cdiv(t * group, BLOCK_M))](
-        q, k, v, lengths, qpos, out, q.stride(0), q.stride(1), q.stride(2), *_kv_strides(k, kv_layout),
+        q, k, v, lengths.contiguous(), qpos, out, q.stride(0), q.stride(1), q.stride(2), *_kv_strides(k, kv_layout),
         *_kv_strides(v, kv_layout), out.stride(0), out.stride(1), out.stride(2), qpos.stride(0), qpos.stride(1),
         slots, d, float(scale) * math.log2(math.e), T=t, GROUP=group, BLOCK_M=BLOCK_M, BLOCK_L=block_l, BLOCK_D=bd,
         **extra)

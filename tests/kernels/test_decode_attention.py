@@ -131,6 +131,20 @@ def test_padded_query_and_lengths_beyond_the_cache():
     assert torch.equal(neg[:, 1], out[:, 1])
 
 
+def test_strided_inputs():
+    """Views as callers pass them: q a slice of a wider projection, the cache a slice of a longer one, lengths and
+    qpos columns of larger tensors (only the head dimension must be contiguous)."""
+    q, k, v, lengths, qpos = make(5, 2, 4, 2, 48, 300, seed=9)
+    want = ragged_decode_attention(q, k, v, lengths, qpos, backend="triton")
+    wide = torch.cat((q, torch.randn_like(q)), dim=-1)[..., :48]
+    long_k, long_v = (torch.cat((x, torch.full_like(x, float("nan"))), dim=1)[:, :300] for x in (k, v))
+    lengths2 = torch.stack((lengths, lengths * 0), dim=1)[:, 0]
+    qpos2 = qpos.t().contiguous().t()
+    assert not (wide.is_contiguous() or long_k.is_contiguous() or lengths2.is_contiguous() or qpos2.is_contiguous())
+    got = ragged_decode_attention(wide, long_k, long_v, lengths2, qpos2, backend="triton")
+    assert torch.equal(got, want)
+
+
 def test_matches_the_players_dense_attention():
     """On the player's StaticKVCache layout ([B, KVH, capacity + 1, D], read through a slice ``[:, :, :view]``) the
     kernel equals ``icrl_fast.model.decode_step.dense_decode_attention`` (the CPU player's oracle)."""
