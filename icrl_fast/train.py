@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
 import re
 import sys
@@ -65,6 +64,7 @@ from icrl_fast.rl.objectives import Objectives
 from icrl_fast.rl.replay import ContextReplay
 from icrl_fast.rl.rollout import RolloutEngine
 from icrl_fast.rl.sources import OfflineSource, ProtocolSource, ReplaySource
+from icrl_fast.rl.train_step import FiniteWatch, make_optimizer, train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,7 +73,10 @@ class TrainingDiverged(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------- the run
 def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) and evaluate; returns the final metrics. Raises ``TrainingDiverged`` on a NaN loss.
+    """Train (or resume) and evaluate; returns the final metrics. Raises ``TrainingDiverged`` on a NaN or infinite
+    loss: the step itself reads nothing back from the device (``icrl_fast.rl.train_step``), so the loss is watched on
+    the device and read at the next logged step (every ``log_every`` steps) or checkpoint, whichever comes first: up
+    to ``log_every - 1`` steps after it happened, always before a checkpoint could save what came after it.
 
     Stages: check the config (every rank, before any work) -> join the processes -> the data -> the learner
     (networks, optimiser, objectives; restored on resume) -> the context source -> the loop -> save and evaluate."""
@@ -106,8 +109,12 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
         objective = DistributedDataParallel(objective, device_ids=[world.local_rank] if device != "cpu" else None)
     collective = qnet.sharded or (replay is not None and world.distributed)  # checkpoints gather from every rank
 
-    def checkpoint():
-        """Rank 0 writes; where the checkpoint gathers from every process, every process takes part."""
+    watch = FiniteWatch(state["step"], device)  # the NaN/inf guard, on the device (read with the logged steps)
+
+    def checkpoint(alone: bool = False):
+        """Rank 0 writes; where the checkpoint gathers from every process, every process takes part. The watch is
+        read first (``TrainingDiverged`` instead of saving diverged weights); ``alone``: this process only (Ctrl-C)."""
+        _raise_if_diverged(watch.values(), world, run_dir, alone=alone)  # host-device sync, per checkpoint
         if world.main or collective:
             return save_checkpoint(run_dir, qnet, opt, sched, state, cfg, replay, write=world.main, world=world)
 
@@ -128,34 +135,26 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
                 state["last_rollout"] = state["step"]
                 t_last += time.perf_counter() - t0  # tokens/s counts training time only
             threads.poll()  # follows the other processes' load: two runs side by side settle at a core each
-            data_pos = {"epoch": state["epoch"], "cursor": state["cursor"]}  # committed only with the step, so an
-            opt.zero_grad(set_to_none=True)                                  # interrupted step is redone
-            step_tokens = 0
-            for micro in range(cfg.optim.grad_accum):
-                batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
-                         for k, v in source.batch(state["step"], micro, data_pos).items() if k != "length"}
-                step_tokens += batch["input_ids"].numel() * world.size
-                last = micro == cfg.optim.grad_accum - 1  # DDP averages gradients once, on the last micro-batch
-                with objective.no_sync() if ddp and not last else contextlib.nullcontext():
-                    with autocast:
-                        loss, stats = objective(batch)
-                    (loss / cfg.optim.grad_accum).backward()
-            loss_value = world.mean(loss)  # host-device sync: the NaN guard needs the value every step
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"the loss became {loss_value} at step {state['step'] + 1}; the last good "
-                                       f"checkpoint is kept in {run_dir / 'checkpoints'} (try a lower --optim.lr)")
-            if cfg.optim.clip > 0:
-                torch.nn.utils.clip_grad_norm_(qnet.trainable_parameters(), cfg.optim.clip)
-            opt.step()
-            sched.step()
-            qnet.polyak_update(cfg.dqn.tau)
+            # the data position is committed only with the step, so an interrupted step is redone
+            data_pos = {"epoch": state["epoch"], "cursor": state["cursor"]}
+            # The micro-batches, with the transitions and memory features the source made on the host, go to the device
+            # before the step, which then reads nothing back: the next host-device sync is the logged step's read.
+            batches = [{k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
+                        for k, v in source.batch(state["step"], micro, data_pos).items() if k != "length"}
+                       for micro in range(cfg.optim.grad_accum)]
+            step_tokens = sum(b["input_ids"].numel() for b in batches) * world.size
+            loss, stats = train_step(objective, opt, batches, params=qnet.trainable_parameters(), clip=cfg.optim.clip,
+                                     scheduler=sched, qnet=qnet, tau=cfg.dqn.tau, ddp=ddp, autocast=autocast,
+                                     watch=watch)
             state.update(data_pos)
             state["step"] += 1
             state["tokens"] += step_tokens
             bar.update()
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.steps:
+                loss_value, stat_values, watched = _read_step(loss, stats, watch, world)  # the host-device sync
+                _raise_if_diverged(watched, world, run_dir)
                 now = time.perf_counter()
-                rec = {"step": state["step"], "losses/total": loss_value, **_stat_record(stats),  # syncs: logged only
+                rec = {"step": state["step"], "losses/total": loss_value, **_stat_record(stat_values),
                        "charts/lr": sched.get_last_lr()[0], "charts/epoch": state["epoch"],
                        "perf/tokens": state["tokens"],
                        "perf/tokens_per_s": (state["tokens"] - tok_last) / max(now - t_last, 1e-9)}
@@ -169,7 +168,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     except KeyboardInterrupt:
         bar.close()
         if world.main and not collective:  # gathering would need every process in step
-            path = checkpoint()
+            path = checkpoint(alone=True)
             print(f"\ninterrupted at step {state['step']}: saved {path}; continue with "
                   f"python -m icrl_fast.train --out {run_dir} --resume", file=sys.stderr)
         elif world.main:
@@ -283,11 +282,12 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, world, progress: bool) -> Offl
 
 
 def build_learner(cfg: TrainConfig, fmt, world, device: str):
-    """The Q-network (sharded under ``--parallel fsdp``), AdamW and the learning-rate schedule."""
+    """The Q-network (sharded under ``--parallel fsdp``), AdamW (``train_step.make_optimizer``) and the learning-rate
+    schedule."""
     qnet = build_qnet(cfg, fmt, device)
     if world.distributed and cfg.parallel == "fsdp":
         qnet.shard(distributed.mesh(world, device))
-    opt = torch.optim.AdamW(qnet.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(qnet.trainable_parameters(), cfg.optim.lr, cfg.optim.weight_decay)  # fused on CUDA
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.optim.lr_factor)
     return qnet, opt, sched
 
@@ -300,7 +300,7 @@ def make_source(cfg: TrainConfig, ds: OfflineDataset, fmt, replay, world, progre
         return ProtocolSource(cfg.protocol, fmt, ds.maps[ds.test_map_ids], seed=cfg.seed,
                               height=cfg.data.height, width=cfg.data.width, min_hops=cfg.data.min_hops,
                               grad_accum=cfg.optim.grad_accum, rank_key=world.key(), engine=engine,
-                              progress=progress)
+                              progress=progress, memory=qnet.memory)  # the batches carry the memory's features
     if cfg.mode == "online":
         return ReplaySource(replay, cfg.optim.batch_slices, cfg.seed, world)
     return OfflineSource(ds, cfg.optim.batch_slices, cfg.seed, world)
@@ -347,9 +347,30 @@ def collect(engine: RolloutEngine, ds: OfflineDataset, replay: ContextReplay, cf
             "perf/rollout_env_steps_per_s": float(out.length.sum()) / max(time.perf_counter() - t0, 1e-9)}
 
 
+def _read_step(loss: torch.Tensor, stats: dict, watch: FiniteWatch, world) -> tuple[float, dict, list[float]]:
+    """A logged step's one device read: the loss (under torchrun averaged over the processes: a collective), the
+    objective's stats as floats and the watch's ``[bad_step, bad_loss]``."""
+    names = list(stats)
+    values = torch.stack([loss.double(), *(stats[k].double() for k in names), *watch.values()]).tolist()
+    loss_value = world.mean(loss) if world.distributed else values[0]
+    return loss_value, dict(zip(names, values[1: 1 + len(names)])), values[1 + len(names):]
+
+
+def _raise_if_diverged(watched, world, run_dir: Path, alone: bool = False) -> None:
+    """``TrainingDiverged`` if the watch (``FiniteWatch.values()``, or their floats) saw a loss that was not finite, on
+    this process or (under torchrun, unless ``alone``: a collective) on any."""
+    bad_step, bad_loss = torch.stack(watched).tolist() if torch.is_tensor(watched[0]) else watched  # sync if tensors
+    here = bad_step > 0
+    if not (world.mean(torch.tensor(float(here))) > 0 if world.distributed and not alone else here):
+        return
+    where = f"at step {int(bad_step)}" if here else "on another process"
+    raise TrainingDiverged(f"the loss became {bad_loss if here else 'nan'} {where}; the last good checkpoint is kept "
+                           f"in {run_dir / 'checkpoints'} (try a lower --optim.lr)")
+
+
 def _stat_record(stats: dict) -> dict:
-    """Metric names for an objective's stats: ``losses/*`` and ``charts/*`` keep theirs; the TD statistics become
-    ``charts/q``, ``charts/target`` and ``losses/cql`` (host-device sync: logged steps only)."""
+    """Metric names for an objective's stats (floats, read by ``_read_step``): ``losses/*`` and ``charts/*`` keep
+    theirs; the TD statistics become ``charts/q``, ``charts/target`` and ``losses/cql``."""
     names = {"q": "charts/q", "target": "charts/target", "cql": "losses/cql", "transitions": "charts/transitions",
              "done_frac": "charts/done_frac"}
     return {names.get(k, k): float(v) for k, v in stats.items()}

@@ -199,9 +199,10 @@ class QNetwork(nn.Module):
         ``use_cache``) go to the transformers model; with ``return_output=True`` the model output is returned instead.
 
         ``memory``: a model with the same-state memory (``ModelConfig.memory``) needs its features ``[B, L,
-        MEMORY_DIM]`` of ``input_ids``; they are computed here when every row of ``input_ids`` is a whole context
-        from its start, and must be given for a cached call that feeds only a context's new tokens
-        (``MemoryStream.tails``: the rollout engine's).
+        MEMORY_DIM]`` of ``input_ids``: the training batches carry them (``ProtocolSource(memory=...)``), a cached call
+        that feeds only a context's new tokens must give them (``MemoryStream.tails``: the rollout engine's). Left
+        out, they are computed here from ``input_ids`` copied to the host (a host sync; right only when every row is a
+        whole context from its start).
         """
         return_output = kwargs.pop("return_output", False)
         if self.memory is not None:
@@ -231,13 +232,15 @@ class QNetwork(nn.Module):
 
     @torch.no_grad()
     def polyak_update(self, tau: float) -> None:
-        """target <- tau * online + (1 - tau) * target."""
+        """target <- tau * online + (1 - tau) * target: two foreach ops over all the parameters (the per-tensor
+        ``mul_``/``add_`` they replace, bit for bit; tested), on the device, reading nothing back."""
         if self.pretrained:
             pairs = self._ia3_pairs
         else:
-            pairs = zip(self.model.parameters(), self.target.parameters())
-        for online, target in pairs:
-            target.mul_(1.0 - tau).add_(online.to(target.dtype), alpha=tau)
+            pairs = list(zip(self.model.parameters(), self.target.parameters()))
+        targets = [t for _, t in pairs]
+        torch._foreach_mul_(targets, 1.0 - tau)
+        torch._foreach_add_(targets, [o.to(t.dtype) for o, t in pairs], alpha=tau)
 
     def train_state(self) -> dict[str, torch.Tensor]:
         """Tensors that define the networks' learned state (for checkpoints)."""

@@ -93,7 +93,9 @@ class Objectives(torch.nn.Module):
     """The weighted sum of the objectives over one batch; a module over the Q-network so DDP can wrap it.
 
     ``forward(batch)`` returns ``(loss, stats)``: stats hold each part as ``losses/<name>`` (unweighted), the TD
-    statistics (``q``, ``target``, ``cql``) and ``charts/agreement`` with the teacher."""
+    statistics (``q``, ``target``, ``cql``) and ``charts/agreement`` with the teacher, as detached 0-d tensors.
+    On a source's batch (padded transitions, memory features) the ``td`` part reads nothing back from the device;
+    ``imitation`` (boolean indexing) and ``observation`` (``nonzero``) still do."""
 
     def __init__(self, qnet, cfg: ObjectiveConfig, dqn: DQNConfig, td_fn=None, landing_block=None):
         """``landing_block``: the step format's (``StepFormat.landing_block``): the observation loss then predicts
@@ -114,7 +116,7 @@ class Objectives(torch.nn.Module):
             if name in need and key not in batch:
                 raise ValueError(f"the {name} objective needs '{key}' in the batch: train on a source that provides "
                                  f"it (--mode protocol)")
-        hidden = self.qnet.hidden(ids)
+        hidden = self.qnet.hidden(ids, memory=batch.get("memory"))  # the source's memory features, if any
         total = hidden.new_zeros((), dtype=torch.float32)
         stats: dict[str, torch.Tensor] = {}
         if cfg.td > 0:

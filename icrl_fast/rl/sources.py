@@ -19,9 +19,14 @@
 
 Every source has ``batch(step, micro, pos) -> dict of numpy arrays``. A batch is the learner's token contract
 (``input_ids``, ``decision_mask``, ``action``, ``episode_id``,
-``episode_return``, ``terminated``, ``truncated``; ``[B, L]``) plus, from the protocol source, ``label`` (uint8 bit
-mask of the teacher's choices at decisions, 0 elsewhere) and ``outcome_mask`` (bool: positions from an action token
-up to the next decision, whose next token -- what the environment answered -- the observation loss predicts).
+``episode_return``, ``terminated``, ``truncated``; ``[B, L]``), its TD transitions made here on the host
+(``tr_row``, ``tr_pos``, ``tr_next_pos``, ``tr_action``, ``tr_reward``, ``tr_done``, ``tr_valid``: flat, padded to
+``transition_capacity`` of the batch's shape and the format's ``decision_spacing``; see
+``icrl_fast.rl.dqn.padded_transitions``) plus, from the protocol source, ``label`` (uint8 bit
+mask of the teacher's choices at decisions, 0 elsewhere), ``outcome_mask`` (bool: positions from an action token
+up to the next decision, whose next token -- what the environment answered -- the observation loss predicts) and,
+given the model's same-state memory, its features ``memory`` (float32 ``[B, L, 32]``). So the TD loss reads
+nothing of the batch back from the device (``icrl_fast.rl.train_step``).
 Contexts are right-padded with a token that is neither a decision nor an action; causal attention never lets a real
 token see padding, so no attention mask is needed.
 """
@@ -37,6 +42,7 @@ from icrl_fast.data.step_format import StepFormat, grid_numbered, names_on_grid,
 from icrl_fast.envs.learners import EpisodeLog, play_protocol, q_learning_protocol, rename_observations, teacher_labels
 from icrl_fast.envs.maps import MapBatch, generate_maps
 from icrl_fast.protocol import paper_ramp
+from icrl_fast.rl.dqn import padded_transitions, transition_capacity
 
 TEACHER_RULES = ("any", "least-tried")
 
@@ -242,19 +248,40 @@ def outcome_mask(fmt: ContextFormat, input_ids: np.ndarray, decision_mask: np.nd
     return (filled == 1) & (np.arange(event.shape[1])[None, :] < (length[:, None] - 1))
 
 
+def decision_spacing(fmt: ContextFormat) -> int:
+    """The fewest tokens between two decisions of one slice in ``fmt``: 1 in a step format (a landing is the next
+    decision), else the action, what follows it and the next observation up to its decision token."""
+    if isinstance(fmt, StepFormat):
+        return 1
+    return 1 + len(fmt.post_action) + len(fmt.pre_obs) + int(fmt.obs_len.min()) + len(fmt.post_obs)
+
+
+def with_transitions(batch: dict[str, np.ndarray], fmt: ContextFormat, memory=None) -> dict[str, np.ndarray]:
+    """``batch`` (the token contract, ``[B, L]``) with its padded TD transitions (``padded_transitions`` at
+    ``transition_capacity(B, L, decision_spacing(fmt))``) and, given a ``SameStateMemory``, its features
+    ``memory``."""
+    rows, width = batch["input_ids"].shape
+    batch.update(padded_transitions(batch["decision_mask"], batch["action"], batch["episode_id"],
+                                    batch["episode_return"], transition_capacity(rows, width, decision_spacing(fmt))))
+    if memory is not None:
+        batch["memory"] = memory.features(batch["input_ids"])
+    return batch
+
+
 class ProtocolSource:
     """Batches of protocol contexts, a pure function of ``(seed, step, micro-batch, rank)``: a resumed run draws the
     same batches. The ``bucket`` micro-batches of one chunk are played together and grouped by length."""
 
     def __init__(self, cfg: ProtocolConfig, fmt: ContextFormat, test_maps: MapBatch, *, seed: int,
                  height=(3, 5), width=(3, 5), min_hops: int = 4, grad_accum: int = 1, rank_key: tuple = (),
-                 engine=None, progress: bool = False):
+                 engine=None, progress: bool = False, memory=None):
         """``grad_accum``: micro-batches per optimizer step; ``rank_key``: this process's key under torchrun (each
-        process plays its own maps); ``engine``: the model's ``RolloutEngine``, for DAgger chunks."""
+        process plays its own maps); ``engine``: the model's ``RolloutEngine``, for DAgger chunks; ``memory``: the
+        model's ``SameStateMemory``, whose features every batch then carries."""
         cfg.validate()
         self.cfg, self.fmt, self.seed = cfg, fmt, seed
         self.grad_accum, self.rank_key = grad_accum, tuple(rank_key)
-        self.engine = engine
+        self.engine, self.memory = engine, memory
         self.dagger_success: list[float] = []  # success rate of each model-played chunk (logged by the trainer)
         pool = generate_maps(cfg.pool_maps, seed=seed + 101, height=height, width=width, min_hops=min_hops)
         self.pool = exclude_maps(pool, test_maps)
@@ -396,10 +423,11 @@ class ProtocolSource:
             label[r, pos] = lab[: pos.size]  # decisions are the steps, in order (a cut context keeps a prefix)
         real = ep >= 0
         safe = np.where(real, ep, 0)
-        return {"input_ids": ids, "decision_mask": mask, "action": action, "episode_id": np.where(real, ep, -1),
-                "episode_return": np.where(real, log.returns[safe], 0.0).astype(np.float32),
-                "terminated": real & log.terminated[safe], "truncated": real & log.truncated[safe],
-                "label": label, "outcome_mask": outcome_mask(fmt, ids, mask, length), "length": length}
+        batch = {"input_ids": ids, "decision_mask": mask, "action": action, "episode_id": np.where(real, ep, -1),
+                 "episode_return": np.where(real, log.returns[safe], 0.0).astype(np.float32),
+                 "terminated": real & log.terminated[safe], "truncated": real & log.truncated[safe],
+                 "label": label, "outcome_mask": outcome_mask(fmt, ids, mask, length), "length": length}
+        return with_transitions(batch, fmt, self.memory)
 
 
 class OfflineSource:
@@ -413,7 +441,7 @@ class OfflineSource:
     def batch(self, step: int, micro: int, pos: dict) -> dict[str, np.ndarray]:
         """The next slices; advances ``pos`` (committed by the caller with the optimizer step)."""
         idx = batch_indices(len(self.ds), pos, self.batch_slices, self.seed)
-        return self.ds.contract(self.world.shard(idx))
+        return with_transitions(self.ds.contract(self.world.shard(idx)), self.ds.format)
 
 
 def batch_indices(n_slices: int, state: dict, size: int, seed: int) -> np.ndarray:
@@ -438,4 +466,4 @@ class ReplaySource:
 
     def batch(self, step: int, micro: int, pos: dict) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, 4, step, micro, *self.world.key()])
-        return self.replay.sample(self.batch_slices // self.world.size, rng)
+        return with_transitions(self.replay.sample(self.batch_slices // self.world.size, rng), self.replay.fmt)
