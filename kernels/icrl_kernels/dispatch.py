@@ -37,7 +37,10 @@ def interpreting() -> bool:
 def debug_checks(*tensors: torch.Tensor) -> bool:
     """Whether to run the input checks that read tensor values (action ranges, ``seq_ids >= 0``): each is a
     device-to-host sync on CUDA, so there they are off unless ``ICRL_KERNELS_DEBUG=1``; on CPU tensors they cost
-    nothing and are on unless ``ICRL_KERNELS_DEBUG=0``."""
+    nothing and are on unless ``ICRL_KERNELS_DEBUG=0``. Inside ``torch.compile`` they are off (a graph cannot
+    read values: they would break it); the same call run eagerly checks."""
+    if torch.compiler.is_compiling():
+        return False
     flag = os.environ.get("ICRL_KERNELS_DEBUG", "")
     if flag:
         return flag != "0"

@@ -317,3 +317,21 @@ def test_bf16_paper_shape_within_twice_eager_bf16_on_gpu():
     got, dh, _ = run(q_td_loss, bf16, argmax="vocab", backend="triton")
     assert rel_err(got, ref) <= 2 * max(rel_err(eager, ref), 1e-3)
     assert rel_err(dh, dh_ref) <= 2 * max(rel_err(dh_eager, dh_ref), 1e-3)
+
+
+def test_value_checks_stay_out_of_a_compiled_graph(monkeypatch):
+    """The input checks read values on the host (on CPU tensors by default): inside ``torch.compile(fullgraph=True)``
+    they are skipped, so the loss compiles as one graph and equals the eager call, which still checks."""
+    monkeypatch.delenv("ICRL_KERNELS_DEBUG", raising=False)
+    inputs, _ = make(7, 64)
+    inputs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+    def loss(x):
+        return q_td_loss(x["hidden"], x["weight"], x["next_hidden"], x["next_target_hidden"], x["actions"],
+                         x["rewards"], x["dones"], x["seq_ids"], action_ids=x["action_ids"],
+                         target_weight=x["target_weight"], backend="reference")
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=False, backend="eager")
+    torch.testing.assert_close(compiled(inputs), loss(inputs), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError):  # eagerly, a bad action is still refused
+        loss({**inputs, "actions": inputs["actions"] + 9})
