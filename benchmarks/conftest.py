@@ -94,10 +94,13 @@ def _commit() -> str:
 def record(benchmark, request):
     """``record(suite, name, work, unit, group, role, peak_bytes=None)`` after ``benchmark.pedantic``: stores the
     median and p20/p80 of the round times, the derived throughput ``work / time`` and the peak memory if given.
-    Rows of role ``ours`` get their ratio to every ``reference`` row of the same group."""
+    Rows of role ``ours`` get their ratio to every ``reference`` row of the same group. Under
+    ``--benchmark-disable`` (each row runs once, as a smoke test) there are no timings: nothing is recorded."""
 
     def _record(suite: str, name: str, work: float, unit: str, group: str, role: str,
                 peak_bytes: int | None = None) -> dict:
+        if benchmark.stats is None:  # --benchmark-disable
+            return {}
         row = _add(suite, name, group, role, unit, benchmark.stats.stats.data)
         row["throughput"] = work / row["median_s"]
         if peak_bytes is not None:
