@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -61,6 +62,7 @@ from icrl_fast.presets import (  # noqa: F401
 )
 from icrl_fast.rl.dqn import dqn_loss
 from icrl_fast.rl.objectives import Objectives
+from icrl_fast.rl.prefetch import PrefetchSource
 from icrl_fast.rl.replay import ContextReplay
 from icrl_fast.rl.rollout import RolloutEngine
 from icrl_fast.rl.sources import OfflineSource, ProtocolSource, ReplaySource
@@ -179,6 +181,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        if isinstance(source, PrefetchSource):
+            source.close()
     bar.close()
     # --- save and evaluate --------------------------------------------------------------------------------------
     result = {"step": state["step"], "tokens": state["tokens"]}
@@ -297,10 +301,13 @@ def make_source(cfg: TrainConfig, ds: OfflineDataset, fmt, replay, world, progre
     if cfg.mode == "protocol":
         played = cfg.protocol.dagger > 0 or cfg.protocol.behaviour == "self"  # the model plays some contexts
         engine = RolloutEngine(qnet, fmt, device=device, max_positions=cfg.model.max_positions) if played else None
-        return ProtocolSource(cfg.protocol, fmt, ds.maps[ds.test_map_ids], seed=cfg.seed,
-                              height=cfg.data.height, width=cfg.data.width, min_hops=cfg.data.min_hops,
-                              grad_accum=cfg.optim.grad_accum, rank_key=world.key(), engine=engine,
-                              progress=progress, memory=qnet.memory)  # the batches carry the memory's features
+        make = functools.partial(ProtocolSource, cfg.protocol, fmt, ds.maps[ds.test_map_ids], seed=cfg.seed,
+                                 height=cfg.data.height, width=cfg.data.width, min_hops=cfg.data.min_hops,
+                                 grad_accum=cfg.optim.grad_accum, rank_key=world.key(), engine=engine,
+                                 memory=qnet.memory)  # the batches carry the memory's features
+        if cfg.protocol.prefetch:  # a worker process makes the next chunks (icrl_fast.rl.prefetch)
+            return PrefetchSource(make, ahead=cfg.protocol.prefetch)
+        return make(progress=progress)
     if cfg.mode == "online":
         return ReplaySource(replay, cfg.optim.batch_slices, cfg.seed, world)
     return OfflineSource(ds, cfg.optim.batch_slices, cfg.seed, world)

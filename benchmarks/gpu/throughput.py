@@ -17,7 +17,8 @@ Phases, in order of value, each under its own time limit (``--budget`` seconds i
    replayed; today's host
    loop (``RolloutEngine(player=False)``) on the same card at 1,024 maps;
 4. ``train``: training tokens/s and MFU (6 x parameters x tokens/s over the GEMM rate the floor phase measured)
-   of the default recipe's step (2 x 128) and the gpu preset (6 x 256);
+   of the default recipe's step (2 x 128) and the gpu preset (6 x 256), the latter also with its protocol chunks
+   made ahead by a worker process (``--protocol.prefetch 2``; wall seconds beside tokens/s);
 5. ``profile``: the top ops of 20 player steps (``torch.profiler``).
 
 ``DIR/summary.json`` gathers them with the device, versions, commit, date and command. ``--regen-reference``
@@ -227,18 +228,20 @@ def phase_train(device, dry: bool) -> dict:
     floor = Path(ARGS.out) / "floor.json"
     peak = json.loads(floor.read_text()).get("gemm_TFLOPs") if floor.is_file() else None  # this run's GEMM rate
     rows = []
-    for name, steps in (("default", 3 if dry else 40), ("gpu", 3 if dry else 40)):
+    for name, steps, prefetch in (("default", 3 if dry else 40, 0), ("gpu", 3 if dry else 40, 0),
+                                  ("gpu", 3 if dry else 40, 2)):
         cfg = preset(name)
         import dataclasses
 
         cfg = dataclasses.replace(cfg, device=device.type, eval=dataclasses.replace(cfg.eval, maps=0),
+                                  protocol=dataclasses.replace(cfg.protocol, prefetch=prefetch),
                                   optim=dataclasses.replace(cfg.optim, steps=steps), log_every=max(1, steps // 4),
                                   ckpt_every=10 ** 9, threads=0)
         if dry:
             cfg = dataclasses.replace(cfg, protocol=dataclasses.replace(cfg.protocol, contexts=2, pool_maps=16),
                                       model=dataclasses.replace(cfg.model, hidden_size=32, layers=1, heads=2,
                                                                 intermediate_size=64))
-        run_dir = Path(ARGS.out) / f"train-{name}"
+        run_dir = Path(ARGS.out) / f"train-{name}-prefetch{prefetch}"
         t = time.perf_counter()
         train.run(cfg, run_dir, progress=False)
         secs = time.perf_counter() - t
@@ -247,7 +250,8 @@ def phase_train(device, dry: bool) -> dict:
                 [m["perf/tokens_per_s"] for m in metrics if "perf/tokens_per_s" in m]
         tps = float(np.median(rates)) if rates else None
         params = _parameters(cfg)
-        rows.append({"preset": name, "steps": steps, "seconds": round(secs, 1), "parameters": params,
+        rows.append({"preset": name, "prefetch": prefetch, "steps": steps, "seconds": round(secs, 1),
+                     "parameters": params,
                      "tokens_per_s": round(tps) if tps else None,
                      "mfu": round(6 * params * tps / (peak * 1e12), 5) if tps and peak else None})
     return {"rows": rows, "mfu_peak_TFLOPs": peak, "bars": {"2x128 tokens/s": 4e6, "6x256 tokens/s": 1.5e6}}

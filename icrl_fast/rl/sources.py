@@ -100,6 +100,9 @@ class ProtocolConfig:
                                                           "by a random permutation of 0 .. max_obs - 1 (one per "
                                                           "context): every observation token is trained, and a map "
                                                           "can be known only from the context"})
+    prefetch: int = field(default=0, metadata={"help": "chunks of contexts a worker process makes ahead of the "
+                                                       "trainer (the same batches, sooner; not with dagger or "
+                                                       "behaviour self); 0: the trainer makes each when it needs it"})
 
     def validate(self) -> None:
         if min(self.pool_maps, self.episodes, self.contexts, self.bucket) < 1 or self.max_len < 8:
