@@ -166,7 +166,8 @@ FIELD_RANGES = {
         "pool_maps": COUNT, "episodes": COUNT, "contexts": COUNT, "bucket": COUNT, "ramp": ("paper", "teacher"),
         "max_len": Range(8), "noise": Range(0, 1, open_hi=True),  # noise 1 would leave the teacher no episode
         "dagger": FRACTION, "switch": FRACTION, "widen": FRACTION, "widen_to": Range(2), "shift": FRACTION,
-        "teacher": TEACHER_RULES, "behaviour": BEHAVIOURS, "relabel": FRACTION, "prefetch": NON_NEGATIVE},
+        "teacher": TEACHER_RULES, "behaviour": BEHAVIOURS, "relabel": FRACTION, "prefetch": NON_NEGATIVE,
+        "length_bucket": NON_NEGATIVE},
     ObjectiveConfig: {
         "td": NON_NEGATIVE, "imitation": NON_NEGATIVE, "observation": NON_NEGATIVE,
         "label_smoothing": Range(0, 1, open_hi=True)},  # 1 would leave no target to imitate

@@ -141,10 +141,11 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
             data_pos = {"epoch": state["epoch"], "cursor": state["cursor"]}
             # The micro-batches, with the transitions and memory features the source made on the host, go to the device
             # before the step, which then reads nothing back: the next host-device sync is the logged step's read.
-            batches = [{k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
-                        for k, v in source.batch(state["step"], micro, data_pos).items() if k != "length"}
-                       for micro in range(cfg.optim.grad_accum)]
-            step_tokens = sum(b["input_ids"].numel() for b in batches) * world.size
+            host = [source.batch(state["step"], micro, data_pos) for micro in range(cfg.optim.grad_accum)]
+            batches = [{k: upload(v, device) for k, v in b.items() if k != "length"} for b in host]
+            # tokens fed: every row as long as the batch's longest context (not the length bucket's padding)
+            step_tokens = sum(len(b["length"]) * int(b["length"].max()) if "length" in b else b["input_ids"].size
+                              for b in host) * world.size
             loss, stats = train_step(objective, opt, batches, params=qnet.trainable_parameters(), clip=cfg.optim.clip,
                                      scheduler=sched, qnet=qnet, tau=cfg.dqn.tau, ddp=ddp, autocast=autocast,
                                      watch=watch)
@@ -210,6 +211,15 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
 
 
 # ------------------------------------------------------------------------------------------------- the stages
+def upload(array: np.ndarray, device: str) -> torch.Tensor:
+    """A batch array on ``device``: on CUDA through pinned memory, without blocking the host (the step that reads it
+    is queued behind the copy); elsewhere the array's own memory."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 

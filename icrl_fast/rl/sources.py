@@ -100,6 +100,10 @@ class ProtocolConfig:
                                                           "by a random permutation of 0 .. max_obs - 1 (one per "
                                                           "context): every observation token is trained, and a map "
                                                           "can be known only from the context"})
+    length_bucket: int = field(default=0, metadata={"help": "pad every batch's length up to a multiple of this many "
+                                                            "tokens (a few static shapes for a compiled or captured "
+                                                            "step on a GPU; padding is masked out of every loss); 0: "
+                                                            "as long as the longest context"})
     prefetch: int = field(default=0, metadata={"help": "chunks of contexts a worker process makes ahead of the "
                                                        "trainer (the same batches, sooner; not with dagger or "
                                                        "behaviour self); 0: the trainer makes each when it needs it"})
@@ -414,6 +418,8 @@ class ProtocolSource:
         fmt = self.fmt
         length = np.array([len(c[0]) for c in contexts])
         width = int(length.max())
+        if self.cfg.length_bucket:  # a few static shapes: round up to the bucket
+            width = -(-width // self.cfg.length_bucket) * self.cfg.length_bucket
         ids = np.full((len(contexts), width), self.pad, dtype=np.int32)
         ep = np.full((len(contexts), width), -1, dtype=np.int64)
         for r, (row, e, _) in enumerate(contexts):

@@ -361,3 +361,35 @@ def test_self_behaviour_contexts_are_the_models_own_with_no_labels(monkeypatch):
     _no_teacher(monkeypatch)
     batch = src.batch(step=0)
     assert batch["label"].max() == 0 and batch["decision_mask"].any() and len(src.dagger_success) == 1
+
+
+def test_a_length_bucket_pads_batches_to_few_static_shapes_and_changes_no_loss():
+    """``--protocol.length_bucket``: every batch's length is a multiple of the bucket; the padding is masked out of
+    the transitions, so the TD loss (and its gradient) equals the unpadded batch's."""
+    import torch
+
+    from icrl_fast.model.qnet import ModelConfig, QNetwork
+    from icrl_fast.rl.dqn import DQNConfig, dqn_loss
+
+    fmt = StepFormat(grid=8)
+    plain, _ = source(fmt)
+    padded, _ = source(fmt, length_bucket=64)
+    q = QNetwork(ModelConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), fmt.vocab_size,
+                 fmt.action_ids, seed=0, token_factors=fmt.token_factors)
+    for step in range(3):
+        a, b = plain.batch(step), padded.batch(step)
+        width = a["input_ids"].shape[1]
+        assert b["input_ids"].shape[1] == -(-width // 64) * 64 and b["input_ids"].shape[1] % 64 == 0
+        np.testing.assert_array_equal(b["input_ids"][:, :width], a["input_ids"])
+        assert (b["input_ids"][:, width:] == padded.pad).all()
+        assert b["tr_valid"].sum() == a["tr_valid"].sum() > 0
+        cfg = DQNConfig(gamma_episode=0.9)
+        losses = []
+        for batch in (a, b):
+            q.zero_grad()
+            loss, _ = dqn_loss(q, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()
+                                   if k != "length"}, cfg)
+            loss.backward()
+            losses.append((loss.detach(), q.head_weight().grad.clone()))
+        torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-5, atol=1e-7)
