@@ -37,13 +37,16 @@ from icrl_fast.rl.rollout import RolloutEngine
 
 
 def evaluate(qnet, fmt: ContextFormat, maps: MapBatch, cfg: EvalConfig, device: str = "cpu",
-             max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False) -> dict:
-    """Run the protocol on ``maps`` and return the ``eval.json`` contract (plus per-map outcomes)."""
+             max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False,
+             engine_options: dict | None = None) -> dict:
+    """Run the protocol on ``maps`` and return the ``eval.json`` contract (plus per-map outcomes).
+    ``engine_options``: more ``RolloutEngine`` arguments (``RolloutConfig.engine_options``: graph, compile)."""
     cfg.validate()
     if len(maps) == 0:
         raise ValueError("there are no maps to evaluate")
     ramp = make_ramp(cfg.ramp, cfg.episodes)
-    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions,
+                           **(engine_options or {}))
     parts = []
     for start in range(0, len(maps), cfg.batch_maps):
         sub = maps[np.arange(start, min(start + cfg.batch_maps, len(maps)))]
@@ -159,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads: 0 (default) = the cores other processes "
                                                           "leave free, re-read as it runs (icrl_fast.threads); N = N")
+    p.add_argument("--graph", action="store_true", help="on CUDA, replay the step-format player's step from a CUDA "
+                                                        "graph (--rollout.graph of the trainer)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the player's step (--rollout.compile)")
     p.add_argument("--out", default=None, help="output folder (default: the run directory for the paper protocol, "
                                                "else RUN/eval-EXPERIMENT[-greedy])")
     return p
@@ -199,20 +205,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ecfg.maps = len(maps)
+    options = {"engine_options": {"graph": args.graph, "compile": args.compile}}
     extra = {"run": str(args.run), **({"ood_size": args.ood_size} if args.experiment == "ood" else {})}
     if args.experiment == "non-stationary":
         switched = maps[np.roll(np.arange(len(maps)), 1)]  # each context moves on to another unseen map
         result = non_stationary(qnet, fmt, maps, switched, ecfg, device=device,
-                                max_positions=cfg.model.max_positions, extra_config=extra, progress=True)
+                                max_positions=cfg.model.max_positions, extra_config=extra, progress=True, **options)
     elif args.experiment == "stitching":
         maps = MapBatch.from_descs([MAPS["stitching"]])
-        result = stitching(qnet, fmt, ecfg, device=device, extra_config=extra)
+        result = stitching(qnet, fmt, ecfg, device=device, extra_config=extra, **options)
     elif args.experiment == "imitation":
         result = imitation(qnet, fmt, maps, ecfg, device=device, max_positions=cfg.model.max_positions,
-                           extra_config=extra, progress=True)
+                           extra_config=extra, progress=True, **options)
     else:
         result = evaluate(qnet, fmt, maps, ecfg, device=device, max_positions=cfg.model.max_positions,
-                          extra_config=extra, progress=True)
+                          extra_config=extra, progress=True, **options)
     print("\n".join(summary_rows(result)))
     size = f"-{args.ood_size}" if args.ood_size != OOD_SIZE else ""
     default = Path(args.run) if (args.experiment, args.ramp) == ("in-distribution", "paper") else \

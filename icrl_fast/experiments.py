@@ -48,11 +48,14 @@ TEACHER_PLAYS = 20  # plays per map of the context teacher beside the non-statio
 
 
 def non_stationary(qnet, fmt, maps_a: MapBatch, maps_b: MapBatch, cfg: EvalConfig, device: str = "cpu",
-                   max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False) -> dict:
-    """``cfg.episodes`` episodes on each map of ``maps_a`` then as many on ``maps_b`` (see the module docstring)."""
+                   max_positions: int | None = None, extra_config: dict | None = None, progress: bool = False,
+                   engine_options: dict | None = None) -> dict:
+    """``cfg.episodes`` episodes on each map of ``maps_a`` then as many on ``maps_b`` (see the module docstring).
+    ``engine_options``: more ``RolloutEngine`` arguments (graph, compile), as in ``evaluate``."""
     half = cfg.episodes
     ramp = np.concatenate([make_ramp(cfg.ramp, half)] * 2)
-    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions,
+                           **(engine_options or {}))
     out = engine.run(maps_a, 2 * half, ramp, cfg.seed, switch_to=maps_b, switch_after=half, progress=progress)
     a, b = baselines(maps_a, half, cfg.seed), baselines(maps_b, half, cfg.seed + 1)
     base = {k: a[k] + b[k] for k in a}  # the baselines restart from scratch on the new map, as the ramp does
@@ -98,11 +101,12 @@ def stitch_prefix(engine: RolloutEngine, maps: MapBatch) -> list[int]:
             for t in engine.streams.episode([o if names is None else int(names[0, o]) for o in obs], actions, rewards)]
 
 
-def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dict | None = None) -> dict:
+def stitching(qnet, fmt, cfg: EvalConfig, device: str = "cpu", extra_config: dict | None = None,
+              engine_options: dict | None = None) -> dict:
     """The behaviour-stitching test: ``cfg.episodes`` greedy trials after the two hand-written episodes."""
     cfg = replace(cfg, ramp="greedy")  # every trial acts greedily
     maps = MapBatch.from_descs([MAPS["stitching"]])
-    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device)
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, **(engine_options or {}))
     prefix = stitch_prefix(engine, maps)
     out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=[prefix])
     paths = out.paths[0]
@@ -129,11 +133,13 @@ def demonstrations(fmt, maps: MapBatch, shown: int, seed: int) -> tuple[list[lis
 
 
 def imitation(qnet, fmt, maps: MapBatch, cfg: EvalConfig, device: str = "cpu", max_positions: int | None = None,
-              extra_config: dict | None = None, progress: bool = False, shown: int = 5) -> dict:
+              extra_config: dict | None = None, progress: bool = False, shown: int = 5,
+              engine_options: dict | None = None) -> dict:
     """The context-use probe (see the module docstring): ``shown`` demonstrations, then ``cfg.episodes`` greedy
     episodes; the control without them."""
     cfg = replace(cfg, ramp="greedy")
-    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions)
+    engine = RolloutEngine(qnet, fmt, window=cfg.window, device=device, max_positions=max_positions,
+                           **(engine_options or {}))
     prefix, counts = demonstrations(fmt, maps, shown, cfg.seed)
     out = engine.run(maps, cfg.episodes, 1.0, cfg.seed, prefix=prefix, progress=progress)
     control = engine.run(maps, cfg.episodes, 1.0, cfg.seed, progress=progress)

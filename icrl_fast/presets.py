@@ -114,6 +114,21 @@ class OnlineConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How the step formats' rollouts run (``icrl_fast.rl.player``): every rollout engine of a run, evaluation
+    included."""
+
+    graph: bool = field(default=False, metadata={"help": "on CUDA, replay the player's step from a CUDA graph (eager "
+                                                         "with a warning elsewhere or if a capture fails)"})
+    compile: bool = field(default=False, metadata={"help": "run the player's step through torch.compile(fullgraph="
+                                                           "True, dynamic=False)"})
+
+    def engine_options(self) -> dict:
+        """``RolloutEngine`` keyword arguments."""
+        return {"graph": self.graph, "compile": self.compile}
+
+
+@dataclass
 class TrainConfig:
     """Everything a run depends on; saved as config.json in the run directory and in every checkpoint."""
 
@@ -134,6 +149,7 @@ class TrainConfig:
     dqn: DQNConfig = field(default_factory=DQNConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     log_every: int = field(default=10, metadata={"help": "steps between metric records", "range": COUNT})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints", "range": COUNT})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda"})

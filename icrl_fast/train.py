@@ -124,7 +124,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = 
     tb = _tensorboard(run_dir) if world.main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     engine = None if replay is None else RolloutEngine(qnet, fmt, window=cfg.online.window, device=device,
-                                                       max_positions=cfg.model.max_positions)
+                                                       max_positions=cfg.model.max_positions,
+                                                       **cfg.rollout.engine_options())
     bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc="training", unit="step", disable=not progress)
     t_last, tok_last = time.perf_counter(), state["tokens"]
     # --- the loop ---------------------------------------------------------------------------------------------
@@ -310,7 +311,8 @@ def make_source(cfg: TrainConfig, ds: OfflineDataset, fmt, replay, world, progre
     """The context source of ``cfg.mode`` (``icrl_fast.rl.sources``); DAgger chunks roll the network out."""
     if cfg.mode == "protocol":
         played = cfg.protocol.dagger > 0 or cfg.protocol.behaviour == "self"  # the model plays some contexts
-        engine = RolloutEngine(qnet, fmt, device=device, max_positions=cfg.model.max_positions) if played else None
+        engine = (RolloutEngine(qnet, fmt, device=device, max_positions=cfg.model.max_positions,
+                                **cfg.rollout.engine_options()) if played else None)
         make = functools.partial(ProtocolSource, cfg.protocol, fmt, ds.maps[ds.test_map_ids], seed=cfg.seed,
                                  height=cfg.data.height, width=cfg.data.width, min_hops=cfg.data.min_hops,
                                  grad_accum=cfg.optim.grad_accum, rank_key=world.key(), engine=engine,
@@ -329,6 +331,7 @@ def final_evaluation(cfg: TrainConfig, qnet, ds: OfflineDataset, fmt, run_dir: P
     maps = ds.maps[ds.test_map_ids[: cfg.eval.maps]]
     qnet.eval()
     ev = evaluate(qnet, fmt, maps, dataclasses.replace(cfg.eval, maps=len(maps)), device=device,
+                  engine_options=cfg.rollout.engine_options(),
                   max_positions=cfg.model.max_positions, extra_config={"train": dataclasses.asdict(cfg)},
                   progress=progress)
     rows = summary_rows(ev)

@@ -246,6 +246,9 @@ class RolloutEngine:
     plays. ``cache_dtype``: the dtype the KV cache stores keys and values in (e.g. ``torch.bfloat16`` under an fp32
     model: half the bytes, Q within bf16 rounding of the keys and values); ``None``: the model's own dtype.
 
+    ``player``: step formats play through the device-resident ``ContextPlayer`` (``icrl_fast.rl.player``), whose
+    ``graph`` (a CUDA graph of its step) and ``compile`` (``torch.compile``) these pass on.
+
     ``run`` plays B maps in lockstep (evaluation); ``collect`` plays M maps with at most ``width`` contexts per call
     (continuous batching, collection). ``batch_sizes``: the contexts of every model call of the last host-loop call
     of either (empty after ``run`` on the device loop).
@@ -253,7 +256,8 @@ class RolloutEngine:
 
     def __init__(self, qnet, fmt: ContextFormat, *, window: int | None = None, device: str = "cpu",
                  max_positions: int | None = None, env_backend: str = "auto", sync_every: int = 16,
-                 cache_dtype: torch.dtype | None = None, player: bool = True):
+                 cache_dtype: torch.dtype | None = None, player: bool = True, graph: bool = False,
+                 compile: bool | str = False):
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.qnet, self.fmt, self.window, self.device = qnet, fmt, window, device
@@ -270,7 +274,7 @@ class RolloutEngine:
                              f"(it has {ext.kernel_keys()}; {ext.EXT_REASON}); rebuild it with CUDA (see "
                              f"icrl_fast/envs/ext.py) or use env_backend='auto'")
         self.env_backend = env_backend
-        self.use_player = player
+        self.use_player, self.graph, self.compile = player, graph, compile
 
     def player(self, prefix=None) -> ContextPlayer | None:
         """The device-resident player (``icrl_fast.rl.player``) when it can play this engine's rollouts: a step
@@ -279,7 +283,8 @@ class RolloutEngine:
         if not (self.use_player and isinstance(self.fmt, StepFormat) and self.window is None and prefix is None
                 and self.cache_dtype is None and not getattr(self.qnet, "pretrained", False)):
             return None
-        return ContextPlayer(self.qnet, self.fmt, device=self.device, max_positions=self.max_positions)
+        return ContextPlayer(self.qnet, self.fmt, device=self.device, max_positions=self.max_positions,
+                             graph=self.graph, compile=self.compile)
 
     def first_blocks(self, obs, prefix: list[list[int]] | None) -> tuple[list[list[int]], list[list[int]]]:
         """Each context's first block (its ``prefix``, then the first episode's opening at observation ``obs[b]``)

@@ -181,3 +181,18 @@ def test_player_on_the_triton_ragged_kernel_equals_the_cpu_attention():
     out = ContextPlayer(q, GRID, initial_capacity=16, attention=partial(triton_decode_attention, backend="triton")
                         ).play(maps, 2, paper_ramp(2), seed=1, width=3)
     assert_same_episodes(ref, out)
+
+
+def test_rollout_options_reach_the_player():
+    """``--rollout.graph`` / ``--rollout.compile`` (``RolloutConfig``) go through ``RolloutEngine`` to its player: off
+    CUDA the graph falls back to eager with a warning; a compiled player plays what the eager one plays."""
+    from icrl_fast.presets import RolloutConfig
+
+    q = model()
+    assert RolloutConfig().engine_options() == {"graph": False, "compile": False}
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        assert not RolloutEngine(q, GRID, graph=True).player().graph
+    compiled = RolloutEngine(q, GRID, compile="aot_eager")
+    assert compiled.player().compiled
+    assert_same_episodes(RolloutEngine(q, GRID).run(MAPS, 3, paper_ramp(3), seed=0),
+                         compiled.run(MAPS, 3, paper_ramp(3), seed=0))
