@@ -109,6 +109,11 @@ class TorchFrozenLake:
         self.rng.copy_(torch.where(mask, state, self.rng))
         return u
 
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only ``slots`` (in that order; between steps: fewer slots, new state tensors)."""
+        self.rng, self.row, self.col, self.elapsed, self.map_of = (t[slots] for t in (
+            self.rng, self.row, self.col, self.elapsed, self.map_of))
+
     def obs(self) -> torch.Tensor:
         """Each slot's observation ``row * ncol + col`` (the map's own numbering)."""
         return self.row * self.tables.ncol[self.map_of] + self.col

@@ -12,13 +12,16 @@ action tokens) and the same RoPE, so Q equals the transformers forward over the 
 * nothing is read back to the host: the slots each token goes to come from the per-context ``lengths`` tensor (a
   padding token goes to the spare slot ``capacity``, never attended);
 * attention is ragged: context ``b``'s queries see its slots ``0 .. lengths[b] - 1`` up to their own position; on
-  CUDA the Triton kernel ``icrl_kernels.ragged_decode_attention`` reads only those slots, elsewhere the dense masked
-  reference (``dense_decode_attention``) does the same sum over all ``capacity`` slots.
+  CUDA the Triton kernel ``icrl_kernels.ragged_decode_attention`` reads only those slots
+  (``triton_decode_attention``), on the CPU torch's fused SDPA masks the slots it reads (``sdpa_decode_attention``);
+  the oracle is ``icrl_kernels``' dense masked reference (``reference_decode_attention``).
 """
 
 from __future__ import annotations
 
 import torch
+from icrl_kernels import ragged_decode_attention, ragged_decode_attention_reference
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 class StaticKVCache:
@@ -47,6 +50,11 @@ class StaticKVCache:
                 buffers[i] = new
         self.capacity = capacity
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only contexts ``rows`` (in that order; between steps: a narrower batch, new buffers)."""
+        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        self.lengths = self.lengths[rows]
+
     def restart(self, mask: torch.Tensor) -> None:
         self.lengths.copy_(torch.where(mask, torch.zeros_like(self.lengths), self.lengths))
 
@@ -54,29 +62,25 @@ class StaticKVCache:
         return sum(t.nbytes for t in (*self.keys, *self.values))
 
 
-def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                           qpos: torch.Tensor, scale: float) -> torch.Tensor:
+def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                               qpos: torch.Tensor, scale: float) -> torch.Tensor:
     """``[B, T, H, D]`` attention of queries ``q [B, T, H, D]`` at positions ``qpos [B, T]`` over cache slots ``k, v
-    [B, KVH, S, D]``: query ``(b, t)`` sees slots ``j <= qpos[b, t]`` with ``j < lengths[b]`` (grouped heads: head
-    ``h`` reads kv head ``h // (H // KVH)``). Softmax in fp32; a query that sees no slot gets zeros. Two batched
-    GEMMs over the cache as it lies (no copy of it when it is fp32)."""
-    b, t, h, d = q.shape
-    kvh, slots = k.shape[1], k.shape[2]
-    g = h // kvh
-    qg = q.float().reshape(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    scores = (qg @ k.float().transpose(-1, -2)) * scale  # [B, KVH, G*T, S]
-    j = torch.arange(slots, device=q.device)
-    ok = (j[None, None, :] <= qpos[:, :, None]) & (j[None, None, :] < lengths[:, None, None])  # [B, T, S]
-    ok = ok[:, None].expand(b, g, t, slots).reshape(b, 1, g * t, slots)
-    probs = torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)
-    out = probs @ v.float()  # [B, KVH, G*T, D]
-    return out.reshape(b, kvh, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d).to(q.dtype)
+    [B, KVH, S, D]``: query ``(b, t)`` sees slots ``j <= qpos[b, t]`` with ``j < lengths[b]`` (grouped heads), the
+    contract of ``icrl_kernels.ragged_decode_attention``; this is its dense masked torch reference on this cache's
+    layout (``bhsd``)."""
+    return ragged_decode_attention_reference(q, k, v, lengths, qpos, scale, kv_layout="bhsd")
+
+
+def triton_decode_attention(q, k, v, lengths, qpos, scale: float, backend: str | None = None) -> torch.Tensor:
+    """``icrl_kernels.ragged_decode_attention`` on this cache's layout (``bhsd``): the Triton kernel on CUDA (or
+    under ``TRITON_INTERPRET=1``; ``backend`` as there)."""
+    return ragged_decode_attention(q, k, v, lengths, qpos, scale, backend=backend, kv_layout="bhsd")
 
 
 def sdpa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                           qpos: torch.Tensor, scale: float) -> torch.Tensor:
-    """``dense_decode_attention`` through torch's fused ``scaled_dot_product_attention`` (a boolean mask, grouped
-    heads): the CPU's attention. Every query must see at least one slot (``lengths >= 1``: the player's rows always
+    """``reference_decode_attention`` through torch's fused ``scaled_dot_product_attention`` (a boolean mask,
+    grouped heads): the CPU's attention. Every query must see at least one slot (``lengths >= 1``: the player's rows always
     do), else its output is NaN."""
     j = torch.arange(k.shape[2], device=q.device)
     ok = (j[None, None, :] <= qpos[:, :, None]) & (j[None, None, :] < lengths[:, None, None])  # [B, T, S]
@@ -86,20 +90,15 @@ def sdpa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, len
     return out.transpose(1, 2)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def decode_step(qnet, cache: StaticKVCache, ids: torch.Tensor, valid: torch.Tensor,
                 memory: torch.Tensor | None = None, attention=None, view: int | None = None) -> torch.Tensor:
     """Q ``[B, A]`` (fp32) at each context's last column after feeding ``ids [B, T]`` (``valid [B, T]``: which are
     real tokens; a context's real tokens are consecutive and end in the last column, which must be real) with the
     same-state memory features ``memory [B, T, 32]`` for a model with that head. Appends the real tokens' keys and
     values to ``cache`` and advances ``cache.lengths`` (in place). ``attention``: the attention function
-    (``dense_decode_attention``'s signature); default: the dense one. ``view``: attention reads the first ``view``
+    (``reference_decode_attention``'s signature); default: that one. ``view``: attention reads the first ``view``
     slots (default: all ``capacity``); the caller guarantees no context is longer after this call."""
-    attention = attention or dense_decode_attention
+    attention = attention or reference_decode_attention
     view = cache.capacity if view is None else view
     backbone = qnet.model.model
     count = valid.long().sum(1)
@@ -112,11 +111,7 @@ def decode_step(qnet, cache: StaticKVCache, ids: torch.Tensor, valid: torch.Tens
         x = backbone.embed_tokens(ids, memory=memory)
     else:
         x = backbone.embed_tokens(ids)
-    rope = backbone.rotary_emb
-    freqs = pos[..., None].float() * rope.inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos = (emb.cos() * rope.attention_scaling).to(x.dtype)[:, :, None]
-    sin = (emb.sin() * rope.attention_scaling).to(x.dtype)[:, :, None]
+    cos, sin = backbone.rotary_emb(x, pos)  # the model's own RoPE: [B, T, head_dim]
     b, t = ids.shape
     for i, layer in enumerate(backbone.layers):
         attn = layer.self_attn
@@ -125,8 +120,7 @@ def decode_step(qnet, cache: StaticKVCache, ids: torch.Tensor, valid: torch.Tens
         q = attn.q_proj(y).view(b, t, -1, hd)
         k = attn.k_proj(y).view(b, t, -1, hd)
         v = attn.v_proj(y).view(b, t, -1, hd)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # heads are dim 2 here: [B, T, heads, hd]
         keys, values = cache.keys[i], cache.values[i]
         keys[rows, :, slot] = k.to(keys.dtype)  # [B, T, KVH, D] into slots (b, :, slot[b, t])
         values[rows, :, slot] = v.to(values.dtype)

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from icrl_fast.data.step_format import KINDS, START0, StepFormat, observation_names
+from icrl_fast.data.step_format import KINDS, START0, TYPE_START, StepFormat, observation_names
 from icrl_fast.envs.maps import MapBatch
 from icrl_fast.envs.outcomes import ENDED_REWARDED, ENDED_UNREWARDED, MOVED, STAYED
 from icrl_fast.envs.rng import as_seed
 from icrl_fast.envs.torch_frozen_lake import MapTables, TorchFrozenLake, _shr, next_u64, next_uniform, stream_state
-from icrl_fast.model.decode_step import StaticKVCache, decode_step, sdpa_decode_attention
+from icrl_fast.model.decode_step import StaticKVCache, decode_step, sdpa_decode_attention, triton_decode_attention
 from icrl_fast.model.same_state_memory import MEMORY_DIM
 from icrl_fast.rl.rollout_result import Rollout
 
@@ -51,16 +51,7 @@ VIEW_BUCKET = 128  # attention reads a multiple of this many cache slots (few di
 def default_attention(device) -> callable:
     """The Triton ragged kernel on CUDA (it reads each row's slots up to its own length), else torch's fused SDPA
     over the masked slots (``sdpa_decode_attention``)."""
-    if torch.device(device).type == "cuda":
-        return triton_decode_attention
-    return sdpa_decode_attention
-
-
-def triton_decode_attention(q, k, v, lengths, qpos, scale: float, backend: str | None = None) -> torch.Tensor:
-    """``icrl_kernels.ragged_decode_attention`` on the player's cache layout (``[B, KVH, S, D]``: ``bhsd``)."""
-    from icrl_kernels import ragged_decode_attention
-
-    return ragged_decode_attention(q, k, v, lengths, qpos, scale, backend=backend, kv_layout="bhsd")
+    return triton_decode_attention if torch.device(device).type == "cuda" else sdpa_decode_attention
 
 
 def switch_env_maps(maps: MapBatch, episodes: int, switch_to: MapBatch | None, switch_after: int | None) -> MapBatch:
@@ -129,6 +120,14 @@ class ContextPlayer:
         onehot = (latest[..., None] == torch.arange(4, device=cell.device)) & (latest[..., None] >= 0)
         return torch.cat((torch.log1p(count).flatten(1), onehot.float().flatten(1)), dim=1)
 
+    @staticmethod
+    def _forget(s: _State, rows: torch.Tensor) -> None:
+        """Empty the same-state memory of ``rows`` (a bool mask): its counts, latest and known outcomes."""
+        keep = ~rows
+        s.count.mul_(keep.view(-1, 1, 1, 1).int())
+        s.latest.copy_(torch.where(keep.view(-1, 1, 1), s.latest, -1))
+        s.known.copy_(torch.where(keep.view(-1, 1, 1), s.known, -1))
+
     def _step(self, s: _State) -> None:
         fmt, episodes = self.fmt, s.episodes
         q = decode_step(self.qnet, s.cache, s.ids, s.valid, s.mem if self.memory else None, self.attention,
@@ -171,12 +170,9 @@ class ContextPlayer:
             if self.forget:
                 old = known.gather(1, sa[:, None])[:, 0]
                 check = busy & (kind != _KIND_CUT)
-                surprise = check & (old >= 0) & (old != c)
-                keep = ~surprise
-                s.count.mul_(keep.view(-1, 1, 1, 1).int())
-                s.latest.copy_(torch.where(keep.view(-1, 1, 1), s.latest, -1))
-                s.known.copy_(torch.where(keep.view(-1, 1, 1), s.known, -1))
-                known.scatter_(1, sa[:, None], torch.where(check, c, known.gather(1, sa[:, None])[:, 0]).to(known.dtype)[:, None])
+                self._forget(s, check & (old >= 0) & (old != c))  # a surprise
+                # (a row not checked was not emptied: its entry is still ``old``)
+                known.scatter_(1, sa[:, None], torch.where(check, c, old).to(known.dtype)[:, None])
             s.count.view(len(busy), -1).scatter_add_(1, (sa * 4 + c)[:, None], busy.int()[:, None])
             latest = s.latest.view(len(busy), -1)
             latest.scatter_(1, sa[:, None], torch.where(busy, c, latest.gather(1, sa[:, None])[:, 0]).to(
@@ -189,7 +185,7 @@ class ContextPlayer:
         s.n_tok.add_(busy.long())
         ep_end = busy & ended
         s.episode.add_(ep_end.long())
-        s.out_tape.index_put_((tgt, ep.clamp(max=episodes - 1)), torch.where(
+        s.out_tape.index_put_((tgt, ep), torch.where(
             ep_end, kind, s.out_tape[tgt, ep]).to(s.out_tape.dtype))
         s.len_tape.index_put_((tgt, ep), busy.long(), accumulate=True)
         finished = ep_end & (s.episode >= episodes)
@@ -215,9 +211,7 @@ class ContextPlayer:
             for t in (s.episode, s.n_dec, s.n_tok):
                 t.copy_(torch.where(fresh, 0, t))
             if self.memory:
-                s.count.mul_((~fresh).view(-1, 1, 1, 1).int())
-                s.latest.copy_(torch.where(fresh.view(-1, 1, 1), -1, s.latest))
-                s.known.copy_(torch.where(fresh.view(-1, 1, 1), -1, s.known))
+                self._forget(s, fresh)
         s.busy.copy_(busy & ~finished | fresh)
         # the next block: [pad, LAND] (a move), [LAND, START] (a new episode), [pad, START] (a new map)
         start_name = s.names[s.env.map_of[s.which], o]
@@ -357,7 +351,7 @@ class ContextPlayer:
         seed_u = int(as_seed(seed))
         p_model = np.broadcast_to(np.asarray(p_model, dtype=np.float64), (episodes,))
         s = _State()
-        s.maps, s.width, s.episodes, s.seed, s.record = m, width, episodes, seed_u, record
+        s.maps, s.episodes, s.seed, s.record = m, episodes, seed_u, record
         s.lockstep, s.refill = lockstep, not lockstep and width < m
         s.switch_after = switch_after if switch_to is not None else None
         s.explore_seed = seed_u ^ EXPLORE_SALT
@@ -409,7 +403,6 @@ class ContextPlayer:
             s.tok_tape = torch.full((m + 1, tape_cap), -1, dtype=torch.int32, device=dev)
             s.obs_tape = torch.full((m + 1, tape_cap), -1, dtype=torch.int32, device=dev)
             s.q_tape = torch.zeros((m + 1, tape_cap, 4), dtype=torch.float32, device=dev)
-        s.env_maps = env_maps
         if longest:
             self._prefill(s, prefix, start_name)
         first = torch.as_tensor(s.prefix_lens, device=dev)[s.map_id]
@@ -452,12 +445,9 @@ class ContextPlayer:
         for name in ("ids", "valid", "mem", "cell", "busy", "map_id", "episode", "n_dec", "n_tok", "explore", "which",
                      *(("count", "latest", "known") if self.memory else ())):
             setattr(s, name, getattr(s, name)[keep])
-        c = s.cache
-        c.keys, c.values, c.lengths = [k[keep] for k in c.keys], [v[keep] for v in c.values], c.lengths[keep]
+        s.cache.keep(keep)
         if not s.lockstep:  # one env slot per row
-            env = s.env
-            env.rng, env.row, env.col, env.elapsed, env.map_of = (getattr(env, n)[keep] for n in (
-                "rng", "row", "col", "elapsed", "map_of"))
+            s.env.keep(keep)
             s.which = torch.arange(len(keep), device=keep.device)
         s.rows = torch.arange(len(keep), device=keep.device)
 
@@ -480,14 +470,12 @@ class ContextPlayer:
         tokens, tok_ep, dpos, q_read, paths = [], [], [], [], []
         if s.record:
             toks, obs, qs = (t[:m].cpu().numpy() for t in (s.tok_tape, s.obs_tape, s.q_tape))
-            typ = fmt.token_factors[:, 0]
             for b in range(m):
                 n = int(np.argmax(toks[b] < 0)) if (toks[b] < 0).any() else toks.shape[1]
                 t = toks[b, :n].astype(np.int64)
                 own = np.arange(n) >= s.prefix_lens[b]  # the context's own tokens (after its prefix)
-                is_start = (typ[t] == 2) & own  # TYPE_START
-                kind = np.where(t >= fmt.land0, (t - fmt.land0) // fmt.max_obs % len(KINDS), -1)
-                decision = is_start | ((kind == _KIND_MOVE) & own)
+                is_start = (fmt.token_factors[t, 0] == TYPE_START) & own
+                decision = fmt.is_decision[t] & own  # a START or a move's landing
                 ep = np.where(own, np.cumsum(is_start) - 1, -1)
                 tokens.append(t)
                 tok_ep.append(ep)

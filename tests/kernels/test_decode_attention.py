@@ -145,9 +145,9 @@ def test_strided_inputs():
     assert torch.equal(got, want)
 
 
-def test_matches_the_players_dense_attention():
+def test_matches_the_players_oracle():
     """On the player's StaticKVCache layout ([B, KVH, capacity + 1, D], read through a slice ``[:, :, :view]``) the
-    kernel equals ``icrl_fast.model.decode_step.dense_decode_attention`` (the CPU player's oracle)."""
+    kernel equals ``icrl_fast.model.decode_step.reference_decode_attention`` (the player's oracle)."""
     decode_step = pytest.importorskip("icrl_fast.model.decode_step")
     q, k, v, lengths, qpos = make(5, 2, 4, 4, 32, 129, layout="bhsd", seed=6)
     view = 100
@@ -155,7 +155,7 @@ def test_matches_the_players_dense_attention():
     qpos = qpos.clamp(max=view - 1)
     ks, vs = k[:, :, :view], v[:, :, :view]
     out = ragged_decode_attention(q, ks, vs, lengths, qpos, 0.2, backend="triton", kv_layout="bhsd")
-    want = decode_step.dense_decode_attention(q, ks, vs, lengths, qpos, 0.2)
+    want = decode_step.reference_decode_attention(q, ks, vs, lengths, qpos, 0.2)
     assert rel_err(out, want) < 1e-5
 
 

@@ -132,16 +132,16 @@ def test_player_step_fullgraph_inductor():
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_player_sdpa_attention_equals_the_dense_reference(kv_heads):
     """The CPU's fused-SDPA decode attention equals the dense masked reference on ragged lengths and positions."""
-    from icrl_fast.model.decode_step import dense_decode_attention, sdpa_decode_attention
+    from icrl_fast.model.decode_step import reference_decode_attention, sdpa_decode_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(5, 2, 4, 16, generator=g)
     k, v = (torch.randn(5, kv_heads, 37, 16, generator=g) for _ in range(2))
     lengths = torch.tensor([1, 37, 5, 20, 2])
     qpos = torch.stack((lengths - 2, lengths - 1), 1).clamp(min=0)
-    want = dense_decode_attention(q.double(), k.double(), v.double(), lengths, qpos, 0.25).float()
+    want = reference_decode_attention(q.double(), k.double(), v.double(), lengths, qpos, 0.25).float()
     torch.testing.assert_close(sdpa_decode_attention(q, k, v, lengths, qpos, 0.25), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dense_decode_attention(q, k, v, lengths, qpos, 0.25), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference_decode_attention(q, k, v, lengths, qpos, 0.25), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("memory", [False, True], ids=["plain", "memory+forget"])
@@ -173,7 +173,7 @@ def test_player_on_the_triton_ragged_kernel_equals_the_cpu_attention():
     Triton's interpreter here) plays what SDPA plays: a whole rollout, refills included."""
     from functools import partial
 
-    from icrl_fast.rl.player import triton_decode_attention
+    from icrl_fast.model.decode_step import triton_decode_attention
 
     q = model(kv_heads=2)
     maps = MAPS[np.arange(4)]
