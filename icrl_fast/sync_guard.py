@@ -24,13 +24,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 _aten = torch.ops.aten
 #: aten ops whose result the host reads, or whose output shape depends on the values (a read on a GPU)
+#: (``nonzero_static`` is not one: its output size is fixed, so nothing is read back)
 SYNC_OPS = {
-    _aten._local_scalar_dense.default, _aten.nonzero.default, _aten.nonzero_static.default,
-    _aten.masked_select.default, _aten._unique.default, _aten._unique2.default, _aten.unique_dim.default,
-    _aten.unique_consecutive.default, _aten.argwhere.default, _aten.repeat_interleave.Tensor,
-    _aten.masked_scatter.default, _aten.equal.default, _aten.is_nonzero.default,
+    _aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default, _aten._unique.default,
+    _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default, _aten.argwhere.default,
+    _aten.repeat_interleave.Tensor, _aten.masked_scatter.default, _aten.equal.default, _aten.is_nonzero.default,
 }
-SYNC_OPS.discard(_aten.nonzero_static.default)  # a fixed output size: no read (GPU-safe on purpose)
 _COPY_OPS = {_aten._to_copy.default, _aten.copy_.default}
 _INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
 _METHODS = ("numpy", "tolist", "cpu", "__array__", "__bool__", "item")
