@@ -38,7 +38,8 @@ def _make_chunk(key: tuple) -> list[dict]:
 
 class PrefetchSource:
     """``factory()`` builds the ``ProtocolSource`` (here and in the worker: it must pickle, e.g. a
-    ``functools.partial``); ``ahead`` chunks are made ahead. Anything else is the source's own (``__getattr__``)."""
+    ``functools.partial``); ``ahead`` chunks are made ahead. ``batch`` and anything else is the source's own
+    (``__getattr__``): only where its chunks come from changes."""
 
     def __init__(self, factory, ahead: int = 1):
         if ahead < 1:
@@ -52,24 +53,22 @@ class PrefetchSource:
                                         initializer=_start_worker, initargs=(factory,))
         self.pending: dict[tuple, Future] = {}
         self.from_worker = 0  # chunks the worker made (the rest: made here, when not ready in time)
+        self.source.make_chunk = self._fetch  # the source's own batch() now takes its chunks from here
         self._finalizer = weakref.finalize(self, self.pool.shutdown, wait=False, cancel_futures=True)
 
-    def batch(self, step: int, micro: int = 0, pos: dict | None = None):
-        """``ProtocolSource.batch``: the same batch, from a chunk the worker made when it is ready."""
-        src = self.source
-        chunk, i = divmod(step * src.grad_accum + micro, src.cfg.bucket)
-        key = (chunk, *src.rank_key)
-        if src._chunk is None or src._chunk[0] != key:
-            made = self.pending.pop(key, None)
-            self.from_worker += made is not None
-            src._chunk = (key, made.result() if made is not None else src._make_chunk(key))
-            for old in [k for k in self.pending if k[0] < chunk]:  # a jump back (none in a run): drop what is stale
-                self.pending.pop(old).cancel()
-            for ahead in range(1, self.ahead + 1):
-                nxt = (chunk + ahead, *src.rank_key)
-                if nxt not in self.pending:
-                    self.pending[nxt] = self.pool.submit(_make_chunk, nxt)
-        return src._chunk[1][i]
+    def _fetch(self, key: tuple) -> list[dict]:
+        """Chunk ``key`` (the source's ``make_chunk``): the worker's when it was asked for, else made here; then the
+        next ``ahead`` chunks are asked for."""
+        made = self.pending.pop(key, None)
+        self.from_worker += made is not None
+        chunk = made.result() if made is not None else self.source._make_chunk(key)
+        for old in [k for k in self.pending if k[0] < key[0]]:  # a jump back (none in a run): drop what is stale
+            self.pending.pop(old).cancel()
+        for ahead in range(1, self.ahead + 1):
+            nxt = (key[0] + ahead, *key[1:])
+            if nxt not in self.pending:
+                self.pending[nxt] = self.pool.submit(_make_chunk, nxt)
+        return chunk
 
     def close(self) -> None:
         """Stop the worker (pending chunks are dropped)."""

@@ -307,6 +307,7 @@ class ProtocolSource:
         self.forget = cfg.forget and cfg.behaviour == "teacher"  # the teacher's rule: nothing else forgets
         self.pad = pad_token(fmt)
         self._chunk: tuple[tuple, list[dict]] | None = None
+        self.make_chunk = self._make_chunk  # key -> the chunk's micro-batches (a prefetcher puts its own here)
         if progress:
             print(f"protocol source: {len(self.pool)} training maps ({cfg.pool_maps - len(self.pool)} equal to a test "
                   f"map removed), {cfg.episodes} episodes per context, ramp {cfg.ramp}")
@@ -317,7 +318,7 @@ class ProtocolSource:
         chunk, i = divmod(step * self.grad_accum + micro, self.cfg.bucket)
         key = (chunk, *self.rank_key)
         if self._chunk is None or self._chunk[0] != key:
-            self._chunk = (key, self._make_chunk(key))
+            self._chunk = (key, self.make_chunk(key))
         return self._chunk[1][i]
 
     def is_dagger(self, chunk: int) -> bool:
