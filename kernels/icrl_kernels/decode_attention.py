@@ -34,10 +34,9 @@ import math
 
 import torch
 
-from .dispatch import HAS_TRITON, interpreting, select_backend
+from .dispatch import FLOAT_DTYPES, HAS_TRITON, interpreting, select_backend
 
 KV_LAYOUTS = ("bshd", "bhsd")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256  # one [BLOCK_M, BLOCK_D] query tile and [BLOCK_L, BLOCK_D] cache tiles per program
 

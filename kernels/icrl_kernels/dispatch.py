@@ -30,6 +30,10 @@ def use_backend(name: str):
         _override = old
 
 
+#: The float dtypes every op of the package accepts (float64 always takes the torch reference).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from .dispatch import HAS_TRITON, debug_checks, interpreting, select_backend
+from .dispatch import FLOAT_DTYPES, HAS_TRITON, debug_checks, interpreting, select_backend
 from .reference import (
     ARGMAX,
     LOSSES,
@@ -475,9 +475,6 @@ class QTDLossFunction(torch.autograd.Function):
             d_weight.index_add_(0, taken_tok, g[:, None] * hidden.to(torch.float32))
             d_weight = d_weight.to(hidden.dtype)
         return (d_hidden, d_weight) + (None,) * 15
-
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check(hidden, weight, next_hidden, next_target_hidden, target_weight, actions, rewards, dones, seq_ids,
