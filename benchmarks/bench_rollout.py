@@ -564,3 +564,20 @@ def test_rollout_continuous_batching_256(benchmark, record, mode):
         if ours is not None:
             add_note(SUITE, f"256 x 30 greedy: lockstep / collect wall {row['median_s'] / ours['median_s']:.2f}x, "
                             f"env-steps/s collect / lockstep {ours['throughput'] / row['throughput']:.2f}x")
+
+
+@pytest.mark.parametrize("player", [True, False], ids=["player", "host-loop"])
+def test_rollout_default_preset_player(benchmark, record, preset_qnet, player):
+    """The default preset's model and format (step-grid + the same-state memory) on 50 maps x 10 episodes of the
+    paper's ramp: the device-resident ``ContextPlayer`` (issue 31, what ``RolloutEngine`` runs for a step format)
+    beside the host loop it replaced (``player=False``); both play the same episodes (tests/rl/test_player.py)."""
+    net, fmt = preset_qnet
+    engine = RolloutEngine(net, fmt, device=DEVICE, player=player)
+    steps = {}
+
+    def run():
+        steps["n"] = int(engine.run(MAPS, EPISODES, paper_ramp(EPISODES), seed=0).length.sum())
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    record(SUITE, "default preset: the context player" if player else "default preset: the host loop", steps["n"],
+           "env-steps/s", "default preset rollout", "ours" if player else "reference")
